@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""List finished runs side by side, one row per run directory, from their summary.json files.
+
+    python analysis/collect_runs.py runs/                 # every run below runs/
+    python analysis/collect_runs.py runs/sweeps/<sweep> --csv sweep.csv
+
+Prints a Markdown table (variant, rank, alpha, seed, task, main metric, trainable params,
+median step time, peak memory, run dir); ``--csv`` also writes the rows as CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("variant", "rank", "alpha", "seed", "task", "metric", "value", "trainable_params",
+           "step_time_s", "peak_memory_mb", "run_dir")
+
+
+def collect(roots: list[Path]) -> list[dict]:
+    rows = []
+    for root in roots:
+        for path in sorted(root.rglob("summary.json")):
+            summary = json.loads(path.read_text())
+            metric = summary["main_metric"]
+            rows.append({
+                **{k: summary[k] for k in ("variant", "rank", "alpha", "seed", "task", "trainable_params")},
+                "metric": metric,
+                "value": round(summary["eval"][metric], 4),
+                "step_time_s": round(summary["step_time_s"], 4),
+                "peak_memory_mb": round(summary["peak_memory_mb"]),
+                "run_dir": str(path.parent),
+            })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("roots", nargs="+", type=Path, help="run directories or folders containing them")
+    parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    args = parser.parse_args(argv)
+    missing = [str(r) for r in args.roots if not r.is_dir()]
+    if missing:
+        print(f"error: not a directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    rows = collect(args.roots)
+    if not rows:
+        print(f"error: no summary.json below {', '.join(map(str, args.roots))}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    if args.csv:
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

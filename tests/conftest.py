@@ -1,0 +1,34 @@
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from training.models import load_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def _minilm():
+    torch.manual_seed(0)
+    return load_model("minilm", num_labels=2)
+
+
+@pytest.fixture
+def minilm(_minilm):
+    """A fresh copy of the pretrained MiniLM classifier (eval mode) and its tokenizer."""
+    model, tokenizer = _minilm
+    return copy.deepcopy(model).eval(), tokenizer
+
+
+@pytest.fixture
+def batch(_minilm):
+    tokenizer = _minilm[1]
+    return tokenizer(
+        ["the plot was not dull.", "the acting was superb, but the ending was clumsy."],
+        padding=True,
+        return_tensors="pt",
+    )

@@ -1,0 +1,110 @@
+"""run.py end to end: run dirs, sweeps, W&B offline files, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from test_data import write_sst2
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2"]
+TINY = [*STEPS, "task.train_size=64", "task.eval_size=32"]
+
+
+def run_py(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_run_dir(run_dir: Path, steps: int = 4) -> dict:
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == steps
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    for key in ("wall_time_s", "step_time_s", "peak_memory_mb"):
+        assert summary[key] > 0, key
+    assert set(summary["eval"]) >= {"accuracy", "f1", "loss"}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert [r["step"] for r in train] == list(range(2, steps + 1, 2))
+    assert all("train/lr" in r for r in train)
+    assert [r["step"] for r in evals] == list(range(2, steps + 1, 2))
+    assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
+    with safe_open(str(run_dir / "adapter.safetensors"), "pt") as f:
+        assert any(k.endswith("lora_A") for k in f.keys())
+    return summary
+
+
+def wandb_offline_runs(run_dir: Path) -> list[Path]:
+    return list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_single_run(tmp_path):
+    run_dir = tmp_path / "single"
+    result = run_py(*TINY, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    summary = assert_run_dir(run_dir)
+    assert summary["variant"] == "lora" and summary["rank"] == 8 and len(summary["adapted_modules"]) == 12
+    assert len(wandb_offline_runs(run_dir)) == 1
+    assert summary["wandb_run_id"] in wandb_offline_runs(run_dir)[0].name
+
+
+def test_multirun_leaves_one_dir_per_job_in_one_wandb_group(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_py(*TINY, "rank=2,4", f"hydra.sweep.dir={sweep_dir}", "-m")
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name.split(",")[0] for p in jobs] == ["0_rank=2", "1_rank=4"]  # job number + overrides
+    summaries = [assert_run_dir(job) for job in jobs]
+    assert [s["rank"] for s in summaries] == [2, 4]
+    assert summaries[0]["trainable_params"] < summaries[1]["trainable_params"]
+    groups = {s["wandb_group"] for s in summaries}
+    assert groups == {sweep_dir.name}
+    assert all(len(wandb_offline_runs(job)) == 1 for job in jobs)
+
+
+def test_local_glue_folder_and_model_path(tmp_path):
+    """Real-data path offline: SST-2 from a GLUE-format folder, model from a local folder."""
+    from training.models import resolve_model_path
+
+    data = write_sst2(tmp_path / "SST-2", n=40)
+    run_dir = tmp_path / "sst2"
+    result = run_py(*STEPS, "task=sst2", f"task.data_dir={data}", f"model.name_or_path={resolve_model_path('minilm')}",
+                    "tracking.mode=disabled", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["task"] == "sst2" and summary["eval_examples"] == 2 and summary["wandb_run_id"] is None
+    assert not (run_dir / "wandb").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("variant=foo", "variant='foo' is not a known variant; allowed: lora"),
+        ("model=foo", "model='foo' is not a known model; allowed: minilm"),
+        ("task=foo", "task='foo' is not a known task; allowed: "),
+        ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
+        ("rank=0", "rank=0 must be an integer in [1, 384]"),
+        ("rank=100000", "rank=100000 must be an integer in [1, 384]"),
+        ("rank=abc", "rank='abc' must be an integer"),
+        ("alpha=0", "alpha=0 must be a number > 0"),
+        ("variant.targets=[q_proj]", "variant.targets=['q_proj'] matches no nn.Linear module; allowed:"),
+        ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, override, message):
+    run_dir = tmp_path / "bad"
+    result = run_py(*TINY, override, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr
+    assert not (run_dir / "metrics.jsonl").exists()  # nothing started

@@ -1,0 +1,120 @@
+"""One run from a composed config: data, model, adapters, training, and the run directory.
+
+The run directory holds everything needed to read or reproduce the run:
+``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``, ``adapter.safetensors``
+and, when W&B is on, its files under ``wandb/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+import variants
+from variants import ConfigError
+
+from .data import load_task, make_loader
+from .metrics import check_metric_names
+from .models import load_model
+from .tracking import Tracker
+from .trainer import peak_memory_mb, pick_device, train
+
+log = logging.getLogger(__name__)
+
+# Keys of the variant group that the runner consumes; all others go to the layer's constructor.
+VARIANT_RUNNER_KEYS = ("name", "targets", "bias")
+
+
+def variant_kwargs(variant_cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(variant_cfg, resolve=True).items() if k not in VARIANT_RUNNER_KEYS}
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer")
+    variants.get_variant(cfg.variant.name)
+    check_metric_names(list(cfg.task.metrics))
+    if cfg.task.main_metric not in cfg.task.metrics:
+        raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
+
+
+def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Validate, build, train, evaluate and save one run; returns the summary."""
+    started = time.perf_counter()
+    _check_top_level(cfg)
+    device, autocast_dtype = pick_device(cfg.trainer.device, cfg.trainer.precision)
+    set_seed(cfg.seed)
+
+    train_examples, eval_examples = load_task(cfg.task)
+    model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels)
+    head = list(cfg.model.train_modules)
+    targets = cfg.variant.targets if isinstance(cfg.variant.targets, str) else list(cfg.variant.targets)
+    adapted = variants.inject_adapters(
+        model, cfg.variant.name, targets, rank=cfg.rank, alpha=cfg.alpha, exclude=head,
+        **variant_kwargs(cfg.variant),
+    )
+    variants.mark_trainable(model, bias=cfg.variant.bias, train_modules=head)
+    trainable, total = variants.count_parameters(model)
+    model.to(device)
+
+    fields = list(cfg.task.text_fields)
+    max_length = cfg.model.max_length
+    train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
+    eval_loader = make_loader(eval_examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run dir %s: %s on %d modules, %d / %d parameters trainable (%.3f%%)",
+             run_dir, cfg.variant.name, len(adapted), trainable, total, 100 * trainable / total)
+
+    tracking = cfg.tracking
+    group = tracking.group or group
+    tracker = Tracker(
+        run_dir, resolved, mode=tracking.mode, project=tracking.project, entity=tracking.entity,
+        group=group, name=run_name or run_dir.name, tags=list(tracking.tags),
+    )
+    try:
+        result = train(model, train_loader, eval_loader, cfg.trainer, list(cfg.task.metrics), tracker, device, autocast_dtype)
+        variants.save_adapter(model, run_dir / "adapter.safetensors", extra_metadata={"model": cfg.model.name_or_path, "task": cfg.task.name})
+        memory_mb, memory_kind = peak_memory_mb(device)
+        summary = {
+            "status": "completed",
+            "variant": cfg.variant.name,
+            "rank": cfg.rank,
+            "alpha": cfg.alpha,
+            "seed": cfg.seed,
+            "model": cfg.model.name_or_path,
+            "task": cfg.task.name,
+            "main_metric": cfg.task.main_metric,
+            "eval": result.eval_metrics,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100 * trainable / total,
+            "adapted_modules": adapted,
+            "steps": result.steps,
+            "train_examples": len(train_examples),
+            "eval_examples": len(eval_examples),
+            "wall_time_s": time.perf_counter() - started,
+            "train_time_s": result.train_time_s,
+            "step_time_s": result.median_step_time_s,
+            "peak_memory_mb": memory_mb,
+            "peak_memory_kind": memory_kind,
+            "device": str(device),
+            "precision": "bf16" if autocast_dtype is not None else "fp32",
+            "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
+            "wandb_group": group,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    return summary

@@ -1,0 +1,54 @@
+"""Adapter variants behind one interface, and the helpers to use them in any training loop.
+
+    import variants
+    names = variants.inject_adapters(model, "lora", ["query", "value"], rank=8, alpha=16)
+    variants.mark_trainable(model, train_modules=["classifier"])
+    ...  # your loop: loss = task_loss + (variants.adapter_loss(model) or 0)
+    ...  #            optimizer.step(); variants.after_optimizer_step(model, step, total_steps)
+    variants.save_adapter(model, "adapter.safetensors")
+"""
+
+from . import lora  # noqa: F401  (registers the variant)
+from .base import VARIANTS, AdapterLayer, ConfigError, get_variant, register_variant
+from .lora import LoRALinear
+from .model import (
+    ALL_LINEAR,
+    BIAS_MODES,
+    adapter_layers,
+    adapter_loss,
+    adapter_state_dict,
+    after_optimizer_step,
+    count_parameters,
+    find_target_modules,
+    inject_adapters,
+    load_adapter,
+    mark_trainable,
+    merge_adapters,
+    read_adapter_config,
+    save_adapter,
+    unmerge_adapters,
+)
+
+__all__ = [
+    "ALL_LINEAR",
+    "BIAS_MODES",
+    "VARIANTS",
+    "AdapterLayer",
+    "ConfigError",
+    "LoRALinear",
+    "adapter_layers",
+    "adapter_loss",
+    "adapter_state_dict",
+    "after_optimizer_step",
+    "count_parameters",
+    "find_target_modules",
+    "get_variant",
+    "inject_adapters",
+    "load_adapter",
+    "mark_trainable",
+    "merge_adapters",
+    "read_adapter_config",
+    "register_variant",
+    "save_adapter",
+    "unmerge_adapters",
+]

@@ -1,0 +1,121 @@
+"""The adapter contract every variant implements, and the registry that names them.
+
+An adapter layer wraps one frozen base ``nn.Linear`` (weight W0: ``(d_out, d_in)``) and adds a
+learned update. Everything the trainer needs goes through this class, so the trainer never asks
+which variant it is running:
+
+* ``forward(x)``: ``(..., d_in) -> (..., d_out)``, the adapted layer.
+* ``delta_weight()``: ΔW, ``(d_out, d_in)``, scaling included, so that the adapted layer equals
+  ``x @ (W0 + ΔW).T + bias``.
+* ``merge()`` / ``unmerge()``: fold ΔW into the base weight for inference and take it out again.
+* ``adapter_parameters()``: the parameters the variant adds (the base's are not among them).
+* ``extra_loss()`` and ``after_optimizer_step(...)``: training hooks (regularisers, rank
+  allocation, schedules). Both default to doing nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake; the message names the key and the allowed values."""
+
+
+class AdapterLayer(nn.Module):
+    """Base class for adapter variants wrapping a frozen ``nn.Linear``.
+
+    Subclasses define ``forward`` and ``delta_weight``. The default ``merge``/``unmerge`` add and
+    subtract ``delta_weight()``, which is right whenever ΔW does not depend on W0; a variant whose
+    ΔW does (DoRA's normalisation) overrides them.
+    """
+
+    variant_name: ClassVar[str] = ""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{type(self).__name__} wraps nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 ← W0 + ΔW. Afterwards ``forward`` is the plain base layer. Idempotent."""
+        if self.merged:
+            return
+        weight = self.base.weight
+        weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: W0 ← W0 − ΔW. Idempotent."""
+        if not self.merged:
+            return
+        weight = self.base.weight
+        weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("base.")]
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A term added to the training loss (e.g. a regulariser), or None."""
+        return None
+
+    @classmethod
+    def after_optimizer_step(
+        cls, layers: Sequence[AdapterLayer], step: int, total_steps: int
+    ) -> dict[str, float]:
+        """Called once per optimizer step with every layer of this class in the model.
+
+        Gradients of this step are still populated (the trainer zeroes them afterwards), so
+        gradient-based statistics can be accumulated here. Receiving all layers at once lets a
+        variant make model-wide decisions such as a global rank budget. Returns metrics to log.
+        """
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}"
+
+
+VARIANTS: dict[str, type[AdapterLayer]] = {}
+
+
+def register_variant(name: str) -> Callable[[type[AdapterLayer]], type[AdapterLayer]]:
+    """Class decorator: make a variant selectable as ``variant=<name>``."""
+
+    def add(cls: type[AdapterLayer]) -> type[AdapterLayer]:
+        if name in VARIANTS:
+            raise ValueError(f"variant {name!r} is registered twice")
+        cls.variant_name = name
+        VARIANTS[name] = cls
+        return cls
+
+    return add
+
+
+def get_variant(name: str) -> type[AdapterLayer]:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ConfigError(
+            f"variant={name!r} is not a known variant; allowed: {', '.join(sorted(VARIANTS))}"
+        ) from None

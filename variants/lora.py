@@ -1,0 +1,76 @@
+"""LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
+
+    h = W0·x + (α/r)·B·A·x                                   (Eq. 3, with the §4.1 scaling)
+
+A: ``(r, d_in)``, random; B: ``(d_out, r)``, zero, so ΔW = (α/r)·B·A = 0 at the start and the
+wrapped model is exactly the base model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, ConfigError, register_variant
+
+A_INITS = ("kaiming", "gaussian")
+
+
+@register_variant("lora")
+class LoRALinear(AdapterLayer):
+    """LoRA around a frozen ``nn.Linear``.
+
+    Args:
+        base: the frozen layer, weight ``(d_out, d_in)``.
+        rank: r, the inner dimension of B·A.
+        alpha: α; the update is scaled by α/r so that changing r needs no re-tuning of the
+            learning rate (paper §4.1).
+        dropout: dropout on the adapter path's input, not on the base path.
+        init: how A starts: ``kaiming`` (uniform, as ``nn.Linear``'s default and loralib) or
+            ``gaussian`` (N(0, 1/r²), the paper's "random Gaussian").
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__(base)
+        if init not in A_INITS:
+            raise ConfigError(f"variant.init={init!r} is not supported; allowed: {', '.join(A_INITS)}")
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1.0 / rank)
+
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(α/r)·B·A·dropout(x): ``(..., d_in) -> (..., d_out)``, never forming the d_out×d_in ΔW."""
+        x = self.dropout(x).to(self.lora_A.dtype)
+        return (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            return result
+        return result + self.lora_output(x).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, {super().extra_repr()}"
