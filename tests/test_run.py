@@ -58,13 +58,14 @@ def test_single_run(tmp_path):
 
 
 def test_multirun_leaves_one_dir_per_job_in_one_wandb_group(tmp_path):
+    """The headline command, `variant=dora rank=...  -m`, on a tiny budget."""
     sweep_dir = tmp_path / "sweep"
-    result = run_py(*TINY, "rank=2,4", f"hydra.sweep.dir={sweep_dir}", "-m")
+    result = run_py(*TINY, "variant=dora", "rank=2,4", f"hydra.sweep.dir={sweep_dir}", "-m")
     assert result.returncode == 0, result.stderr
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name.split(",")[0] for p in jobs] == ["0_rank=2", "1_rank=4"]  # job number + overrides
     summaries = [assert_run_dir(job) for job in jobs]
-    assert [s["rank"] for s in summaries] == [2, 4]
+    assert [(s["variant"], s["rank"]) for s in summaries] == [("dora", 2), ("dora", 4)]
     assert summaries[0]["trainable_params"] < summaries[1]["trainable_params"]
     groups = {s["wandb_group"] for s in summaries}
     assert groups == {sweep_dir.name}
@@ -88,7 +89,7 @@ def test_local_glue_folder_and_model_path(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("variant=foo", "variant='foo' is not a known variant; allowed: lora"),
+        ("variant=foo", "variant='foo' is not a known variant; allowed: dora, lora"),
         ("model=foo", "model='foo' is not a known model; allowed: minilm"),
         ("task=foo", "task='foo' is not a known task; allowed: "),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),

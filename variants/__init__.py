@@ -8,8 +8,9 @@
     variants.save_adapter(model, "adapter.safetensors")
 """
 
-from . import lora  # noqa: F401  (registers the variant)
+from . import dora, lora  # noqa: F401  (importing a variant registers it)
 from .base import VARIANTS, AdapterLayer, ConfigError, get_variant, register_variant
+from .dora import DoRALinear
 from .lora import LoRALinear
 from .model import (
     ALL_LINEAR,
@@ -35,6 +36,7 @@ __all__ = [
     "VARIANTS",
     "AdapterLayer",
     "ConfigError",
+    "DoRALinear",
     "LoRALinear",
     "adapter_layers",
     "adapter_loss",

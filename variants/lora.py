@@ -59,15 +59,16 @@ class LoRALinear(AdapterLayer):
             nn.init.normal_(self.lora_A, std=1.0 / rank)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """(α/r)·B·A·dropout(x): ``(..., d_in) -> (..., d_out)``, never forming the d_out×d_in ΔW."""
-        x = self.dropout(x).to(self.lora_A.dtype)
+        """(α/r)·B·A·x: ``(..., d_in) -> (..., d_out)``, never forming the d_out×d_in ΔW.
+        ``x`` is the adapter path's input, dropout already applied."""
+        x = x.to(self.lora_A.dtype)
         return (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.merged:
             return result
-        return result + self.lora_output(x).to(result.dtype)
+        return result + self.lora_output(self.dropout(x)).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
