@@ -52,9 +52,13 @@ class DoRALinear(LoRALinear):
             return weight
         return weight * (self._merged_norm / self.magnitude).unsqueeze(1) - super().delta_weight()
 
+    def direction(self) -> torch.Tensor:
+        """V = W0 + (α/r)·B·A: ``(d_out, d_in)``."""
+        return self._frozen_weight() + super().delta_weight()
+
     def direction_norm(self) -> torch.Tensor:
-        """‖V‖_c = ‖W0 + (α/r)·B·A‖ per output feature: ``(d_out,)``."""
-        norm = (self._frozen_weight() + super().delta_weight()).norm(dim=1)
+        """‖V‖_c, one norm per output feature: ``(d_out,)``; detached if ``detach_norm``."""
+        norm = self.direction().norm(dim=1)
         return norm.detach() if self.detach_norm else norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +79,7 @@ class DoRALinear(LoRALinear):
 
     def merged_weight(self) -> torch.Tensor:
         """W' = m·V/‖V‖_c, exactly, with the norm not detached."""
-        direction = self._frozen_weight() + super().delta_weight()
+        direction = self.direction()
         return self.magnitude.unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
 
     def delta_weight(self) -> torch.Tensor:
@@ -86,7 +90,7 @@ class DoRALinear(LoRALinear):
     def merge(self) -> None:
         if self.merged:
             return
-        self._merged_norm = (self._frozen_weight() + super().delta_weight()).norm(dim=1)
+        self._merged_norm = self.direction().norm(dim=1)
         self.base.weight.copy_(self.merged_weight())
         self.merged = True
 
