@@ -50,11 +50,11 @@ class DoRALinear(LoRALinear):
         weight = self.base.weight.to(self.lora_A.dtype)
         if not self.merged:
             return weight
-        return weight * (self._merged_norm / self.magnitude).unsqueeze(1) - super().delta_weight()
+        return weight * (self._merged_norm / self.magnitude).unsqueeze(1) - self.low_rank_weight()
 
     def direction(self) -> torch.Tensor:
         """V = W0 + (α/r)·B·A: ``(d_out, d_in)``."""
-        return self._frozen_weight() + super().delta_weight()
+        return self._frozen_weight() + self.low_rank_weight()
 
     def direction_norm(self) -> torch.Tensor:
         """‖V‖_c, one norm per output feature: ``(d_out,)``; detached if ``detach_norm``."""

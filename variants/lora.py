@@ -70,8 +70,12 @@ class LoRALinear(AdapterLayer):
             return result
         return result + self.lora_output(self.dropout(x)).to(result.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
+    def low_rank_weight(self) -> torch.Tensor:
+        """(α/r)·B·A: ``(d_out, d_in)``."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.low_rank_weight()
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, {super().extra_repr()}"
