@@ -72,6 +72,21 @@ def test_multirun_leaves_one_dir_per_job_in_one_wandb_group(tmp_path):
     assert all(len(wandb_offline_runs(job)) == 1 for job in jobs)
 
 
+def test_adalora_run_records_its_rank_allocation(tmp_path):
+    run_dir = tmp_path / "ada"
+    result = run_py(*TINY, "variant=adalora", "rank=6", "variant.target_rank=3", "tracking.mode=disabled",
+                    f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = summary["adapter_report"]
+    assert report["total_rank"] == 3 * 12 and report["initial_total_rank"] == 6 * 12
+    assert sum(report["rank_allocation"].values()) == 36
+    assert all(trace[0] == [0, 6] for trace in report["rank_trace"].values())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("adalora/budget") == 36 for r in records)
+    assert all("train/adapter_loss" in r for r in records if "train/loss" in r)
+
+
 def test_local_glue_folder_and_model_path(tmp_path):
     """Real-data path offline: SST-2 from a GLUE-format folder, model from a local folder."""
     from training.models import resolve_model_path
@@ -89,7 +104,9 @@ def test_local_glue_folder_and_model_path(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("variant=foo", "variant='foo' is not a known variant; allowed: dora, lora"),
+        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, dora, lora"),
+        ("variant=adalora variant.target_rank=9", "variant.target_rank=9 must be a number in (0, rank=8]"),
+        ("variant=adalora variant.t_init=3 variant.t_final=3", "variant.t_init + variant.t_final = 3 + 3 steps exceeds the 4"),
         ("model=foo", "model='foo' is not a known model; allowed: minilm"),
         ("task=foo", "task='foo' is not a known task; allowed: "),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
@@ -103,7 +120,7 @@ def test_local_glue_folder_and_model_path(tmp_path):
 )
 def test_bad_input_is_one_clear_line(tmp_path, override, message):
     run_dir = tmp_path / "bad"
-    result = run_py(*TINY, override, f"hydra.run.dir={run_dir}")
+    result = run_py(*TINY, *override.split(), f"hydra.run.dir={run_dir}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

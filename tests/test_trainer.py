@@ -1,8 +1,9 @@
-"""The trainer reaches variants only through the hooks: extra loss and after-optimizer-step."""
+"""The trainer reaches variants only through the hooks: train begin, extra loss, after-optimizer-step."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
+from torch import nn
 from omegaconf import OmegaConf
 
 import variants
@@ -18,14 +19,22 @@ class HookedLoRA(LoRALinear):
     """LoRA plus a penalty on ‖A‖² and a record of every hook call."""
 
     calls: list[tuple[int, int, int, bool]] = []
+    began: list[tuple[int, int]] = []
     penalty = 10.0
 
     def extra_loss(self) -> torch.Tensor:
         return self.penalty * self.lora_A.pow(2).sum()
 
     @classmethod
-    def after_optimizer_step(cls, layers: Sequence[AdapterLayer], step: int, total_steps: int) -> dict[str, float]:
-        has_grad = all(layer.lora_A.grad is not None for layer in layers)
+    def on_train_begin(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
+        cls.began.append((len(layers), total_steps))
+
+    @classmethod
+    def after_optimizer_step(
+        cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int, total_steps: int
+    ) -> dict[str, float]:
+        assert all(name.startswith("bert.encoder.layer.") for name in layers)
+        has_grad = all(layer.lora_A.grad is not None for layer in layers.values())
         cls.calls.append((len(layers), step, total_steps, has_grad))
         return {"hook/last_step": float(step)}
 
@@ -48,9 +57,11 @@ def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
     result = train(model, loader, eval_loader, TRAINER, ["accuracy"], tracker, torch.device("cpu"))
     tracker.finish()
 
+    assert HookedLoRA.began == [(12, 6)]
     assert HookedLoRA.calls == [(12, step, 6, True) for step in range(1, 7)]
     logged = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "hook/last_step" in line]
     assert len(logged) == 2 and '"hook/last_step": 6.0' in logged[-1]
+    assert all('"train/adapter_loss"' in line for line in logged)
     # The penalty is part of the optimised loss: A shrinks though the task loss alone would not shrink it.
     norm_after = sum(layer.lora_A.pow(2).sum().item() for _, layer in variants.adapter_layers(model))
     assert norm_after < 0.9 * norm_before

@@ -23,7 +23,7 @@ from .data import load_task, make_loader
 from .metrics import check_metric_names
 from .models import load_model
 from .tracking import Tracker
-from .trainer import peak_memory_mb, pick_device, train
+from .trainer import OPTIMIZERS, peak_memory_mb, pick_device, total_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,19 @@ def variant_kwargs(variant_cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(variant_cfg, resolve=True).items() if k not in VARIANT_RUNNER_KEYS}
 
 
+def weights_mb(model) -> float:
+    """Memory of the model's parameters and buffers as stored (a 4-bit weight at its packed size;
+    quantization constants kept outside parameters are not included)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def _check_top_level(cfg: DictConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     variants.get_variant(cfg.variant.name)
+    if cfg.trainer.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"trainer.optimizer={cfg.trainer.optimizer!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
     check_metric_names(list(cfg.task.metrics))
     if cfg.task.main_metric not in cfg.task.metrics:
         raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
@@ -67,6 +76,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     max_length = cfg.model.max_length
     train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
     eval_loader = make_loader(eval_examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
+
+    # Settings that depend on the run length (a rank schedule longer than training) fail here,
+    # before the run dir is written.
+    variants.check_total_steps(model, total_steps(cfg.trainer, len(train_loader)))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -106,10 +119,12 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
             "step_time_s": result.median_step_time_s,
             "peak_memory_mb": memory_mb,
             "peak_memory_kind": memory_kind,
+            "weights_mb": weights_mb(model),
             "device": str(device),
             "precision": "bf16" if autocast_dtype is not None else "fp32",
             "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
             "wandb_group": group,
+            "adapter_report": variants.adapter_report(model),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})

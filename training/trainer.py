@@ -1,9 +1,10 @@
 """The training loop. Variant-specific behaviour reaches it only through the adapter hooks
-(``variants.adapter_loss`` and ``variants.after_optimizer_step``)."""
+(``variants.on_train_begin``, ``variants.adapter_loss`` and ``variants.after_optimizer_step``)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import resource
 import statistics
@@ -24,7 +25,10 @@ from variants import ConfigError
 from .metrics import compute_metrics
 from .tracking import Tracker
 
+log = logging.getLogger(__name__)
+
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "paged_adamw_32bit", "paged_adamw_8bit")
 WARMUP_STEPS_EXCLUDED = 3  # first steps pay for lazy initialisation; kept out of step time
 
 
@@ -73,10 +77,55 @@ def total_steps(cfg: DictConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps
 
 
+def _same_parameters(params: list[nn.Parameter], model: nn.Module) -> bool:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return len(trainable) == len(params) and all(a is b for a, b in zip(trainable, params))
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_optimizer(
+    name: str, params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged AdamW (32-bit or 8-bit states) on CUDA. Paging moves
+    optimizer state to CPU memory under GPU memory pressure (QLoRA §3); it needs CUDA, so on
+    other devices the run says so and uses plain AdamW."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"trainer.optimizer={name!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
+    if name != "adamw" and device.type != "cuda":
+        log.warning("trainer.optimizer=%s needs CUDA; using plain AdamW on %s", name, device)
+        name = "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    paged = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
+    return paged(params, lr=lr, weight_decay=weight_decay)
+
+
+def make_schedule(
+    cfg: DictConfig, model: nn.Module, steps: int, device: torch.device, done_steps: int = 0
+) -> tuple[list[nn.Parameter], torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """An optimizer over the parameters that train now, and its learning-rate schedule.
+
+    After a switch of the trainable set (``done_steps`` > 0), the fresh optimizer starts with
+    empty state, and the schedule resumes at ``done_steps``: the warm-up/decay multiplier is
+    continuous over the whole run, applied to the peak rate the variants ask for now.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = variants.learning_rate(model, cfg.lr)
+    optimizer = make_optimizer(cfg.get("optimizer", "adamw"), params, lr, cfg.weight_decay, device)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps,
+        scheduler_specific_kwargs={"last_epoch": done_steps - 1},
+    )
+    return params, optimizer, scheduler
 
 
 @torch.no_grad()
@@ -118,15 +167,15 @@ def train(
 ) -> TrainResult:
     """Train the parameters that require grad; ``cfg`` is the ``trainer`` config group."""
     steps = total_steps(cfg, len(train_loader))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps
-    )
+    variants.on_train_begin(model, steps)
+    params, optimizer, scheduler = make_schedule(cfg, model, steps, device)
+    phase = 1  # counts the trainable sets: a variant that switches what trains starts phase 2
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     result = TrainResult(steps=steps, train_time_s=0.0)
     pending: dict[str, Any] = {}  # hook metrics wait for the next logged record
-    loss_sum, loss_count = torch.zeros((), device=device), 0
+    loss_sum, extra_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     step = 0
     start = time.perf_counter()
     progress = tqdm(total=steps, desc="train", dynamic_ncols=True)
@@ -139,6 +188,8 @@ def train(
                 extra = variants.adapter_loss(model)
             total = loss if extra is None else loss + extra
             total.backward()
+            if extra is not None:
+                extra_sum += extra.detach().float()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -156,8 +207,11 @@ def train(
             if step % cfg.log_every == 0 or step == steps:
                 mean_loss = float(loss_sum) / loss_count
                 progress.set_postfix(loss=f"{mean_loss:.4f}")
+                if extra is not None:
+                    pending["train/adapter_loss"] = float(extra_sum) / loss_count
                 tracker.log({
                     "step": step,
+                    "phase": phase,
                     "train/loss": mean_loss,
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/epoch": step / len(train_loader),
@@ -165,12 +219,17 @@ def train(
                 })
                 pending.clear()
                 loss_sum.zero_()
+                extra_sum.zero_()
                 loss_count = 0
             if step % cfg.eval_every == 0 or step == steps:
                 metrics = evaluate(model, eval_loader, metric_names, device, autocast_dtype)
-                tracker.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+                tracker.log({"step": step, "phase": phase, **{f"eval/{k}": v for k, v in metrics.items()}})
                 result.eval_metrics = metrics
                 progress.write(f"step {step}: " + ", ".join(f"eval {k}={v:.4f}" for k, v in metrics.items()))
+            if step < steps and not _same_parameters(params, model):
+                params, optimizer, scheduler = make_schedule(cfg, model, steps, device, done_steps=step)
+                phase += 1
+                progress.write(f"after step {step}: the trainable parameters changed, phase {phase} starts")
             if step == steps:
                 break
     progress.close()

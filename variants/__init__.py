@@ -3,13 +3,15 @@
     import variants
     names = variants.inject_adapters(model, "lora", ["query", "value"], rank=8, alpha=16)
     variants.mark_trainable(model, train_modules=["classifier"])
+    variants.on_train_begin(model, total_steps)
     ...  # your loop: loss = task_loss + (variants.adapter_loss(model) or 0)
     ...  #            optimizer.step(); variants.after_optimizer_step(model, step, total_steps)
     variants.save_adapter(model, "adapter.safetensors")
 """
 
-from . import dora, lora  # noqa: F401  (importing a variant registers it)
+from . import adalora, dora, lora  # noqa: F401  (importing a variant registers it)
 from .base import VARIANTS, AdapterLayer, ConfigError, get_variant, register_variant
+from .adalora import AdaLoRALinear
 from .dora import DoRALinear
 from .lora import LoRALinear
 from .model import (
@@ -17,14 +19,18 @@ from .model import (
     BIAS_MODES,
     adapter_layers,
     adapter_loss,
+    adapter_report,
     adapter_state_dict,
     after_optimizer_step,
+    check_total_steps,
     count_parameters,
     find_target_modules,
     inject_adapters,
+    learning_rate,
     load_adapter,
     mark_trainable,
     merge_adapters,
+    on_train_begin,
     read_adapter_config,
     save_adapter,
     unmerge_adapters,
@@ -34,21 +40,26 @@ __all__ = [
     "ALL_LINEAR",
     "BIAS_MODES",
     "VARIANTS",
+    "AdaLoRALinear",
     "AdapterLayer",
     "ConfigError",
     "DoRALinear",
     "LoRALinear",
     "adapter_layers",
     "adapter_loss",
+    "adapter_report",
     "adapter_state_dict",
     "after_optimizer_step",
+    "check_total_steps",
     "count_parameters",
     "find_target_modules",
     "get_variant",
     "inject_adapters",
+    "learning_rate",
     "load_adapter",
     "mark_trainable",
     "merge_adapters",
+    "on_train_begin",
     "read_adapter_config",
     "register_variant",
     "save_adapter",

@@ -9,14 +9,18 @@ which variant it is running:
   ``x @ (W0 + ΔW).T + bias``.
 * ``merge()`` / ``unmerge()``: fold ΔW into the base weight for inference and take it out again.
 * ``adapter_parameters()``: the parameters the variant adds (the base's are not among them).
-* ``extra_loss()`` and ``after_optimizer_step(...)``: training hooks (regularisers, rank
-  allocation, schedules). Both default to doing nothing.
+* ``prepare_model(...)``: changes to the rest of the model (QLoRA quantizes it).
+* ``extra_loss()``, ``check_total_steps(...)``, ``on_train_begin(...)``,
+  ``after_optimizer_step(...)`` and ``learning_rate(...)``: training hooks (regularisers, rank
+  allocation, schedules, phases); ``state_to_save(...)``: what a saved adapter must carry
+  besides the adapter; ``report(...)``: facts for the run's summary (a rank allocation, the
+  storage of a quantized base). All default to nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -81,15 +85,50 @@ class AdapterLayer(nn.Module):
         return None
 
     @classmethod
-    def after_optimizer_step(
-        cls, layers: Sequence[AdapterLayer], step: int, total_steps: int
-    ) -> dict[str, float]:
-        """Called once per optimizer step with every layer of this class in the model.
+    def prepare_model(
+        cls, model: nn.Module, targets: Sequence[str], exclude: Sequence[str], **variant_kwargs: Any
+    ) -> None:
+        """Called by ``inject_adapters`` before the ``targets`` are wrapped, with the layer
+        constructor's keyword arguments: what the variant changes in the rest of the model
+        (QLoRA quantizes every other linear layer except ``exclude``, the task head)."""
 
-        Gradients of this step are still populated (the trainer zeroes them afterwards), so
-        gradient-based statistics can be accumulated here. Receiving all layers at once lets a
-        variant make model-wide decisions such as a global rank budget. Returns metrics to log.
-        """
+    # The class-level hooks receive the model and every layer of their class in it, by module name,
+    # so a variant can make model-wide decisions such as a global rank budget.
+
+    @classmethod
+    def check_total_steps(cls, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
+        """Raise ``ConfigError`` for settings that do not fit a run of ``total_steps`` (a schedule
+        longer than training). Runners call it before writing anything."""
+
+    @classmethod
+    def on_train_begin(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
+        """Called once before the first step (after ``check_total_steps``): reset schedules."""
+
+    @classmethod
+    def after_optimizer_step(
+        cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int, total_steps: int
+    ) -> dict[str, float]:
+        """Called once per optimizer step (``step`` counts from 1). Gradients of this step are
+        still populated (the trainer zeroes them afterwards), so gradient-based statistics can
+        be accumulated here. Returns metrics to log."""
+        return {}
+
+    @classmethod
+    def learning_rate(cls, layers: Mapping[str, AdapterLayer], lr: float) -> float:
+        """The peak learning rate for the optimizer the trainer is about to build, given the
+        configured ``lr``. The trainer builds a new optimizer whenever the set of trainable
+        parameters changes (staged training's switch), and asks again then."""
+        return lr
+
+    @classmethod
+    def state_to_save(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+        """Tensors beyond the adapter layers' own and the trainable parameters that a saved
+        adapter must carry to reproduce the model (staged training: the fully fine-tuned weights)."""
+        return {}
+
+    @classmethod
+    def report(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+        """JSON-serialisable facts about the trained model worth keeping with the run."""
         return {}
 
     def extra_repr(self) -> str:

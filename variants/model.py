@@ -87,6 +87,9 @@ def inject_adapters(
             f"rank={rank!r} must be an integer in [1, {max_rank}] "
             "(min(d_in, d_out) over the targeted layers)"
         )
+    layer_cls(nn.Linear(rank, rank), rank=rank, alpha=alpha, **variant_kwargs)  # dry run: check the kwargs
+    layer_cls.prepare_model(model, names, exclude, **variant_kwargs)
+    modules = dict(model.named_modules())
     for name in names:
         parent_name, _, child_name = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
@@ -97,6 +100,7 @@ def inject_adapters(
         "rank": rank,
         "alpha": alpha,
         "modules": names,
+        "exclude": list(exclude),
         "variant_kwargs": variant_kwargs,
     }
     return names
@@ -138,10 +142,16 @@ def mark_trainable(model: nn.Module, bias: str = "none", train_modules: Sequence
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; a 4-bit weight counts its logical elements."""
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return trainable, total
+
+
+def _numel(p: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit values per byte; the original shape is in its quant_state.
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else p.numel()
 
 
 def merge_adapters(model: nn.Module) -> None:
@@ -160,21 +170,56 @@ def adapter_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(terms).sum() if terms else None
 
 
+def _layers_by_class(model: nn.Module) -> dict[type[AdapterLayer], dict[str, AdapterLayer]]:
+    by_class: dict[type[AdapterLayer], dict[str, AdapterLayer]] = defaultdict(dict)
+    for name, layer in adapter_layers(model):
+        by_class[type(layer)][name] = layer
+    return by_class
+
+
+def check_total_steps(model: nn.Module, total_steps: int) -> None:
+    """Run each adapter class's ``check_total_steps`` over its layers."""
+    for cls, layers in _layers_by_class(model).items():
+        cls.check_total_steps(layers, total_steps)
+
+
+def on_train_begin(model: nn.Module, total_steps: int) -> None:
+    """Check the run length, then run each adapter class's ``on_train_begin`` over its layers."""
+    check_total_steps(model, total_steps)
+    for cls, layers in _layers_by_class(model).items():
+        cls.on_train_begin(model, layers, total_steps)
+
+
 def after_optimizer_step(model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
     """Run each adapter class's ``after_optimizer_step`` over its layers; merged metrics."""
-    by_class: dict[type[AdapterLayer], list[AdapterLayer]] = defaultdict(list)
-    for _, layer in adapter_layers(model):
-        by_class[type(layer)].append(layer)
     metrics: dict[str, float] = {}
-    for cls, layers in by_class.items():
-        metrics.update(cls.after_optimizer_step(layers, step, total_steps))
+    for cls, layers in _layers_by_class(model).items():
+        metrics.update(cls.after_optimizer_step(model, layers, step, total_steps))
     return metrics
 
 
+def learning_rate(model: nn.Module, lr: float) -> float:
+    """The peak learning rate the variants ask for now, given the configured ``lr``."""
+    for cls, layers in _layers_by_class(model).items():
+        lr = cls.learning_rate(layers, lr)
+    return lr
+
+
+def adapter_report(model: nn.Module) -> dict[str, Any]:
+    """Every adapter class's ``report`` over its layers, merged."""
+    report: dict[str, Any] = {}
+    for cls, layers in _layers_by_class(model).items():
+        report.update(cls.report(model, layers))
+    return report
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What fine-tuning changed: every trainable parameter plus the adapter layers' own tensors
-    (parameters and buffers outside the wrapped base layer)."""
+    """What fine-tuning changed: every trainable parameter, what the variants' ``state_to_save``
+    adds, and the adapter layers' own tensors (parameters and persistent buffers outside the
+    wrapped base layer)."""
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for cls, layers in _layers_by_class(model).items():
+        state.update(cls.state_to_save(model, layers))
     state.update(_adapter_tensors(model))
     return {n: t.detach().contiguous().cpu() for n, t in state.items()}
 
@@ -207,7 +252,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
     if not any(True for _ in adapter_layers(model)) and config.get("modules"):
         inject_adapters(
             model, config["variant"], config["modules"], config["rank"], config["alpha"],
-            **config.get("variant_kwargs", {}),
+            exclude=config.get("exclude", ()), **config.get("variant_kwargs", {}),
         )
     try:
         tensors = load_file(str(path))
@@ -232,9 +277,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
 
 
 def _adapter_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers of the adapter layers, outside the wrapped base layer."""
     for layer_name, layer in adapter_layers(model):
-        for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
-            if not name.startswith("base."):
+        for name, tensor in layer.state_dict(keep_vars=True).items():
+            if not name.startswith("base.") and isinstance(tensor, torch.Tensor):
                 yield f"{layer_name}.{name}", tensor
 
 

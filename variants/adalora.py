@@ -1,0 +1,248 @@
+"""AdaLoRA: Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning".
+
+    h = W0·x + (α/r)·P·Λ·Q·x                                              (Eq. 3)
+    L = C(P, Λ, Q) + γ·Σ_k R(P_k, Q_k),   R = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F    (Eq. 4)
+
+P: ``(d_out, r)``, Λ = diag(λ): ``(r,)``, Q: ``(r, d_in)``. Λ starts at zero, so the wrapped
+model starts as the base model. During training the budget of kept singular values shrinks
+from r per module to ``target_rank`` per module on average, and which λᵢ survive is decided
+*globally* over all adapted modules by an importance score S of each triplet (Pᵢ, λᵢ, Qᵢ):
+
+    I(w)  = |w·∂L/∂w|                                     sensitivity          (Eq. 6)
+    Ī(w) ← β1·Ī(w) + (1 − β1)·I(w)                         smoothed             (Eq. 8)
+    Ū(w) ← β2·Ū(w) + (1 − β2)·|I(w) − Ī(w)|                uncertainty          (Eq. 9)
+    s(w)  = Ī(w)·Ū(w)                                                            (Eq. 10)
+    S_i   = s(λᵢ) + mean_j s(P_ji) + mean_j s(Q_ij)         triplet score        (Eq. 7)
+
+The total budget follows the cubic schedule of Eq. 12: b(0) for the first ``t_init`` steps,
+then b(t) = b(T) + (b(0) − b(T))·(1 − (t − t_init)/(T − t_init − t_final))³, and b(T) for
+the last ``t_final`` steps, in which the allocation is frozen. Every ``delta_t`` steps the
+λᵢ outside the top-b(t) scores are set to zero; between pruning steps they keep training and
+may earn their place back, as the paper intends. ``importance="magnitude"`` replaces S with
+the squared norm of the rank-1 component, λᵢ²·‖Pᵢ‖²·‖Qᵢ‖², for comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, ConfigError, register_variant
+
+IMPORTANCES = ("sensitivity", "magnitude")
+
+
+def _steps(value: float | int, total_steps: int, key: str) -> int:
+    """A schedule length given as a fraction of training (float < 1) or as steps (int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"variant.{key}={value!r} must be a fraction of training in [0, 1) or a number of steps")
+    if isinstance(value, float) and value < 1:
+        return int(round(value * total_steps))
+    return int(value)
+
+
+def budget_at(step: int, initial: int, target: int, t_init: int, t_final: int, total_steps: int) -> int:
+    """b(t) of Eq. 12 (steps counted from 1)."""
+    if step >= total_steps - t_final:
+        return target
+    if step <= t_init:
+        return initial
+    progress = (step - t_init) / (total_steps - t_final - t_init)
+    return target + round((initial - target) * (1 - progress) ** 3)
+
+
+@register_variant("adalora")
+class AdaLoRALinear(AdapterLayer):
+    """AdaLoRA around a frozen ``nn.Linear``.
+
+    Args:
+        base: the frozen layer, weight ``(d_out, d_in)``.
+        rank: r, the initial rank of P·Λ·Q (b(0) = r per module).
+        alpha: α; the update is scaled by α/r as in LoRA.
+        dropout: dropout on the adapter path's input.
+        target_rank: average rank per module left at the end (b(T) = target_rank × modules);
+            None means round(2r/3), the paper's b(0) = 1.5·b(T).
+        orth_reg_weight: γ of Eq. 4.
+        importance: ``sensitivity`` (Eq. 6–10, the paper's) or ``magnitude``.
+        beta1, beta2: EMA factors of the sensitivity and its uncertainty.
+        t_init, t_final: steps at full budget at the start, and with the final allocation frozen
+            at the end; a float below 1 is a fraction of the training steps.
+        delta_t: steps between two pruning decisions.
+        init_std: standard deviation of the Gaussian initialisation of P and Q.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        target_rank: float | None = None,
+        orth_reg_weight: float = 0.1,
+        importance: str = "sensitivity",
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        t_init: float = 0.1,
+        t_final: float = 0.4,
+        delta_t: int = 10,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__(base)
+        target_rank = round(2 * rank / 3) if target_rank is None else target_rank
+        if isinstance(target_rank, bool) or not isinstance(target_rank, (int, float)) or not 0 < target_rank <= rank:
+            raise ConfigError(f"variant.target_rank={target_rank!r} must be a number in (0, rank={rank}]")
+        if importance not in IMPORTANCES:
+            raise ConfigError(f"variant.importance={importance!r} is not supported; allowed: {', '.join(IMPORTANCES)}")
+        for key, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"variant.{key}={beta!r} must be in [0, 1)")
+        if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
+            raise ConfigError(f"variant.delta_t={delta_t!r} must be a positive integer")
+        if orth_reg_weight < 0:
+            raise ConfigError(f"variant.orth_reg_weight={orth_reg_weight!r} must be >= 0")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
+        _steps(t_init, 1, "t_init"), _steps(t_final, 1, "t_final")
+
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.target_rank = target_rank
+        self.orth_reg_weight = orth_reg_weight
+        self.importance = importance
+        self.beta1, self.beta2 = beta1, beta2
+        self.t_init, self.t_final, self.delta_t = t_init, t_final, delta_t
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        device = base.weight.device
+        self.lora_P = nn.Parameter(torch.randn(self.out_features, rank, dtype=dtype, device=device) * init_std)
+        self.lora_E = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))  # λ, the diagonal of Λ
+        self.lora_Q = nn.Parameter(torch.randn(rank, self.in_features, dtype=dtype, device=device) * init_std)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Which λᵢ are kept; saved with the adapter so a loaded model knows its allocation.
+        self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
+        # Ī and Ū of Eq. 8–9 per parameter; training state, not part of the saved adapter.
+        for name in ("P", "E", "Q"):
+            param = getattr(self, f"lora_{name}")
+            self.register_buffer(f"_ipt_{name}", torch.zeros_like(param, dtype=torch.float32), persistent=False)
+            self.register_buffer(f"_unc_{name}", torch.zeros_like(param, dtype=torch.float32), persistent=False)
+        self.rank_history: list[tuple[int, int]] = []  # (step, kept rank) at every pruning decision
+
+    @property
+    def kept_rank(self) -> int:
+        return int(self.rank_mask.sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            return result
+        x = self.dropout(x).to(self.lora_Q.dtype)
+        update = ((x @ self.lora_Q.t()) * self.lora_E) @ self.lora_P.t()
+        return result + (update * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(α/r)·P·Λ·Q: ``(d_out, d_in)``."""
+        return (self.lora_P * self.lora_E) @ self.lora_Q * self.scaling
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """γ·R(P, Q), Eq. 4."""
+        if self.orth_reg_weight == 0:
+            return None
+        eye = torch.eye(self.rank, dtype=self.lora_P.dtype, device=self.lora_P.device)
+        p_gram = self.lora_P.t() @ self.lora_P
+        q_gram = self.lora_Q @ self.lora_Q.t()
+        return self.orth_reg_weight * ((p_gram - eye).pow(2).sum() + (q_gram - eye).pow(2).sum())
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        """One step of Eq. 6, 8 and 9 from the live gradients."""
+        for name in ("P", "E", "Q"):
+            param = getattr(self, f"lora_{name}")
+            if param.grad is None:
+                continue
+            sensitivity = (param.float() * param.grad.float()).abs()
+            smoothed, uncertainty = getattr(self, f"_ipt_{name}"), getattr(self, f"_unc_{name}")
+            smoothed.mul_(self.beta1).add_(sensitivity, alpha=1 - self.beta1)
+            uncertainty.mul_(self.beta2).add_((sensitivity - smoothed).abs(), alpha=1 - self.beta2)
+
+    @torch.no_grad()
+    def triplet_scores(self) -> torch.Tensor:
+        """S_i for every triplet (Pᵢ, λᵢ, Qᵢ): ``(r,)``."""
+        if self.importance == "magnitude":
+            p_norm = self.lora_P.float().pow(2).sum(0)
+            q_norm = self.lora_Q.float().pow(2).sum(1)
+            return self.lora_E.float().pow(2) * p_norm * q_norm
+        score_p = self._ipt_P * self._unc_P
+        score_e = self._ipt_E * self._unc_E
+        score_q = self._ipt_Q * self._unc_Q
+        return score_e + score_p.mean(0) + score_q.mean(1)
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        self.lora_E.mul_(self.rank_mask.to(self.lora_E.dtype))
+
+    @classmethod
+    def check_total_steps(cls, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
+        first = next(iter(layers.values()))
+        t_init = _steps(first.t_init, total_steps, "t_init")
+        t_final = _steps(first.t_final, total_steps, "t_final")
+        if t_init + t_final > total_steps:
+            raise ConfigError(
+                f"variant.t_init + variant.t_final = {t_init} + {t_final} steps exceeds the {total_steps} training steps"
+            )
+
+    @classmethod
+    def on_train_begin(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
+        for layer in layers.values():
+            layer.rank_mask.fill_(True)
+            layer.rank_history = [(0, layer.rank)]
+            for buffer in (layer._ipt_P, layer._ipt_E, layer._ipt_Q, layer._unc_P, layer._unc_E, layer._unc_Q):
+                buffer.zero_()
+
+    @classmethod
+    @torch.no_grad()
+    def after_optimizer_step(
+        cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int, total_steps: int
+    ) -> dict[str, float]:
+        first = next(iter(layers.values()))
+        t_init = _steps(first.t_init, total_steps, "t_init")
+        t_final = _steps(first.t_final, total_steps, "t_final")
+        final_phase_start = total_steps - t_final
+        if step > final_phase_start:  # allocation frozen: keep the pruned λ at zero
+            for layer in layers.values():
+                layer.apply_mask()
+            return {}
+        for layer in layers.values():
+            layer.update_importance()
+        if step != final_phase_start and (step <= t_init or step % first.delta_t != 0):
+            return {}
+
+        initial = sum(layer.rank for layer in layers.values())
+        target = round(first.target_rank * len(layers))
+        budget = budget_at(step, initial, target, t_init, t_final, total_steps)
+        scores = torch.cat([layer.triplet_scores() for layer in layers.values()])
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[torch.topk(scores, budget).indices] = True
+        metrics = {"adalora/budget": float(budget)}
+        for (name, layer), layer_keep in zip(layers.items(), keep.split([layer.rank for layer in layers.values()])):
+            layer.rank_mask.copy_(layer_keep)
+            layer.apply_mask()
+            layer.rank_history.append((step, layer.kept_rank))
+            metrics[f"adalora/rank/{name}"] = float(layer.kept_rank)
+        return metrics
+
+    @classmethod
+    def report(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+        """The final rank of every module and the trace of its rank at each pruning step."""
+        return {
+            "rank_allocation": {name: layer.kept_rank for name, layer in layers.items()},
+            "total_rank": sum(layer.kept_rank for layer in layers.values()),
+            "initial_total_rank": sum(layer.rank for layer in layers.values()),
+            "rank_trace": {name: layer.rank_history for name, layer in layers.items()},
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"rank={self.rank}, kept={self.kept_rank}, target_rank={self.target_rank}, alpha={self.alpha}, "
+            f"importance={self.importance}, {super().extra_repr()}"
+        )
