@@ -20,6 +20,7 @@ def trainer_cfg(lr: float):
 # AdaLoRA's single λ per rank needs a larger rate to move as fast in a short run (README, AdaLoRA).
 @pytest.mark.parametrize("variant, rank, kwargs, lr", [
     ("lora", 8, {}, 3e-3), ("dora", 8, {}, 3e-3), ("adalora", 12, {"target_rank": 8}, 3e-2),
+    ("qlora", 8, {}, 3e-3), ("staged", 8, {"full_fraction": 0.2, "full_lr": 5e-5}, 3e-3),
 ])
 def test_variant_learns_smoke_task(minilm, tmp_path, variant, rank, kwargs, lr):
     torch.manual_seed(0)

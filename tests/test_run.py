@@ -87,6 +87,27 @@ def test_adalora_run_records_its_rank_allocation(tmp_path):
     assert all("train/adapter_loss" in r for r in records if "train/loss" in r)
 
 
+def test_qlora_and_staged_runs(tmp_path):
+    qlora_dir, staged_dir = tmp_path / "qlora", tmp_path / "staged"
+    result = run_py(*TINY, "variant=qlora", "trainer.optimizer=paged_adamw_8bit", "tracking.mode=disabled",
+                    f"hydra.run.dir={qlora_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "paged_adamw_8bit needs CUDA; using plain AdamW on cpu" in (qlora_dir / "run.log").read_text()
+    quantization = assert_run_dir(qlora_dir)["adapter_report"]["quantization"]
+    assert quantization["quant_type"] == "nf4" and quantization["double_quant"] is True
+    assert quantization["quantized_linears"] == 37 and 0.51 < quantization["bytes_per_param"] < 0.53
+
+    result = run_py(*TINY, "variant=staged", "variant.full_fraction=0.5", "tracking.mode=disabled",
+                    f"hydra.run.dir={staged_dir}")
+    assert result.returncode == 0, result.stderr
+    summary = assert_run_dir(staged_dir)
+    assert summary["adapter_report"]["switch_step"] == 2
+    records = [json.loads(line) for line in (staged_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records if "train/loss" in r] == [1, 2]
+    with safe_open(str(staged_dir / "adapter.safetensors"), "pt") as f:  # the fully fine-tuned weights too
+        assert "bert.embeddings.word_embeddings.weight" in f.keys()
+
+
 def test_local_glue_folder_and_model_path(tmp_path):
     """Real-data path offline: SST-2 from a GLUE-format folder, model from a local folder."""
     from training.models import resolve_model_path
@@ -104,7 +125,11 @@ def test_local_glue_folder_and_model_path(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, dora, lora"),
+        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, dora, lora, qlora, staged"),
+        ("variant=qlora variant.quant_type=int4", "variant.quant_type='int4' is not supported; allowed: nf4, fp4, int8"),
+        ("variant=staged variant.full_fraction=1.5", "variant.full_fraction=1.5 must be in (0, 1)"),
+        ("variant=staged variant.full_fraction=0.1", "variant.full_fraction=0.1 of 4 steps gives a switch at step 0"),
+        ("trainer.optimizer=sgd", "trainer.optimizer='sgd' is not supported; allowed: adamw, paged_adamw_32bit"),
         ("variant=adalora variant.target_rank=9", "variant.target_rank=9 must be a number in (0, rank=8]"),
         ("variant=adalora variant.t_init=3 variant.t_final=3", "variant.t_init + variant.t_final = 3 + 3 steps exceeds the 4"),
         ("model=foo", "model='foo' is not a known model; allowed: minilm"),

@@ -9,11 +9,13 @@
     variants.save_adapter(model, "adapter.safetensors")
 """
 
-from . import adalora, dora, lora  # noqa: F401  (importing a variant registers it)
+from . import adalora, dora, lora, qlora, staged  # noqa: F401  (importing a variant registers it)
 from .base import VARIANTS, AdapterLayer, ConfigError, get_variant, register_variant
 from .adalora import AdaLoRALinear
 from .dora import DoRALinear
 from .lora import LoRALinear
+from .qlora import QLoRALinear
+from .staged import StagedLoRALinear
 from .model import (
     ALL_LINEAR,
     BIAS_MODES,
@@ -45,6 +47,8 @@ __all__ = [
     "ConfigError",
     "DoRALinear",
     "LoRALinear",
+    "QLoRALinear",
+    "StagedLoRALinear",
     "adapter_layers",
     "adapter_loss",
     "adapter_report",
