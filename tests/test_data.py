@@ -1,5 +1,7 @@
 """Task data: the generated smoke task, GLUE-format folders, dynamic padding."""
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -48,12 +50,9 @@ def test_smoke_task_labels_follow_the_rule():
 
 
 def sst2_task(data_dir):
-    return OmegaConf.create({
-        "name": "sst2", "source": "glue", "hf_path": "nyu-mll/glue", "hf_name": "sst2",
-        "eval_split": "validation", "data_dir": str(data_dir), "tsv": {"train": "train.tsv", "eval": "dev.tsv"},
-        "text_fields": ["sentence"], "label_field": "label", "num_labels": 2,
-        "max_train_examples": None, "max_eval_examples": None,
-    })
+    task = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / "sst2.yaml")
+    task.data_dir = str(data_dir)
+    return task
 
 
 def write_sst2(folder, n=6):
@@ -65,8 +64,8 @@ def write_sst2(folder, n=6):
 
 
 def test_glue_folder(tmp_path):
-    train, evaluation = load_task(sst2_task(write_sst2(tmp_path / "SST-2")))
-    assert len(train) == 6 and len(evaluation) == 2
+    train, evaluations = load_task(sst2_task(write_sst2(tmp_path / "SST-2")))
+    assert len(train) == 6 and list(evaluations) == ["main"] and len(evaluations["main"]) == 2
     assert train[1] == {"sentence": 'a "quoted" film number 1 \'s fine', "label": 1}
 
 

@@ -197,3 +197,14 @@ def test_merged_model_matches_unmerged(minilm, batch):
         again = model(**batch).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
     torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=0)
+
+
+def test_all_linear_excludes_everything_inside_a_two_layer_head():
+    """RoBERTa's head is classifier.dense + classifier.out_proj; neither may get an adapter."""
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Linear(8, 8))
+    head = nn.Sequential()
+    head.add_module("dense", nn.Linear(8, 8))
+    head.add_module("out_proj", nn.Linear(8, 2))
+    model.add_module("classifier", head)
+    assert variants.find_target_modules(model, "all-linear", exclude=["classifier"]) == ["encoder"]

@@ -108,6 +108,30 @@ def test_qlora_and_staged_runs(tmp_path):
         assert "bert.embeddings.word_embeddings.weight" in f.keys()
 
 
+def test_mnli_and_stsb_from_glue_folders(tmp_path):
+    """Pair inputs, MNLI's two dev sets, and STS-B's regression head, end to end."""
+    from test_glue import LAYOUTS, write_layout
+
+    for task in ("mnli", "stsb"):
+        folder = write_layout(task, tmp_path / task)
+        for file, lines in LAYOUTS[task].items():  # a second row per split, with another label
+            second = [line.replace("3.800", "1.200").replace("5.000", "0.500").replace("\tneutral\tneutral", "\tneutral\tentailment")
+                      for line in lines[1:]]
+            (folder / file).write_text("\n".join(lines + second) + "\n", encoding="utf-8")
+        run_dir = tmp_path / f"run_{task}"
+        result = run_py("trainer.max_steps=2", "trainer.eval_every=epoch", "trainer.batch_size=1", f"task={task}",
+                        f"task.data_dir={folder}", "tracking.mode=disabled", f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((run_dir / "summary.json").read_text())
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if task == "mnli":
+            assert set(summary["eval_extra"]) == {"mismatched"} and "accuracy" in summary["eval_extra"]["mismatched"]
+            assert any("eval_mismatched/accuracy" in r for r in records)
+        else:
+            assert set(summary["eval"]) == {"loss", "pearson", "spearman"}
+        assert summary["eval_best"]["step"] == 2  # eval_every=epoch: 2 examples, batch 1 → after step 2
+
+
 def test_local_glue_folder_and_model_path(tmp_path):
     """Real-data path offline: SST-2 from a GLUE-format folder, model from a local folder."""
     from training.models import resolve_model_path

@@ -1,7 +1,9 @@
 """Task data: the built-in smoke task, or GLUE from the hub or a local GLUE-format folder.
 
-A task yields lists of examples (dicts of text fields plus ``label``); ``make_loader`` tokenizes
-them once and pads each batch only to its own longest sequence.
+A task yields a training list and named evaluation lists (``main`` first; MNLI adds
+``mismatched``) of examples: dicts of the task's text fields plus ``label``. ``make_loader``
+tokenizes them once (sentence pairs as pairs) and pads each batch only to its own longest
+sequence.
 """
 
 from __future__ import annotations
@@ -24,27 +26,37 @@ Example = dict[str, Any]
 SOURCES = ("smoke", "glue")
 
 
-def load_task(task: DictConfig) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples for the task config, truncated to ``max_*_examples`` if set."""
+Splits = tuple[list[Example], dict[str, list[Example]]]
+
+
+def load_task(task: DictConfig) -> Splits:
+    """(train, {eval name: examples}) for the task config, ``main`` evaluation first, each
+    truncated to ``max_*_examples`` if set."""
     if task.source == "smoke":
-        train, evaluation = smoke_task.generate(task.train_size, task.eval_size)
+        train, main = smoke_task.generate(task.train_size, task.eval_size)
+        evaluations = {"main": main}
     elif task.source == "glue":
-        train, evaluation = _load_glue_folder(task) if task.get("data_dir") else _load_glue_hub(task)
+        train, evaluations = _load_glue_folder(task) if task.get("data_dir") else _load_glue_hub(task)
     else:
         raise ConfigError(f"task.source={task.source!r} is not supported; allowed: {', '.join(SOURCES)}")
     if task.get("max_train_examples"):
         train = train[: task.max_train_examples]
     if task.get("max_eval_examples"):
-        evaluation = evaluation[: task.max_eval_examples]
-    return train, evaluation
+        evaluations = {name: examples[: task.max_eval_examples] for name, examples in evaluations.items()}
+    return train, evaluations
 
 
-def _label(value: Any, task: DictConfig) -> int | float:
-    if task.num_labels == 1:
-        return float(value)
-    if task.get("label_names") and isinstance(value, str) and not value.isdigit():
-        return list(task.label_names).index(value)
-    return int(value)
+def _label(value: Any, task: DictConfig, where: str) -> int | float:
+    """A class id (or a float for regression); GLUE TSVs spell some classes by name."""
+    try:
+        if task.num_labels == 1:
+            return float(value)
+        if task.get("label_names") and isinstance(value, str) and not value.isdigit():
+            return list(task.label_names).index(value)
+        return int(value)
+    except ValueError:
+        allowed = list(task.label_names) if task.get("label_names") else "numbers" if task.num_labels == 1 else "integers"
+        raise ConfigError(f"task.data_dir: {where} has label {value!r}; allowed: {allowed}") from None
 
 
 def _load_glue_hub(task: DictConfig) -> tuple[list[Example], list[Example]]:
@@ -62,42 +74,52 @@ def _load_glue_hub(task: DictConfig) -> tuple[list[Example], list[Example]]:
 
     def rows(split: str) -> list[Example]:
         return [
-            {**{f: row[f] for f in task.text_fields}, "label": _label(row[task.label_field], task)}
+            {**{f: row[f] for f in task.text_fields}, "label": _label(row[task.label_field], task, split)}
             for row in ds[split].select_columns(fields)
         ]
 
-    return rows("train"), rows(task.eval_split)
+    return rows("train"), {name: rows(split) for name, split in task.eval_splits.items()}
 
 
-def _load_glue_folder(task: DictConfig) -> tuple[list[Example], list[Example]]:
+def _load_glue_folder(task: DictConfig) -> Splits:
     folder = Path(task.data_dir).expanduser()
     if not folder.is_dir():
         raise ConfigError(f"task.data_dir={str(folder)!r} is not a directory; expected a GLUE task folder")
-    return _read_tsv(folder / task.tsv.train, task), _read_tsv(folder / task.tsv.eval, task)
+    evaluations = {name: _read_tsv(folder / file, task) for name, file in task.tsv.eval.items()}
+    return _read_tsv(folder / task.tsv.train, task), evaluations
 
 
 def _read_tsv(path: Path, task: DictConfig) -> list[Example]:
-    """Rows of a GLUE TSV with a header line, columns picked by name."""
+    """Rows of a GLUE TSV, columns picked by name from its header line (or from
+    ``task.tsv.columns`` for headerless files such as CoLA's)."""
     if not path.is_file():
         raise ConfigError(f"task.data_dir: {path.name} is missing in {str(path.parent)!r}")
+    layout = task.tsv
+    text_columns = list(layout.get("text_columns") or task.text_fields)
+    label_column = layout.get("label_column") or task.label_field
     csv.field_size_limit(sys.maxsize)
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, [])
-        wanted = [*task.text_fields, task.label_field]
+        header = list(layout.columns) if layout.get("columns") else next(reader, [])
+        first_line = 1 if layout.get("columns") else 2
+        wanted = [*text_columns, label_column]
         absent = [c for c in wanted if c not in header]
         if absent:
             raise ConfigError(
                 f"task.data_dir: {str(path)!r} has columns {header}, missing {absent} "
-                f"(task.text_fields / task.label_field)"
+                f"(task.tsv.text_columns / task.tsv.label_column)"
             )
-        index = {c: header.index(c) for c in wanted}
+        index = [header.index(c) for c in wanted]
         examples = []
-        for line_no, row in enumerate(reader, start=2):
-            if len(row) < len(header):
-                raise ConfigError(f"task.data_dir: {str(path)!r} line {line_no} has {len(row)} columns, expected {len(header)}")
-            example = {f: row[index[f]] for f in task.text_fields}
-            example["label"] = _label(row[index[task.label_field]], task)
+        for line_no, row in enumerate(reader, start=first_line):
+            if len(row) <= max(index) or any(row[i] == "" for i in index):
+                if layout.get("skip_malformed"):
+                    continue
+                raise ConfigError(
+                    f"task.data_dir: {str(path)!r} line {line_no} has {len(row)} columns, expected {len(header)}"
+                )
+            example = {field: row[i] for field, i in zip(task.text_fields, index)}
+            example["label"] = _label(row[index[-1]], task, f"{path.name} line {line_no}")
             examples.append(example)
     return examples
 

@@ -23,7 +23,7 @@ from .data import load_task, make_loader
 from .metrics import check_metric_names
 from .models import load_model
 from .tracking import Tracker
-from .trainer import OPTIMIZERS, peak_memory_mb, pick_device, total_steps, train
+from .trainer import OPTIMIZERS, eval_interval, peak_memory_mb, pick_device, total_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,13 @@ VARIANT_RUNNER_KEYS = ("name", "targets", "bias")
 
 def variant_kwargs(variant_cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(variant_cfg, resolve=True).items() if k not in VARIANT_RUNNER_KEYS}
+
+
+def best_eval(history: list[tuple[int, dict[str, float]]], main_metric: str) -> dict[str, Any]:
+    """The evaluation with the highest main metric (the LoRA paper reports the best epoch) and
+    its step; ``eval`` in the summary stays the last one."""
+    step, metrics = max(history, key=lambda item: item[1][main_metric])
+    return {"step": step, **metrics}
 
 
 def weights_mb(model) -> float:
@@ -60,7 +67,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     device, autocast_dtype = pick_device(cfg.trainer.device, cfg.trainer.precision)
     set_seed(cfg.seed)
 
-    train_examples, eval_examples = load_task(cfg.task)
+    train_examples, eval_sets = load_task(cfg.task)
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels)
     head = list(cfg.model.train_modules)
     targets = cfg.variant.targets if isinstance(cfg.variant.targets, str) else list(cfg.variant.targets)
@@ -75,11 +82,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     fields = list(cfg.task.text_fields)
     max_length = cfg.model.max_length
     train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
-    eval_loader = make_loader(eval_examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
+    eval_loaders = {
+        name: make_loader(examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
+        for name, examples in eval_sets.items()
+    }
 
     # Settings that depend on the run length (a rank schedule longer than training) fail here,
     # before the run dir is written.
     variants.check_total_steps(model, total_steps(cfg.trainer, len(train_loader)))
+    eval_interval(cfg.trainer, len(train_loader))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -94,7 +105,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
         group=group, name=run_name or run_dir.name, tags=list(tracking.tags),
     )
     try:
-        result = train(model, train_loader, eval_loader, cfg.trainer, list(cfg.task.metrics), tracker, device, autocast_dtype)
+        result = train(model, train_loader, eval_loaders, cfg.trainer, list(cfg.task.metrics), tracker, device, autocast_dtype)
         variants.save_adapter(model, run_dir / "adapter.safetensors", extra_metadata={"model": cfg.model.name_or_path, "task": cfg.task.name})
         memory_mb, memory_kind = peak_memory_mb(device)
         summary = {
@@ -107,13 +118,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
             "task": cfg.task.name,
             "main_metric": cfg.task.main_metric,
             "eval": result.eval_metrics,
+            "eval_extra": result.extra_eval_metrics,
+            "eval_best": best_eval(result.eval_history, cfg.task.main_metric),
             "trainable_params": trainable,
             "total_params": total,
             "trainable_percent": 100 * trainable / total,
             "adapted_modules": adapted,
             "steps": result.steps,
             "train_examples": len(train_examples),
-            "eval_examples": len(eval_examples),
+            "eval_examples": len(eval_sets["main"]),
             "wall_time_s": time.perf_counter() - started,
             "train_time_s": result.train_time_s,
             "step_time_s": result.median_step_time_s,

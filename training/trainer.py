@@ -9,6 +9,7 @@ import math
 import resource
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,9 @@ class TrainResult:
     steps: int
     train_time_s: float
     step_times_s: list[float] = field(default_factory=list)
-    eval_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the main eval set, last evaluation
+    extra_eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # other eval sets, last
+    eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, main metrics)
 
     @property
     def median_step_time_s(self) -> float:
@@ -86,6 +89,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def eval_interval(cfg: DictConfig, steps_per_epoch: int) -> int:
+    """``trainer.eval_every``: a number of steps, or ``epoch``."""
+    if cfg.eval_every == "epoch":
+        return steps_per_epoch
+    if isinstance(cfg.eval_every, bool) or not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
+        raise ConfigError(f"trainer.eval_every={cfg.eval_every!r} must be a positive integer or 'epoch'")
+    return cfg.eval_every
 
 
 def make_optimizer(
@@ -158,15 +170,22 @@ def evaluate(
 def train(
     model: nn.Module,
     train_loader: DataLoader,
-    eval_loader: DataLoader,
+    eval_loaders: DataLoader | Mapping[str, DataLoader],
     cfg: DictConfig,
     metric_names: list[str],
     tracker: Tracker,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
 ) -> TrainResult:
-    """Train the parameters that require grad; ``cfg`` is the ``trainer`` config group."""
+    """Train the parameters that require grad; ``cfg`` is the ``trainer`` config group.
+
+    ``eval_loaders``: one loader, or ``{name: loader}`` with ``main`` first; ``main`` is logged
+    as ``eval/<metric>``, the others as ``eval_<name>/<metric>`` (MNLI's mismatched set).
+    """
+    if not isinstance(eval_loaders, Mapping):
+        eval_loaders = {"main": eval_loaders}
     steps = total_steps(cfg, len(train_loader))
+    eval_every = eval_interval(cfg, len(train_loader))
     variants.on_train_begin(model, steps)
     params, optimizer, scheduler = make_schedule(cfg, model, steps, device)
     phase = 1  # counts the trainable sets: a variant that switches what trains starts phase 2
@@ -221,11 +240,20 @@ def train(
                 loss_sum.zero_()
                 extra_sum.zero_()
                 loss_count = 0
-            if step % cfg.eval_every == 0 or step == steps:
-                metrics = evaluate(model, eval_loader, metric_names, device, autocast_dtype)
-                tracker.log({"step": step, "phase": phase, **{f"eval/{k}": v for k, v in metrics.items()}})
-                result.eval_metrics = metrics
-                progress.write(f"step {step}: " + ", ".join(f"eval {k}={v:.4f}" for k, v in metrics.items()))
+            if step % eval_every == 0 or step == steps:
+                record: dict[str, Any] = {"step": step, "phase": phase}
+                for name, loader in eval_loaders.items():
+                    metrics = evaluate(model, loader, metric_names, device, autocast_dtype)
+                    prefix = "eval" if name == "main" else f"eval_{name}"
+                    record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+                    if name == "main":
+                        result.eval_metrics = metrics
+                        result.eval_history.append((step, metrics))
+                    else:
+                        result.extra_eval_metrics[name] = metrics
+                tracker.log(record)
+                progress.write(f"step {step}: " + ", ".join(
+                    f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "phase")))
             if step < steps and not _same_parameters(params, model):
                 params, optimizer, scheduler = make_schedule(cfg, model, steps, device, done_steps=step)
                 phase += 1

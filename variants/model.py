@@ -30,11 +30,17 @@ def _matches_suffix(name: str, suffixes: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def within(name: str, roots: Iterable[str]) -> bool:
+    """``name`` is a module named by ``roots`` (suffix match) or inside one, e.g.
+    ``classifier.dense`` is within ``classifier`` (RoBERTa's two-layer head)."""
+    return any(f".{r}." in f".{name}." for r in roots)
+
+
 def find_target_modules(model: nn.Module, targets: Targets, exclude: Sequence[str] = ()) -> list[str]:
     """Names of the ``nn.Linear`` modules that ``targets`` selects.
 
-    ``targets`` is ``"all-linear"`` (every linear layer except those in ``exclude``, normally the
-    task head), a regular expression matched against the full module name, or a list of names,
+    ``targets`` is ``"all-linear"`` (every linear layer except those in or inside ``exclude``,
+    normally the task head), a regular expression matched against the full module name, or a list of names,
     each matching a module whose qualified name equals it or ends with ``"." + name``.
     """
     linears = [
@@ -44,7 +50,7 @@ def find_target_modules(model: nn.Module, targets: Targets, exclude: Sequence[st
     ]
     if isinstance(targets, str):
         if targets == ALL_LINEAR:
-            return [n for n in linears if not _matches_suffix(n, exclude)]
+            return [n for n in linears if not within(n, exclude)]
         try:
             pattern = re.compile(targets)
         except re.error as err:
