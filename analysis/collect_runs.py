@@ -20,7 +20,9 @@ COLUMNS = ("variant", "rank", "alpha", "seed", "task", "metric", "value", "train
            "step_time_s", "peak_memory_mb", "run_dir")
 
 
-def collect(roots: list[Path]) -> list[dict]:
+def collect(roots: list[Path], evaluation: str = "eval") -> list[dict]:
+    """One row per summary.json below ``roots``; ``evaluation`` picks the summary's ``eval``
+    (the last evaluation) or ``eval_best`` (the best one)."""
     rows = []
     for root in roots:
         for path in sorted(root.rglob("summary.json")):
@@ -29,7 +31,7 @@ def collect(roots: list[Path]) -> list[dict]:
             rows.append({
                 **{k: summary[k] for k in ("variant", "rank", "alpha", "seed", "task", "trainable_params")},
                 "metric": metric,
-                "value": round(summary["eval"][metric], 4),
+                "value": round(summary.get(evaluation, summary["eval"])[metric], 4),
                 "step_time_s": round(summary["step_time_s"], 4),
                 "peak_memory_mb": round(summary["peak_memory_mb"]),
                 "run_dir": str(path.parent),

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from analysis.collect_runs import collect, main
 
 
@@ -47,3 +49,36 @@ def test_rank_allocation_plot(tmp_path, capsys):
         assert "not a run of a rank-allocating variant" in str(err)
     else:
         raise AssertionError("a LoRA run has no allocation to plot")
+
+
+def test_glue_table_mean_std_over_seeds_in_paper_order(tmp_path, capsys):
+    from analysis import glue_table
+
+    def run(name, variant, task, seed, value, rank=8):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps({
+            "variant": variant, "rank": rank, "alpha": 8, "seed": seed, "task": task, "trainable_params": 1000 * rank,
+            "main_metric": "accuracy", "eval": {"accuracy": value}, "step_time_s": 0.1, "peak_memory_mb": 1,
+        }))
+
+    run("a", "lora", "rte", 0, 0.70)
+    run("b", "lora", "rte", 1, 0.74)
+    run("c", "lora", "mnli", 0, 0.86)
+    run("d", "dora", "rte", 0, 0.75)
+    tasks, table = glue_table.aggregate(glue_table.collect([tmp_path]))
+    assert tasks == ["mnli", "rte"]  # the paper's column order
+    lora = next(row for row in table if row["method"] == "lora")
+    mean, std, n = lora["rte"]
+    assert (round(mean, 6), n) == (72.0, 2) and std == pytest.approx(2.828427, rel=1e-5)
+    assert lora["avg"] == pytest.approx((86.0 + 72.0) / 2)
+    assert glue_table.main([str(tmp_path), "--csv", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "| lora | 0.008M | 86.0 ± 0.0 (n=1) | 72.0 ± 2.8 (n=2) | 79.0 |" in out
+    assert "| dora | 0.008M | – | 75.0 ± 0.0 (n=1) | 75.0 |" in out
+    assert (tmp_path / "t.csv").read_text().splitlines()[0] == (
+        "method,trainable_params,mnli_mean,mnli_std,mnli_n,rte_mean,rte_std,rte_n,avg")
+    run("e", "lora", "rte", 2, 0.72, rank=64)  # two ranks of one variant: one row each
+    _, table = glue_table.aggregate(glue_table.collect([tmp_path]))
+    assert {row["method"] for row in table} == {"dora", "lora r=8", "lora r=64"}
+    assert glue_table.main([]) == 2

@@ -144,6 +144,12 @@ class AdaLoRALinear(AdapterLayer):
         """(α/r)·P·Λ·Q: ``(d_out, d_in)``."""
         return (self.lora_P * self.lora_E) @ self.lora_Q * self.scaling
 
+    @classmethod
+    def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, P·Λ) restricted to the kept triplets: the pruned ones are not part of ΔW."""
+        kept = state["rank_mask"].bool()
+        return state["lora_Q"][kept], (state["lora_P"] * state["lora_E"])[:, kept]
+
     def extra_loss(self) -> torch.Tensor | None:
         """γ·R(P, Q), Eq. 4."""
         if self.orth_reg_weight == 0:

@@ -59,6 +59,18 @@ class AdapterLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def frozen_weight(self) -> torch.Tensor:
+        """W0 as the layer computes with it, fp32 ``(d_out, d_in)``, also while merged."""
+        if self.merged:
+            return (self.base.weight - self.delta_weight()).detach().float()
+        return self.base.weight.detach().float()
+
+    @classmethod
+    def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down ``(r, d_in)``, up ``(d_out, r)``) from one layer's saved tensors (keys without the
+        module prefix): the factors whose row / column spaces the subspace analyses compare."""
+        raise NotImplementedError(f"variant {cls.variant_name!r} has no low-rank factors")
+
     @torch.no_grad()
     def merge(self) -> None:
         """W0 ← W0 + ΔW. Afterwards ``forward`` is the plain base layer. Idempotent."""

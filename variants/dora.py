@@ -45,8 +45,9 @@ class DoRALinear(LoRALinear):
         # ‖V‖_c at merge time: what unmerge needs to recover W0 from the merged weight.
         self.register_buffer("_merged_norm", None, persistent=False)
 
-    def _frozen_weight(self) -> torch.Tensor:
-        """W0, also while merged (then recovered as W'·‖V‖_c/m − (α/r)·B·A)."""
+    def frozen_weight(self) -> torch.Tensor:
+        """W0, also while merged (then recovered as W'·‖V‖_c/m − (α/r)·B·A). Not detached: the
+        direction's gradient flows through it to A and B."""
         weight = self.base.weight.to(self.lora_A.dtype)
         if not self.merged:
             return weight
@@ -54,7 +55,7 @@ class DoRALinear(LoRALinear):
 
     def direction(self) -> torch.Tensor:
         """V = W0 + (α/r)·B·A: ``(d_out, d_in)``."""
-        return self._frozen_weight() + self.low_rank_weight()
+        return self.frozen_weight() + self.low_rank_weight()
 
     def direction_norm(self) -> torch.Tensor:
         """‖V‖_c, one norm per output feature: ``(d_out,)``; detached if ``detach_norm``."""
@@ -84,7 +85,7 @@ class DoRALinear(LoRALinear):
 
     def delta_weight(self) -> torch.Tensor:
         """W' − W0."""
-        return self.merged_weight() - self._frozen_weight()
+        return self.merged_weight() - self.frozen_weight()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -98,7 +99,7 @@ class DoRALinear(LoRALinear):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base.weight.copy_(self._frozen_weight())
+        self.base.weight.copy_(self.frozen_weight())
         self.merged = False
         self._merged_norm = None
 

@@ -9,6 +9,7 @@ wrapped model is exactly the base model.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -76,6 +77,11 @@ class LoRALinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.low_rank_weight()
+
+    @classmethod
+    def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B); also DoRA's, QLoRA's and staged's, which share them."""
+        return state["lora_A"], state["lora_B"]
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, {super().extra_repr()}"

@@ -20,6 +20,7 @@ from torch import nn
 
 from .base import AdapterLayer, ConfigError, register_variant
 from .lora import LoRALinear
+from .model import within
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -163,13 +164,15 @@ class QLoRALinear(LoRALinear):
                       if k in variant_kwargs}
         skip = set(targets)
         for name, module in list(model.named_modules()):
-            if type(module) is not nn.Linear or name in skip or any(
-                name == e or name.endswith("." + e) for e in exclude
-            ):
+            if type(module) is not nn.Linear or name in skip or within(name, exclude):
                 continue
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child_name, quantize_linear(module, **quant_args))
+
+    def frozen_weight(self) -> torch.Tensor:
+        """W0 as the quantized layer computes with it (dequantized), also while merged."""
+        return dequantized_weight(self._quantized_base if self.merged else self.base)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -1,0 +1,151 @@
+"""The paper's analyses: subspace similarity φ (§7.2), amplification (§7.3)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from analysis import amplification, subspace_overlap
+from analysis.subspace_overlap import Incompatible, compare, phi, singular_basis
+
+
+def basis(rows: torch.Tensor) -> torch.Tensor:
+    return singular_basis(rows)
+
+
+def test_phi_identical_subspaces_is_one():
+    a = torch.randn(8, 64, dtype=torch.float64)
+    grid = phi(basis(a), basis(a))
+    assert torch.allclose(grid.diagonal(), torch.ones(8, dtype=torch.float64))
+    assert torch.allclose(grid[0], torch.ones(8, dtype=torch.float64))  # the top direction lies in every top-j span
+
+
+def test_phi_nested_and_orthogonal_subspaces():
+    eye = torch.eye(32, dtype=torch.float64)
+    small = eye[:4] * torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64).unsqueeze(1)  # e1..e4, ordered
+    large = eye[:16] * torch.arange(16, 0, -1, dtype=torch.float64).unsqueeze(1)          # e1..e16, ordered
+    grid = phi(basis(small), basis(large))
+    assert torch.allclose(grid[:, 3:], torch.ones(4, 13, dtype=torch.float64))  # j ≥ 4 contains all of e1..e4
+    assert grid[3, 0] == pytest.approx(1.0)                                    # min(i, j) = 1: e1 ⊂ span(e1..e4)
+    assert grid[3, 1] == pytest.approx(1.0) and grid[3, 2] == pytest.approx(1.0)
+    other = eye[16:24]
+    assert torch.allclose(phi(basis(small), basis(other)), torch.zeros(4, 8, dtype=torch.float64))
+
+
+def test_phi_random_baseline_is_ij_over_d():
+    torch.manual_seed(0)
+    d, trials = 256, 30
+    total = torch.zeros(8, 64, dtype=torch.float64)
+    for _ in range(trials):
+        total += phi(basis(torch.randn(8, d, dtype=torch.float64)), basis(torch.randn(64, d, dtype=torch.float64)))
+    mean = total / trials
+    i = torch.arange(1, 9, dtype=torch.float64).unsqueeze(1)
+    j = torch.arange(1, 65, dtype=torch.float64).unsqueeze(0)
+    expected = i * j / d / torch.minimum(i, j)  # E‖U1ᵀU2‖² = i·j/d
+    assert torch.allclose(mean, expected, atol=0.02, rtol=0.15)
+
+
+def fake_run(folder, modules, rank, d=48, model="minilm", variant="lora", seed=0, shared=None):
+    """A run dir with an adapter file like save_adapter writes (only what the analysis reads)."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in modules:
+        a = torch.randn(rank, d, generator=gen)
+        if shared is not None:  # put a common top direction into every A
+            a[0] = 100 * shared
+        if variant == "adalora":
+            tensors[f"{name}.lora_Q"] = a
+            tensors[f"{name}.lora_P"] = torch.randn(d, rank, generator=gen)
+            tensors[f"{name}.lora_E"] = torch.ones(rank)
+            tensors[f"{name}.rank_mask"] = torch.arange(rank) < rank // 2
+        else:
+            tensors[f"{name}.lora_A"] = a
+            tensors[f"{name}.lora_B"] = torch.randn(d, rank, generator=gen)
+    meta = {"variant": variant, "rank": rank, "alpha": rank, "modules": modules, "model": model}
+    save_file(tensors, str(folder / "adapter.safetensors"), metadata={"adapter_config": json.dumps(meta)})
+    return folder
+
+
+MODULES = ["enc.layer.0.query", "enc.layer.0.value"]
+
+
+def test_compare_finds_a_shared_top_direction(tmp_path):
+    shared = torch.nn.functional.normalize(torch.randn(48), dim=0)
+    r8 = fake_run(tmp_path / "r8", MODULES, 8, shared=shared, seed=1)
+    r32 = fake_run(tmp_path / "r32", MODULES, 32, shared=shared, seed=2)
+    results = compare(r8, r32, random_baseline=True)
+    assert list(results) == MODULES
+    entry = results[MODULES[0]]
+    assert (entry["r1"], entry["r2"], len(entry["phi"]), len(entry["phi"][0])) == (8, 32, 8, 32)
+    assert entry["phi"][0][0] > 0.95          # the planted direction is the top one in both
+    assert entry["phi_random"][0][0] < 0.3    # random matrices share nothing special
+
+
+def test_adalora_uses_the_kept_rows_of_q(tmp_path):
+    run = fake_run(tmp_path / "ada", MODULES, 8, variant="adalora")
+    results = compare(run, run, side="down")
+    assert results[MODULES[0]]["r1"] == 4  # half the triplets kept
+    results = compare(run, run, side="up")
+    assert results[MODULES[0]]["r1"] == 4
+
+
+def test_incompatible_runs_are_clear_errors(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", MODULES, 4)
+    b = fake_run(tmp_path / "b", MODULES, 4, model="roberta-base")
+    c = fake_run(tmp_path / "c", ["other.query"], 4)
+    with pytest.raises(Incompatible, match="different models: 'minilm' vs 'roberta-base'"):
+        compare(a, b)
+    with pytest.raises(Incompatible, match="no module is adapted in both runs"):
+        compare(a, c)
+    assert subspace_overlap.main([str(a), str(tmp_path / "nothing")]) == 2
+    assert "has no adapter.safetensors" in capsys.readouterr().err
+
+
+def test_main_writes_numbers_and_heatmaps(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", MODULES, 4, seed=1)
+    b = fake_run(tmp_path / "b", MODULES, 16, seed=2)
+    out = tmp_path / "out"
+    assert subspace_overlap.main([str(a), str(b), "--out", str(out), "--random-baseline", "--zoom", "4"]) == 0
+    data = json.loads((out / "phi.json").read_text())
+    assert data["side"] == "down" and len(data["modules"][MODULES[1]]["phi"]) == 4
+    assert (out / "phi.csv").read_text().count("\n") == 1 + 2 * 4 * 16
+    for png in ("subspace_overlap.png", "subspace_overlap_zoom.png", "subspace_overlap_random.png"):
+        assert (out / png).stat().st_size > 5_000
+    assert "| enc.layer.0.query | 4 | 16 |" in capsys.readouterr().out
+
+
+def test_amplification_on_constructed_matrices():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.diag(torch.tensor([10.0, 5.0, 1.0, 0.1]))
+    # ΔW along W's weakest direction (e4 e4ᵀ): UᵀWV = 0.1, ‖ΔW‖ = 2 → amplification 20.
+    delta = torch.zeros(4, 4)
+    delta[3, 3] = 2.0
+    stats = amplification.module_stats(weight, delta, rank=1, generator=gen)
+    assert stats["delta_norm"] == pytest.approx(2.0)
+    assert stats["on_delta_dirs"] == pytest.approx(0.1)
+    assert stats["on_w_dirs"] == pytest.approx(10.0)
+    assert stats["amplification"] == pytest.approx(20.0)
+    assert 0 <= stats["on_random_dirs"] <= 10.0
+
+
+def test_amplification_of_a_real_adapter(minilm, tmp_path, capsys):
+    import variants
+
+    model, _ = minilm
+    variants.inject_adapters(model, "lora", ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
+    variants.mark_trainable(model, train_modules=["classifier"])
+    with torch.no_grad():
+        for _, layer in variants.adapter_layers(model):
+            layer.lora_B.normal_(std=0.05)
+    run = tmp_path / "run"
+    run.mkdir()
+    variants.save_adapter(model, run / "adapter.safetensors", extra_metadata={"model": "minilm"})
+    assert amplification.main([str(run), "--modules", r"layer\.0\.", "--csv", str(tmp_path / "a.csv"),
+                               "--plot", str(tmp_path / "a.png")]) == 0
+    rows = (tmp_path / "a.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("run,bert.encoder.layer.0.attention.self.query,4,")
+    layer = dict(variants.adapter_layers(model))["bert.encoder.layer.0.attention.self.query"]
+    delta_norm = float(rows[1].split(",")[3])
+    assert delta_norm == pytest.approx(float(torch.linalg.matrix_norm(layer.delta_weight().detach())), rel=1e-5)
