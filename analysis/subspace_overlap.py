@@ -8,7 +8,8 @@ For every module adapted in both runs, with down-projections A1 (r1 × d) and A2
 
     φ(A1, A2, i, j) = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j),   1 ≤ i ≤ r1, 1 ≤ j ≤ r2
 
-where U are the right-singular vectors of A, ordered by singular value. φ = 1 when the
+where U are the right-singular vectors of A, ordered by singular value (a module AdaLoRA
+pruned to rank 0 has no subspace: its row shows "–"). φ = 1 when the
 top-i directions of one lie in the span of the top-j of the other, 0 when orthogonal; two
 random subspaces of R^d give φ ≈ max(i, j)/d. Use a rank-8 and a rank-64 run to reproduce
 Fig. 3, two runs of the same rank with different seeds for Fig. 4.
@@ -107,8 +108,11 @@ def compare(
         a_1, a_2 = factors_1[module], factors_2[module]
         if a_1.shape[1] != a_2.shape[1]:
             raise Incompatible(f"{module}: dimension {a_1.shape[1]} vs {a_2.shape[1]}")
-        entry = {"r1": a_1.shape[0], "r2": a_2.shape[0], "dim": a_1.shape[1],
-                 "phi": phi(singular_basis(a_1), singular_basis(a_2)).tolist()}
+        entry = {"r1": a_1.shape[0], "r2": a_2.shape[0], "dim": a_1.shape[1], "phi": []}
+        if 0 in (a_1.shape[0], a_2.shape[0]):  # AdaLoRA pruned the module entirely: no subspace
+            results[module] = entry
+            continue
+        entry["phi"] = phi(singular_basis(a_1), singular_basis(a_2)).tolist()
         if random_baseline:
             g_1 = torch.randn(a_1.shape, generator=generator, dtype=torch.float64)
             g_2 = torch.randn(a_2.shape, generator=generator, dtype=torch.float64)
@@ -118,7 +122,7 @@ def compare(
 
 
 def heatmaps(results: dict[str, dict], out: Path, title: str, zoom: int | None = None, key: str = "phi") -> None:
-    names = list(results)
+    names = [name for name, entry in results.items() if entry["phi"]]
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| module | r1 | r2 | φ(1,1) | mean φ(1, j≤{args.zoom}) |" + (" random φ(1,1) |" if args.random_baseline else ""))
     print("|---|---|---|---|---|" + ("---|" if args.random_baseline else ""))
     for module, entry in results.items():
+        if not entry["phi"]:
+            print(f"| {module} | {entry['r1']} | {entry['r2']} | – | – |" + (" – |" if args.random_baseline else ""))
+            continue
         first_row = entry["phi"][0][: args.zoom]
         line = f"| {module} | {entry['r1']} | {entry['r2']} | {entry['phi'][0][0]:.3f} | {sum(first_row) / len(first_row):.3f} |"
         if args.random_baseline:

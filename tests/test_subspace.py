@@ -149,3 +149,17 @@ def test_amplification_of_a_real_adapter(minilm, tmp_path, capsys):
     layer = dict(variants.adapter_layers(model))["bert.encoder.layer.0.attention.self.query"]
     delta_norm = float(rows[1].split(",")[3])
     assert delta_norm == pytest.approx(float(torch.linalg.matrix_norm(layer.delta_weight().detach())), rel=1e-5)
+
+
+def test_a_module_pruned_to_rank_zero_has_no_subspace(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run = fake_run(tmp_path / "ada", MODULES, 8, variant="adalora")
+    tensors = load_file(str(run / "adapter.safetensors"))
+    tensors[f"{MODULES[0]}.rank_mask"] = torch.zeros(8, dtype=torch.bool)
+    meta = {"variant": "adalora", "rank": 8, "alpha": 8, "modules": MODULES, "model": "minilm"}
+    save_file(tensors, str(run / "adapter.safetensors"), metadata={"adapter_config": json.dumps(meta)})
+    other = fake_run(tmp_path / "lora", MODULES, 8)
+    assert compare(run, other)[MODULES[0]]["phi"] == []
+    assert subspace_overlap.main([str(run), str(other), "--out", str(tmp_path / "out")]) == 0
+    assert f"| {MODULES[0]} | 0 | 8 | – | – |" in capsys.readouterr().out
