@@ -82,7 +82,7 @@ def test_dropout_applies_to_both_direction_terms():
     dropped = layer.dropout(x)
     scale = layer.magnitude / layer.direction_norm()
     frozen = dropped @ layer.base.weight.T
-    expected = layer.base(x) + (scale - 1) * frozen + scale * layer.lora_output(dropped)
+    expected = layer.base(x) + (scale - 1) * frozen + scale * (dropped @ layer.lora_A.t() @ layer.lora_B.t()) * layer.scaling
     torch.testing.assert_close(out, expected)
 
 

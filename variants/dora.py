@@ -66,17 +66,19 @@ class DoRALinear(LoRALinear):
         result = self.base(x)
         if self.merged:
             return result
-        # W'x = (m/‖V‖)·(W0·x + (α/r)·B·A·x); W0·x is reused from the base output when the adapter
-        # path sees the same input (no dropout active), else recomputed on the dropped-out input.
+        # W'x + b = result + (s − 1)·W0·x' + s·(α/r)·B·A·x', s = m/‖V‖ and x' the adapter input.
+        # Folding s into B (d_out × r) lets the last term accumulate into the rest in one GEMM.
+        scale = (self.magnitude / self.direction_norm()).to(result.dtype)
         if self.training and isinstance(self.dropout, nn.Dropout):
+            # Dropout on both adapter terms (as the paper's code): W0·x' needs its own GEMM.
             adapter_input = self.dropout(x)
-            frozen_out = F.linear(adapter_input, self.base.weight)
+            rescaled = torch.addcmul(result, F.linear(adapter_input, self.base.weight), scale - 1)
         else:
+            # x' = x: reuse W0·x from the base output, s·(W0·x) + b = s·result + (1 − s)·b.
             adapter_input = x
-            frozen_out = result if self.base.bias is None else result - self.base.bias
-        scale = self.magnitude / self.direction_norm()
-        update = (scale - 1) * frozen_out + scale * self.lora_output(adapter_input)
-        return result + update.to(result.dtype)
+            bias = self.base.bias
+            rescaled = result * scale if bias is None else torch.addcmul((1 - scale) * bias.to(result.dtype), result, scale)
+        return self.add_up_projection(rescaled, self.down_projection(adapter_input), self.lora_B * scale.unsqueeze(1))
 
     def merged_weight(self) -> torch.Tensor:
         """W' = m·V/‖V‖_c, exactly, with the norm not detached."""

@@ -59,17 +59,24 @@ class LoRALinear(AdapterLayer):
         else:
             nn.init.normal_(self.lora_A, std=1.0 / rank)
 
-    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """(α/r)·B·A·x: ``(..., d_in) -> (..., d_out)``, never forming the d_out×d_in ΔW.
-        ``x`` is the adapter path's input, dropout already applied."""
-        x = x.to(self.lora_A.dtype)
-        return (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+    def down_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """(α/r)·A·x: ``(..., d_in) -> (..., r)``. ``x`` is the adapter path's input, dropout
+        already applied. The scaling goes on these r features, the cheapest place for it."""
+        return (x.to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling
+
+    @staticmethod
+    def add_up_projection(result: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """result + down·upᵀ: ``(..., d_out) + (..., r)·(d_out, r)ᵀ`` as one GEMM accumulating
+        into ``result``, instead of a GEMM and a pass over the output to add it."""
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]).to(result.dtype),
+                           up.t().to(result.dtype))
+        return flat.view(result.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.merged:
             return result
-        return result + self.lora_output(self.dropout(x)).to(result.dtype)
+        return self.add_up_projection(result, self.down_projection(self.dropout(x)), self.lora_B)
 
     def low_rank_weight(self) -> torch.Tensor:
         """(α/r)·B·A: ``(d_out, d_in)``."""
