@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Training-step and inference benchmarks: our variants against the `peft` package and full
+fine-tuning, side by side in one process.
+
+    python bench/bench.py                                   # MiniLM, batch 32 x 64 tokens, CPU
+    python bench/bench.py --arch roberta-base --device cuda # random-weight RoBERTa-base from its config
+    python bench/bench.py --arch llama-1b --device cuda --batch 8 --seq 512
+    python bench/bench.py --only lora-qv,peft-lora-qv --rounds 9 --json out.json
+
+Every configuration gets its own copy of the same base weights, optimizer (AdamW) and the same
+synthetic batch (random token ids, all positions attended). Rounds alternate over the
+configurations (the start rotates each round), so drift in machine speed hits all of them
+alike; each round times ``--steps`` full training steps per configuration (forward, loss with
+any regulariser, backward, gradient clipping, optimizer step, the variant's after-step hook)
+after ``--warmup`` untimed ones. Reported: median step time, tokens/s, trainable parameters,
+memory, and the ratios the project tracks. Memory is ``torch.cuda.max_memory_allocated`` on
+CUDA; on CPU (where no per-configuration peak exists inside one process) it is the bytes of
+weights + gradients + optimizer state + the activations autograd saves for backward.
+Inference: median forward latency (eval, no grad) of the base model, our merged LoRA model
+and our unmerged one, alternating likewise.
+
+Speed does not depend on pretrained values, so ``--arch`` builds real architectures from their
+configs with random weights when checkpoints cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import variants
+
+ARCHS = ("minilm", "roberta-base", "llama-1b")
+
+
+def build_base(arch: str, num_labels: int = 2) -> tuple[nn.Module, list[str], int]:
+    """(model, attention q/v module names, vocab size), pretrained for minilm, random otherwise."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
+
+    if arch == "minilm":
+        from training.models import load_model
+
+        model, tokenizer = load_model("minilm", num_labels)
+        return model, ["query", "value"], tokenizer.vocab_size
+    if arch == "roberta-base":
+        config = RobertaConfig(num_labels=num_labels)  # defaults are roberta-base's shapes
+        return AutoModelForSequenceClassification.from_config(config), ["query", "value"], config.vocab_size
+    config = LlamaConfig(  # TinyLlama-1.1B's shapes
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, num_labels=num_labels, pad_token_id=0,
+    )
+    return AutoModelForSequenceClassification.from_config(config), ["q_proj", "v_proj"], config.vocab_size
+
+
+@dataclass
+class Config:
+    """One thing to time: a model ready to train and the calls around its optimizer step."""
+
+    name: str
+    model: nn.Module
+    extra_loss: Callable[[nn.Module], torch.Tensor | None] = lambda model: None
+    after_step: Callable[[nn.Module, int], None] = lambda model, step: None
+    optimizer: torch.optim.Optimizer | None = None
+    times: list[float] = field(default_factory=list)
+    step: int = 0
+
+
+def ours(base: nn.Module, variant: str, targets, rank: int, dropout: float, head: str, **kw) -> nn.Module:
+    model = copy.deepcopy(base)
+    variants.inject_adapters(model, variant, targets, rank=rank, alpha=2 * rank, exclude=[head], dropout=dropout, **kw)
+    variants.mark_trainable(model, train_modules=[head])
+    return model
+
+
+def theirs(base: nn.Module, variant: str, targets, rank: int, dropout: float, total_steps: int) -> nn.Module:
+    import peft
+
+    model = copy.deepcopy(base)
+    if variant == "adalora":
+        config = peft.AdaLoraConfig(init_r=rank, target_r=max(1, 2 * rank // 3), lora_alpha=2 * rank,
+                                    lora_dropout=dropout, target_modules=targets, task_type="SEQ_CLS",
+                                    total_step=total_steps, tinit=0, tfinal=0, deltaT=10)
+    else:
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=targets,
+                                 use_dora=variant == "dora", task_type="SEQ_CLS")
+    return peft.get_peft_model(model, config)
+
+
+def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps: int) -> dict[str, Callable[[], Config]]:
+    """Builders, so only the selected configurations are built."""
+    r, p = args.rank, args.dropout
+
+    def hooked(name: str, model: nn.Module) -> Config:
+        variants.on_train_begin(model, total_steps)
+        return Config(name, model, extra_loss=variants.adapter_loss,
+                      after_step=lambda m, step: variants.after_optimizer_step(m, step, total_steps))
+
+    def quantized_peft() -> nn.Module:
+        from variants.qlora import QLoRALinear
+
+        model = copy.deepcopy(base)
+        QLoRALinear.prepare_model(model, targets=[], exclude=[head])  # the same 4-bit base as ours
+        return theirs(model, "lora", qv, r, p, total_steps)
+
+    def full() -> Config:
+        model = copy.deepcopy(base)
+        model.requires_grad_(True)
+        return Config("full", model)
+
+    return {
+        "full": full,
+        "lora-qv": lambda: hooked("lora-qv", ours(base, "lora", qv, r, p, head)),
+        "peft-lora-qv": lambda: Config("peft-lora-qv", theirs(base, "lora", qv, r, p, total_steps)),
+        "lora-all": lambda: hooked("lora-all", ours(base, "lora", "all-linear", r, p, head)),
+        "peft-lora-all": lambda: Config("peft-lora-all", theirs(base, "lora", "all-linear", r, p, total_steps)),
+        "dora-qv": lambda: hooked("dora-qv", ours(base, "dora", qv, r, p, head)),
+        "peft-dora-qv": lambda: Config("peft-dora-qv", theirs(base, "dora", qv, r, p, total_steps)),
+        "adalora-qv": lambda: hooked("adalora-qv", ours(base, "adalora", qv, r, p, head, t_init=0, t_final=0)),
+        "peft-adalora-qv": lambda: Config(
+            "peft-adalora-qv", (m := theirs(base, "adalora", qv, r, p, total_steps)),
+            after_step=lambda model, step: model.base_model.update_and_allocate(step)),
+        "qlora-qv": lambda: hooked("qlora-qv", ours(base, "qlora", qv, r, p, head)),
+        "peft-qlora-qv": lambda: Config("peft-qlora-qv", quantized_peft()),
+    }
+
+
+def train_step(config: Config, batch: dict[str, torch.Tensor], sync: Callable[[], None]) -> float:
+    model = config.model
+    start = time.perf_counter()
+    loss = model(**batch).loss
+    extra = config.extra_loss(model)
+    (loss if extra is None else loss + extra).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    config.optimizer.step()
+    config.step += 1
+    config.after_step(model, config.step)
+    config.optimizer.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - start
+
+
+def memory_bytes(config: Config, batch: dict[str, torch.Tensor], device: torch.device) -> int:
+    """Peak CUDA memory of one step, or on CPU: weights + grads + optimizer state + saved activations."""
+    model = config.model
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(config, batch, lambda: torch.cuda.synchronize(device))
+        return torch.cuda.max_memory_allocated(device)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cpu" and tensor.numel():
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+        extra = config.extra_loss(model)
+    (loss if extra is None else loss + extra).backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    config.optimizer.zero_grad(set_to_none=True)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    state = sum(v.numel() * v.element_size() for s in config.optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor))
+    weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in weight_ptrs)
+    return weights + grads + state + activations
+
+
+def inference_latency(base: nn.Module, qv: list[str], head: str, args, batch, device, sync) -> dict[str, float]:
+    models = {"base": copy.deepcopy(base)}
+    unmerged = ours(base, "lora", qv, args.rank, 0.0, head)
+    with torch.no_grad():
+        for _, layer in variants.adapter_layers(unmerged):
+            layer.lora_B.normal_(std=0.02)
+    merged = copy.deepcopy(unmerged)
+    variants.merge_adapters(merged)
+    models.update({"lora-unmerged": unmerged, "lora-merged": merged})
+    times: dict[str, list[float]] = {name: [] for name in models}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    for model in models.values():
+        model.to(device).eval()
+    with torch.no_grad():
+        for round_ in range(args.rounds + 1):
+            names = list(models)
+            names = names[round_ % len(names):] + names[: round_ % len(names)]
+            for name in names:
+                for _ in range(args.steps):
+                    start = time.perf_counter()
+                    models[name](**inputs)
+                    sync()
+                    if round_:  # round 0 warms up
+                        times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    base, qv, vocab = build_base(args.arch)
+    head = "score" if args.arch == "llama-1b" else "classifier"
+    batch = {
+        "input_ids": torch.randint(5, vocab, (args.batch, args.seq)),
+        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (args.batch,)),
+    }
+    batch = {k: v.to(device) for k, v in batch.items()}
+    total_steps = args.warmup + args.rounds * args.steps + 1
+    builders = configurations(base, qv, head, args, total_steps)
+    names = args.only.split(",") if args.only else list(builders)
+    unknown = [n for n in names if n not in builders]
+    if unknown:
+        raise SystemExit(f"error: --only has {unknown}; allowed: {', '.join(builders)}")
+    configs = []
+    for name in names:
+        config = builders[name]()
+        config.model.to(device).train()
+        params = [p for p in config.model.parameters() if p.requires_grad]
+        config.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        configs.append(config)
+    for config in configs:
+        for _ in range(args.warmup):
+            train_step(config, batch, sync)
+    for round_ in range(args.rounds):
+        order = configs[round_ % len(configs):] + configs[: round_ % len(configs)]
+        for config in order:
+            config.times += [train_step(config, batch, sync) for _ in range(args.steps)]
+    tokens = args.batch * args.seq
+    results = {}
+    for config in configs:
+        step = statistics.median(config.times)
+        trainable, total = variants.count_parameters(config.model)
+        results[config.name] = {
+            "step_s": step, "tokens_per_s": tokens / step, "trainable_params": trainable, "total_params": total,
+            "memory_mb": memory_bytes(config, batch, device) / 2**20, "timed_steps": len(config.times),
+        }
+    report = {
+        "command": "python bench/bench.py " + " ".join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+        "settings": {k: getattr(args, k) for k in ("arch", "batch", "seq", "rank", "dropout", "rounds", "steps", "warmup")},
+        "train": results,
+        "ratios": ratios(results),
+    }
+    if not args.skip_inference:
+        report["inference_s"] = inference_latency(base, qv, head, args, batch, device, sync)
+        latency = report["inference_s"]
+        report["ratios"]["merged / base inference"] = latency["lora-merged"] / latency["base"]
+        report["ratios"]["unmerged / base inference"] = latency["lora-unmerged"] / latency["base"]
+    return report
+
+
+RATIOS = {
+    "lora-qv / peft-lora-qv": ("lora-qv", "peft-lora-qv"),
+    "lora-all / full": ("lora-all", "full"),
+    "peft-lora-all / full": ("peft-lora-all", "full"),
+    "lora-all / peft-lora-all": ("lora-all", "peft-lora-all"),
+    "dora-qv / lora-qv": ("dora-qv", "lora-qv"),
+    "peft-dora-qv / peft-lora-qv": ("peft-dora-qv", "peft-lora-qv"),
+    "dora-qv / peft-dora-qv": ("dora-qv", "peft-dora-qv"),
+    "adalora-qv / peft-adalora-qv": ("adalora-qv", "peft-adalora-qv"),
+    "qlora-qv / lora-qv": ("qlora-qv", "lora-qv"),
+    "qlora-qv / peft-qlora-qv": ("qlora-qv", "peft-qlora-qv"),
+}
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """Step-time ratios for the pairs that were both measured."""
+    return {label: results[a]["step_s"] / results[b]["step_s"]
+            for label, (a, b) in RATIOS.items() if a in results and b in results}
+
+
+def markdown(report: dict) -> str:
+    lines = ["| configuration | step (ms) | tokens/s | trainable params | memory (MB) |", "|---|---|---|---|---|"]
+    for name, r in report["train"].items():
+        lines.append(f"| {name} | {1000 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['trainable_params']:,} | "
+                     f"{r['memory_mb']:.0f} |")
+    lines += ["", "| ratio (step time, or latency) | value |", "|---|---|"]
+    lines += [f"| {label} | {value:.3f} |" for label, value in report["ratios"].items()]
+    if "inference_s" in report:
+        lines += ["", "| inference (batch forward) | ms |", "|---|---|"]
+        lines += [f"| {name} | {1000 * t:.1f} |" for name, t in report["inference_s"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=ARCHS, default="minilm")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout, the same for ours and peft's")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated configurations (default: all)")
+    parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--json", help="also write the report as JSON here")
+    args = parser.parse_args(argv)
+    report = run(args)
+    print(markdown(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The benchmark harness runs end to end at tiny sizes (its figures live in BENCHMARKS.md)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench  # noqa: E402
+
+
+def test_harness_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    only = "full,lora-qv,peft-lora-qv,lora-all,dora-qv,adalora-qv,qlora-qv"
+    assert bench.main(["--batch", "2", "--seq", "8", "--rounds", "2", "--steps", "1", "--warmup", "1",
+                       "--only", only, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["train"]) == only.split(",")
+    for result in report["train"].values():
+        assert result["step_s"] > 0 and result["timed_steps"] == 2 and result["memory_mb"] > 0
+    assert report["train"]["full"]["trainable_params"] == report["train"]["full"]["total_params"]
+    assert report["train"]["lora-qv"]["trainable_params"] == report["train"]["peft-lora-qv"]["trainable_params"]
+    assert set(report["ratios"]) >= {"lora-qv / peft-lora-qv", "lora-all / full", "dora-qv / lora-qv",
+                                     "qlora-qv / lora-qv", "merged / base inference"}
+    assert set(report["inference_s"]) == {"base", "lora-unmerged", "lora-merged"}
+    assert "| lora-qv |" in capsys.readouterr().out
+
+
+def test_unknown_configuration_is_an_error():
+    try:
+        bench.main(["--only", "lora-qv,nope", "--batch", "1", "--seq", "4"])
+    except SystemExit as err:
+        assert "--only has ['nope']; allowed: full, lora-qv" in str(err)
+    else:
+        raise AssertionError("expected an error")
