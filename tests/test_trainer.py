@@ -1,7 +1,10 @@
 """The trainer reaches variants only through the hooks: train begin, extra loss, after-optimizer-step."""
 
+import re
 from collections.abc import Mapping
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from omegaconf import OmegaConf
@@ -10,8 +13,8 @@ import variants
 from training.data import make_loader
 from training.smoke_task import generate
 from training.tracking import Tracker
-from training.trainer import train
-from variants import AdapterLayer, LoRALinear, register_variant
+from training.trainer import check_trainer_config, eval_interval, train
+from variants import AdapterLayer, ConfigError, LoRALinear, register_variant
 
 
 @register_variant("test-hooked-lora")
@@ -66,3 +69,28 @@ def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
     norm_after = sum(layer.lora_A.pow(2).sum().item() for _, layer in variants.adapter_layers(model))
     assert norm_after < 0.9 * norm_before
     assert result.steps == 6 and set(result.eval_metrics) == {"loss", "accuracy"}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("batch_size", 0, "trainer.batch_size=0 must be a positive integer"),
+    ("lr", -1, "trainer.lr=-1 must be a number > 0"),
+    ("weight_decay", "x", "trainer.weight_decay='x' must be a number >= 0"),
+    ("warmup_ratio", 1.5, "trainer.warmup_ratio=1.5 must be a number in [0, 1)"),
+    ("grad_clip", -2, "trainer.grad_clip=-2 must be null or a number >= 0"),
+    ("epochs", 0, "trainer.epochs=0 must be null or a number > 0"),
+    ("scheduler", "step", "trainer.scheduler='step' must be one of linear, cosine"),
+    ("checkpoint_every", 0, "trainer.checkpoint_every=0 must be null or a positive integer"),
+    ("optimizer", "sgd", "trainer.optimizer='sgd' must be one of adamw, paged_adamw_32bit, paged_adamw_8bit"),
+])
+def test_trainer_config_errors_name_the_key(key, value, message):
+    cfg = OmegaConf.merge(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "trainer" / "default.yaml"),
+                          {key: value})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_trainer_config(cfg)
+
+
+def test_eval_every_accepts_epoch_or_steps():
+    assert eval_interval(OmegaConf.create({"eval_every": "epoch"}), 7) == 7
+    assert eval_interval(OmegaConf.create({"eval_every": 5}), 7) == 5
+    with pytest.raises(ConfigError, match="trainer.eval_every='sometimes' must be a positive integer or 'epoch'"):
+        eval_interval(OmegaConf.create({"eval_every": "sometimes"}), 7)

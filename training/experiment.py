@@ -19,11 +19,12 @@ from transformers import set_seed
 import variants
 from variants import ConfigError
 
+from . import checkpoint
 from .data import load_task, make_loader
 from .metrics import check_metric_names
 from .models import load_model
 from .tracking import Tracker
-from .trainer import OPTIMIZERS, eval_interval, peak_memory_mb, pick_device, total_steps, train
+from .trainer import check_trainer_config, eval_interval, peak_memory_mb, pick_device, total_steps, train
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ def _check_top_level(cfg: DictConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     variants.get_variant(cfg.variant.name)
-    if cfg.trainer.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"trainer.optimizer={cfg.trainer.optimizer!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
+    check_trainer_config(cfg.trainer)
     check_metric_names(list(cfg.task.metrics))
     if cfg.task.main_metric not in cfg.task.metrics:
         raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
@@ -92,6 +92,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     variants.check_total_steps(model, total_steps(cfg.trainer, len(train_loader)))
     eval_interval(cfg.trainer, len(train_loader))
 
+    checkpoint_path = run_dir / checkpoint.FILE_NAME
+    resume = None
+    if cfg.get("resume"):
+        if not checkpoint_path.is_file():
+            raise ConfigError(f"resume=true but {str(run_dir)!r} has no {checkpoint.FILE_NAME} to resume from")
+        resume = checkpoint.load(checkpoint_path)
+        _truncate_metrics(run_dir / "metrics.jsonl", resume["step"])
+        log.info("resuming %s from step %d", run_dir, resume["step"])
+
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -103,9 +112,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     tracker = Tracker(
         run_dir, resolved, mode=tracking.mode, project=tracking.project, entity=tracking.entity,
         group=group, name=run_name or run_dir.name, tags=list(tracking.tags),
+        resume_id=resume.get("wandb_run_id") if resume else None,
     )
     try:
-        result = train(model, train_loader, eval_loaders, cfg.trainer, list(cfg.task.metrics), tracker, device, autocast_dtype)
+        result = train(model, train_loader, eval_loaders, cfg.trainer, list(cfg.task.metrics), tracker, device,
+                       autocast_dtype, checkpoint_path=checkpoint_path, resume=resume)
         variants.save_adapter(model, run_dir / "adapter.safetensors", extra_metadata={"model": cfg.model.name_or_path, "task": cfg.task.name})
         memory_mb, memory_kind = peak_memory_mb(device)
         summary = {
@@ -141,8 +152,27 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
-    except BaseException:
+    except BaseException as err:
+        failure = {"status": "failed", "variant": cfg.variant.name, "rank": cfg.rank, "seed": cfg.seed,
+                   "task": cfg.task.name, "main_metric": cfg.task.main_metric,
+                   "error": f"{type(err).__name__}: {err}"}
+        write_failure(run_dir, failure)
+        tracker.summary(failure)
         tracker.finish(exit_code=1)
         raise
     tracker.finish()
+    checkpoint_path.unlink(missing_ok=True)  # the run is complete: adapter.safetensors is what remains
     return summary
+
+
+def write_failure(run_dir: Path, failure: dict[str, Any]) -> None:
+    """Mark a run failed in its summary.json (the last checkpoint, if any, stays for resume=true)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(failure, indent=2) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint: the resumed run writes them again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))

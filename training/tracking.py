@@ -30,18 +30,22 @@ class Tracker:
         group: str | None = None,
         name: str | None = None,
         tags: list[str] | None = None,
+        resume_id: str | None = None,
     ) -> None:
         if mode not in WANDB_MODES:
             raise ConfigError(f"tracking.mode={mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
         self._metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
         self.wandb_run = None
         if mode != "disabled":
-            self._guard("init", lambda: self._init_wandb(run_dir, config, mode, project, entity, group, name, tags))
+            self._guard("init", lambda: self._init_wandb(run_dir, config, mode, project, entity, group, name, tags,
+                                                          resume_id))
 
-    def _init_wandb(self, run_dir, config, mode, project, entity, group, name, tags) -> None:
+    def _init_wandb(self, run_dir, config, mode, project, entity, group, name, tags, resume_id) -> None:
         import wandb
 
         self.wandb_run = wandb.init(
+            id=resume_id,  # a resumed run continues its W&B run
+            resume="allow" if resume_id else None,
             project=project,
             entity=entity,
             dir=str(run_dir),

@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from transformers import get_scheduler
 import variants
 from variants import ConfigError
 
+from . import checkpoint
 from .metrics import compute_metrics
 from .tracking import Tracker
 
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "paged_adamw_32bit", "paged_adamw_8bit")
 WARMUP_STEPS_EXCLUDED = 3  # first steps pay for lazy initialisation; kept out of step time
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops and is marked failed."""
 
 
 @dataclass
@@ -89,6 +95,42 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Schedules that need no arguments beyond warm-up and length.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_trainer_config(cfg: DictConfig) -> None:
+    """Every ``trainer`` value, before anything runs: one ``ConfigError`` naming the key."""
+    def fail(key: str, allowed: str) -> None:
+        raise ConfigError(f"trainer.{key}={cfg.get(key)!r} must be {allowed}")
+
+    for key in ("batch_size", "eval_batch_size", "log_every"):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg.get(key) < 1:
+            fail(key, "a positive integer")
+    if not _number(cfg.lr) or cfg.lr <= 0:
+        fail("lr", "a number > 0")
+    if not _number(cfg.weight_decay) or cfg.weight_decay < 0:
+        fail("weight_decay", "a number >= 0")
+    if not _number(cfg.warmup_ratio) or not 0 <= cfg.warmup_ratio < 1:
+        fail("warmup_ratio", "a number in [0, 1)")
+    if cfg.grad_clip is not None and (not _number(cfg.grad_clip) or cfg.grad_clip < 0):
+        fail("grad_clip", "null or a number >= 0")
+    if cfg.get("epochs") is not None and (not _number(cfg.epochs) or cfg.epochs <= 0):
+        fail("epochs", "null or a number > 0")
+    every = cfg.get("checkpoint_every")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        fail("checkpoint_every", "null or a positive integer")
+    if cfg.scheduler not in SCHEDULERS:
+        fail("scheduler", f"one of {', '.join(SCHEDULERS)}")
+    if cfg.get("optimizer", "adamw") not in OPTIMIZERS:
+        fail("optimizer", f"one of {', '.join(OPTIMIZERS)}")
 
 
 def eval_interval(cfg: DictConfig, steps_per_epoch: int) -> int:
@@ -176,11 +218,16 @@ def train(
     tracker: Tracker,
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
+    checkpoint_path: Path | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train the parameters that require grad; ``cfg`` is the ``trainer`` config group.
 
     ``eval_loaders``: one loader, or ``{name: loader}`` with ``main`` first; ``main`` is logged
     as ``eval/<metric>``, the others as ``eval_<name>/<metric>`` (MNLI's mismatched set).
+    With ``checkpoint_path``, a checkpoint is written there every ``cfg.checkpoint_every``
+    steps; ``resume`` (a loaded checkpoint) continues from it exactly.
+    A non-finite loss raises ``NonFiniteLoss`` before the step is applied.
     """
     if not isinstance(eval_loaders, Mapping):
         eval_loaders = {"main": eval_loaders}
@@ -195,71 +242,116 @@ def train(
     result = TrainResult(steps=steps, train_time_s=0.0)
     pending: dict[str, Any] = {}  # hook metrics wait for the next logged record
     loss_sum, extra_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    step = 0
-    start = time.perf_counter()
-    progress = tqdm(total=steps, desc="train", dynamic_ncols=True)
-    while step < steps:
-        for batch in train_loader:
-            t0 = time.perf_counter()
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with _autocast(device, autocast_dtype):
-                loss = model(**batch).loss
-                extra = variants.adapter_loss(model)
-            total = loss if extra is None else loss + extra
-            total.backward()
-            if extra is not None:
-                extra_sum += extra.detach().float()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            pending.update(variants.after_optimizer_step(model, step, steps))
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            loss_count += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            result.step_times_s.append(time.perf_counter() - t0)
-            progress.update()
-
-            if step % cfg.log_every == 0 or step == steps:
-                mean_loss = float(loss_sum) / loss_count
-                progress.set_postfix(loss=f"{mean_loss:.4f}")
+    step, skip_batches = 0, 0
+    shuffling = train_loader.generator  # its state at an epoch's start fixes the epoch's order
+    if resume is not None:
+        checkpoint.load_model_state(model, resume["model"])
+        phase, step = resume["phase"], resume["step"]
+        params, optimizer, scheduler = make_schedule(cfg, model, steps, device, done_steps=step)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        trainer_state = resume["trainer"]
+        loss_sum += trainer_state["loss_sum"]
+        extra_sum += trainer_state["extra_sum"]
+        loss_count, pending = trainer_state["loss_count"], trainer_state["pending"]
+        result.step_times_s = trainer_state["step_times_s"]
+        result.eval_metrics, result.extra_eval_metrics = trainer_state["eval_metrics"], trainer_state["extra_eval_metrics"]
+        result.eval_history = [(s, m) for s, m in trainer_state["eval_history"]]
+        shuffling.set_state(resume["data"]["epoch_generator_state"])
+        skip_batches = resume["data"]["batch_in_epoch"]
+        checkpoint.set_rng_state(resume["rng"])
+    start = time.perf_counter() - (resume["trainer"]["train_time_s"] if resume else 0.0)
+    progress = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
+    try:
+        while step < steps:
+            epoch_generator_state = shuffling.get_state()
+            for batch_in_epoch, batch in enumerate(train_loader):
+                if skip_batches:  # resuming mid-epoch: these batches were trained on before the stop
+                    skip_batches -= 1
+                    continue
+                t0 = time.perf_counter()
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with _autocast(device, autocast_dtype):
+                    loss = model(**batch).loss
+                    extra = variants.adapter_loss(model)
+                total = loss if extra is None else loss + extra
+                if not torch.isfinite(total.detach()):
+                    raise NonFiniteLoss(
+                        f"the training loss is {float(total)} at step {step + 1}; the run stops "
+                        "(the last checkpoint, if any, is kept): lower trainer.lr or turn on trainer.grad_clip"
+                    )
+                total.backward()
                 if extra is not None:
-                    pending["train/adapter_loss"] = float(extra_sum) / loss_count
-                tracker.log({
-                    "step": step,
-                    "phase": phase,
-                    "train/loss": mean_loss,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/epoch": step / len(train_loader),
-                    **pending,
-                })
-                pending.clear()
-                loss_sum.zero_()
-                extra_sum.zero_()
-                loss_count = 0
-            if step % eval_every == 0 or step == steps:
-                record: dict[str, Any] = {"step": step, "phase": phase}
-                for name, loader in eval_loaders.items():
-                    metrics = evaluate(model, loader, metric_names, device, autocast_dtype)
-                    prefix = "eval" if name == "main" else f"eval_{name}"
-                    record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
-                    if name == "main":
-                        result.eval_metrics = metrics
-                        result.eval_history.append((step, metrics))
-                    else:
-                        result.extra_eval_metrics[name] = metrics
-                tracker.log(record)
-                progress.write(f"step {step}: " + ", ".join(
-                    f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "phase")))
-            if step < steps and not _same_parameters(params, model):
-                params, optimizer, scheduler = make_schedule(cfg, model, steps, device, done_steps=step)
-                phase += 1
-                progress.write(f"after step {step}: the trainable parameters changed, phase {phase} starts")
-            if step == steps:
-                break
-    progress.close()
+                    extra_sum += extra.detach().float()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                pending.update(variants.after_optimizer_step(model, step, steps))
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach().float()
+                loss_count += 1
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                result.step_times_s.append(time.perf_counter() - t0)
+                progress.update()
+
+                if step % cfg.log_every == 0 or step == steps:
+                    mean_loss = float(loss_sum) / loss_count
+                    progress.set_postfix(loss=f"{mean_loss:.4f}")
+                    if extra is not None:
+                        pending["train/adapter_loss"] = float(extra_sum) / loss_count
+                    tracker.log({
+                        "step": step,
+                        "phase": phase,
+                        "train/loss": mean_loss,
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/epoch": step / len(train_loader),
+                        **pending,
+                    })
+                    pending.clear()
+                    loss_sum.zero_()
+                    extra_sum.zero_()
+                    loss_count = 0
+                if step % eval_every == 0 or step == steps:
+                    record: dict[str, Any] = {"step": step, "phase": phase}
+                    for name, loader in eval_loaders.items():
+                        metrics = evaluate(model, loader, metric_names, device, autocast_dtype)
+                        prefix = "eval" if name == "main" else f"eval_{name}"
+                        record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+                        if name == "main":
+                            result.eval_metrics = metrics
+                            result.eval_history.append((step, metrics))
+                        else:
+                            result.extra_eval_metrics[name] = metrics
+                    tracker.log(record)
+                    progress.write(f"step {step}: " + ", ".join(
+                        f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "phase")))
+                if step < steps and not _same_parameters(params, model):
+                    params, optimizer, scheduler = make_schedule(cfg, model, steps, device, done_steps=step)
+                    phase += 1
+                    progress.write(f"after step {step}: the trainable parameters changed, phase {phase} starts")
+                if checkpoint_path is not None and cfg.get("checkpoint_every") and (
+                    step % cfg.checkpoint_every == 0 and step < steps
+                ):
+                    checkpoint.save(checkpoint_path, {
+                        "step": step, "phase": phase, "model": checkpoint.model_state(model),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": checkpoint.rng_state(),
+                        "data": {"epoch_generator_state": epoch_generator_state, "batch_in_epoch": batch_in_epoch + 1},
+                        "trainer": {
+                            "loss_sum": loss_sum.cpu(), "extra_sum": extra_sum.cpu(), "loss_count": loss_count,
+                            "pending": pending, "step_times_s": result.step_times_s,
+                            "eval_metrics": result.eval_metrics, "extra_eval_metrics": result.extra_eval_metrics,
+                            "eval_history": [[s, m] for s, m in result.eval_history],
+                            "train_time_s": time.perf_counter() - start,
+                        },
+                        "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
+                    })
+                if step == steps:
+                    break
+    finally:
+        progress.close()  # before any error message, which must be the last line
     result.train_time_s = time.perf_counter() - start
     return result

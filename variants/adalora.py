@@ -128,6 +128,19 @@ class AdaLoRALinear(AdapterLayer):
             self.register_buffer(f"_unc_{name}", torch.zeros_like(param, dtype=torch.float32), persistent=False)
         self.rank_history: list[tuple[int, int]] = []  # (step, kept rank) at every pruning decision
 
+    def training_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rank_history": [list(item) for item in self.rank_history]}
+        for name in ("P", "E", "Q"):
+            state[f"ipt_{name}"] = getattr(self, f"_ipt_{name}").clone()
+            state[f"unc_{name}"] = getattr(self, f"_unc_{name}").clone()
+        return state
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.rank_history = [tuple(item) for item in state["rank_history"]]
+        for name in ("P", "E", "Q"):
+            getattr(self, f"_ipt_{name}").copy_(state[f"ipt_{name}"])
+            getattr(self, f"_unc_{name}").copy_(state[f"unc_{name}"])
+
     @property
     def kept_rank(self) -> int:
         return int(self.rank_mask.sum())

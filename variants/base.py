@@ -89,6 +89,14 @@ class AdapterLayer(nn.Module):
         weight.sub_(self.delta_weight().to(weight.dtype))
         self.merged = False
 
+    def training_state(self) -> dict[str, Any]:
+        """What training carries from step to step beyond parameters and persistent buffers
+        (AdaLoRA's importance averages); checkpoints keep it so a resumed run continues exactly."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``training_state`` returned."""
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base.")]
 

@@ -53,6 +53,15 @@ class StagedLoRALinear(LoRALinear):
         self.switch_step: int | None = None
         self.lora_phase_trainable: list[str] = []  # parameter names that train after the switch
 
+    def training_state(self) -> dict[str, Any]:
+        return {"full_phase": self.full_phase, "switch_step": self.switch_step,
+                "lora_phase_trainable": list(self.lora_phase_trainable)}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.full_phase = state["full_phase"]
+        self.switch_step = state["switch_step"]
+        self.lora_phase_trainable = list(state["lora_phase_trainable"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.full_phase:  # B = 0 still, so the LoRA path would add exactly nothing
             return self.base(x)
