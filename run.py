@@ -3,7 +3,11 @@
 
     python run.py                                  # the offline default: LoRA r=8 on MiniLM, smoke task
     python run.py variant=lora rank=8,16,64 -m     # a sweep, one run dir per job under runs/sweeps/
+    python run.py resume=runs/<run dir>            # continue a stopped run from its checkpoint
     python run.py --cfg job                        # print the composed config
+
+In a sweep (-m) a job that fails is recorded as failed in its run dir and the others go on;
+the sweep dir then holds sweep_summary.md listing every job's status and metric.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import sys
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from training import run_experiment
 from training.cli import check_group_choices
+from training.experiment import write_failure
 from variants import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -32,14 +38,34 @@ def main(cfg: DictConfig) -> float:
     name = f"{group}/{run_dir.name}" if sweep else run_dir.name
     try:
         summary = run_experiment(cfg, run_dir, group=group, run_name=name)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as err:  # one line for the user; in a sweep, the other jobs go on
+        print(f"error: {err}" if isinstance(err, ConfigError) else f"error: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        if not sweep:
+            sys.exit(2 if isinstance(err, ConfigError) else 1)
+        if not (run_dir / "summary.json").is_file():  # failed before its run dir was written
+            write_failure(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        return float("nan")
     return summary["eval"][summary["main_metric"]]
+
+
+def resume_arguments(args: list[str]) -> list[str]:
+    """``resume=<run dir>`` becomes that run's own overrides, its dir, and ``resume=true``."""
+    resumed = [a for a in args if a.startswith("resume=") and a.split("=", 1)[1] not in ("true", "false", "True", "False")]
+    if not resumed:
+        return args
+    run_dir = Path(resumed[0].split("=", 1)[1])
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        raise ConfigError(f"resume={str(run_dir)!r} is not a run dir (no .hydra/overrides.yaml); allowed: a run dir, true, false")
+    saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith(("resume=", "hydra.run.dir="))]
+    rest = [a for a in args if a != resumed[0]]
+    return [*saved, *rest, f"hydra.run.dir={run_dir}", "resume=true"]
 
 
 if __name__ == "__main__":
     try:
+        sys.argv[1:] = resume_arguments(sys.argv[1:])
         check_group_choices(sys.argv[1:], CONF_DIR)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

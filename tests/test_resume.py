@@ -1,0 +1,141 @@
+"""Checkpoint/resume after SIGKILL, non-finite loss, and fault-isolated sweeps, through run.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_run import ROOT, run_py
+
+RUN = ["trainer.max_steps=30", "trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.eval_every=10",
+       "trainer.batch_size=16", "task.train_size=112", "task.eval_size=64", "tracking.mode=disabled"]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def start(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true"}
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_after_checkpoint(proc, checkpoint, min_step):
+    """SIGKILL the run once a checkpoint at ``min_step`` or later exists."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.is_file():
+            try:
+                step = torch.load(checkpoint, weights_only=True)["step"]
+            except Exception:  # replaced between open and read: try again
+                step = -1
+            if step >= min_step:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return step
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended before a checkpoint at step {min_step}: {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("variant", ["lora", "adalora"])
+def test_killed_run_resumes_to_identical_results(tmp_path, variant):
+    """Mid-epoch kill (7 batches per epoch, checkpoints every 5 steps), then resume=<run dir>."""
+    extra = [f"variant={variant}"] + (["rank=6", "variant.t_init=5", "variant.t_final=10", "variant.delta_t=5"]
+                                      if variant == "adalora" else [])
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    result = run_py(*RUN, *extra, f"hydra.run.dir={whole}")
+    assert result.returncode == 0, result.stderr
+    assert not (whole / "checkpoint.pt").exists()  # removed once the run completed
+
+    proc = start(*RUN, *extra, f"hydra.run.dir={broken}")
+    killed_at = kill_after_checkpoint(proc, broken / "checkpoint.pt", min_step=10)
+    assert not (broken / "summary.json").exists()
+    result = run_py(f"resume={broken}")
+    assert result.returncode == 0, result.stderr
+
+    expected = json.loads((whole / "summary.json").read_text())
+    got = json.loads((broken / "summary.json").read_text())
+    assert got["eval"] == expected["eval"]  # bit-identical on CPU
+    assert got["adapter_report"] == expected["adapter_report"]
+    assert records(broken) == records(whole)  # every loss, lr and eval record, rewritten after the kill
+    assert killed_at >= 10
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    run_dir = tmp_path / "done"
+    assert run_py(*RUN[:1], "trainer.max_steps=2", "task.train_size=32", "task.eval_size=16",
+                  "tracking.mode=disabled", f"hydra.run.dir={run_dir}").returncode == 0
+    result = run_py(f"resume={run_dir}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: resume=true but {str(run_dir)!r} has no checkpoint.pt to resume from")
+    result = run_py(f"resume={tmp_path / 'nothing'}")
+    assert result.returncode == 2 and "is not a run dir (no .hydra/overrides.yaml)" in result.stderr
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "nan"
+    result = run_py(*RUN, "trainer.lr=1e30", "trainer.grad_clip=null", "trainer.checkpoint_every=1",
+                    f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: NonFiniteLoss: the training loss is nan at step") or "is inf" in last, last
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "NonFiniteLoss" in summary["error"]
+    assert (run_dir / "checkpoint.pt").is_file()  # the last good checkpoint stays
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_py("trainer.max_steps=2", "task.train_size=32", "task.eval_size=16", "tracking.mode=disabled",
+                    "rank=4,100000,8", f"hydra.sweep.dir={sweep}", "-m")
+    assert result.returncode == 0, result.stderr
+    assert "error: rank=100000 must be an integer in [1, 384]" in result.stderr
+    rows = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [(r["job"].split("_")[0], r["status"]) for r in rows] == [("0", "completed"), ("1", "failed"), ("2", "completed")]
+    assert rows[0]["metric"] == "accuracy" and rows[0]["value"] is not None and "rank=100000" in rows[1]["error"]
+    failed = json.loads((sweep / rows[1]["job"] / "summary.json").read_text())
+    assert failed["status"] == "failed"
+    assert f"| {rows[1]['job']} | failed |" in (sweep / "sweep_summary.md").read_text()
+
+
+def test_parallel_local_sweep_with_the_joblib_launcher(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    result = run_py("trainer.max_steps=2", "task.train_size=32", "task.eval_size=16", "tracking.mode=disabled",
+                    "hydra/launcher=local", "rank=2,4", f"hydra.sweep.dir={sweep}", "-m")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+
+
+def test_wandb_sweep_file_drives_run_py_with_hydra_overrides():
+    """Every parameter of the sweep file is a valid override of run.py's config."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+
+    sweep = yaml.safe_load((ROOT / "sweeps" / "wandb_variants.yaml").read_text())
+    assert sweep["program"] == "run.py" and "${args_no_hyphens}" in sweep["command"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        for variant in sweep["parameters"]["variant"]["values"]:
+            overrides = [f"variant={variant}", f"rank={sweep['parameters']['rank']['values'][-1]}", "seed=2"]
+            cfg = compose("config", overrides=overrides)
+            assert (cfg.variant.name, cfg.rank, cfg.seed) == (variant, 64, 2)
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
