@@ -32,7 +32,7 @@ def kill_after_checkpoint(proc, checkpoint, min_step):
     while time.time() < deadline and proc.poll() is None:
         if checkpoint.is_file():
             try:
-                step = torch.load(checkpoint, weights_only=True)["step"]
+                step = torch.load(checkpoint, weights_only=True, mmap=True)["step"]
             except Exception:  # replaced between open and read: try again
                 step = -1
             if step >= min_step:
@@ -43,11 +43,17 @@ def kill_after_checkpoint(proc, checkpoint, min_step):
     raise AssertionError(f"the run ended before a checkpoint at step {min_step}: {proc.stderr.read()}")
 
 
-@pytest.mark.parametrize("variant", ["lora", "adalora"])
+VARIANT_SETTINGS = {
+    "lora": [],
+    "adalora": ["rank=6", "variant.t_init=5", "variant.t_final=10", "variant.delta_t=5"],
+    "staged": ["variant.full_fraction=0.6"],  # the switch (step 18) comes after the kill point
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_SETTINGS))
 def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     """Mid-epoch kill (7 batches per epoch, checkpoints every 5 steps), then resume=<run dir>."""
-    extra = [f"variant={variant}"] + (["rank=6", "variant.t_init=5", "variant.t_final=10", "variant.delta_t=5"]
-                                      if variant == "adalora" else [])
+    extra = [f"variant={variant}", *VARIANT_SETTINGS[variant]]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     result = run_py(*RUN, *extra, f"hydra.run.dir={whole}")
     assert result.returncode == 0, result.stderr
