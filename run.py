@@ -4,6 +4,7 @@
     python run.py                                  # the offline default: LoRA r=8 on MiniLM, smoke task
     python run.py variant=lora rank=8,16,64 -m     # a sweep, one run dir per job under runs/sweeps/
     python run.py resume=runs/<run dir>            # continue a stopped run from its checkpoint
+    torchrun --nproc_per_node 2 run.py hydra.run.dir=runs/ddp   # one run, data-parallel
     python run.py --cfg job                        # print the composed config
 
 In a sweep (-m) a job that fails is recorded as failed in its run dir and the others go on;
@@ -12,10 +13,12 @@ the sweep dir then holds sweep_summary.md listing every job's status and metric.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import hydra
+import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -49,6 +52,18 @@ def main(cfg: DictConfig) -> float:
     return summary["eval"][summary["main_metric"]]
 
 
+def torchrun_arguments(args: list[str]) -> list[str]:
+    """Under ``torchrun`` all processes must share one run dir, and only rank 0 writes Hydra's files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return args
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        raise ConfigError("hydra.run.dir is required under torchrun (every process must use the same run dir); "
+                          "allowed: hydra.run.dir=<path>")
+    if int(os.environ.get("RANK", "0")) > 0:
+        return [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return args
+
+
 def resume_arguments(args: list[str]) -> list[str]:
     """``resume=<run dir>`` becomes that run's own overrides, its dir, and ``resume=true``."""
     resumed = [a for a in args if a.startswith("resume=") and a.split("=", 1)[1] not in ("true", "false", "True", "False")]
@@ -65,9 +80,11 @@ def resume_arguments(args: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     try:
-        sys.argv[1:] = resume_arguments(sys.argv[1:])
+        sys.argv[1:] = torchrun_arguments(resume_arguments(sys.argv[1:]))
         check_group_choices(sys.argv[1:], CONF_DIR)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

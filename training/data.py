@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from variants import ConfigError
 
 from . import smoke_task
+from .distributed import Context, ShardedBatches
 
 Example = dict[str, Any]
 SOURCES = ("smoke", "glue")
@@ -132,7 +133,10 @@ def make_loader(
     batch_size: int,
     shuffle: bool,
     seed: int = 0,
+    shard: Context | None = None,
 ) -> DataLoader:
+    """Batches of ``batch_size`` (the global batch); with ``shard``, this process's slice of
+    each global batch, in the same order on every process."""
     texts = [[ex[f] for ex in examples] for f in text_fields]
     encoded = tokenizer(*texts, truncation=True, max_length=max_length)
     features = [
@@ -140,10 +144,8 @@ def make_loader(
         for i, ex in enumerate(examples)
     ]
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        features,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=DataCollatorWithPadding(tokenizer),
-    )
+    sampler = RandomSampler(features, generator=generator) if shuffle else SequentialSampler(features)
+    batches = BatchSampler(sampler, batch_size, drop_last=False)
+    if shard is not None and shard.enabled:
+        batches = ShardedBatches(batches, shard)
+    return DataLoader(features, batch_sampler=batches, generator=generator, collate_fn=DataCollatorWithPadding(tokenizer))

@@ -13,17 +13,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 import variants
 from variants import ConfigError
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .data import load_task, make_loader
 from .metrics import check_metric_names
 from .models import load_model
-from .tracking import Tracker
+from .tracking import NullTracker, Tracker
 from .trainer import check_trainer_config, eval_interval, peak_memory_mb, pick_device, total_steps, train
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     """Validate, build, train, evaluate and save one run; returns the summary."""
     started = time.perf_counter()
     _check_top_level(cfg)
+    context = distributed.context_from_env()
     device, autocast_dtype = pick_device(cfg.trainer.device, cfg.trainer.precision)
+    device = distributed.device_for(context, device)
     set_seed(cfg.seed)
 
     train_examples, eval_sets = load_task(cfg.task)
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels)
+    if cfg.model.get("dropout") is not None:
+        set_dropout(model, cfg.model.dropout)
     head = list(cfg.model.train_modules)
     targets = cfg.variant.targets if isinstance(cfg.variant.targets, str) else list(cfg.variant.targets)
     adapted = variants.inject_adapters(
@@ -81,7 +86,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
 
     fields = list(cfg.task.text_fields)
     max_length = cfg.model.max_length
-    train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True, seed=cfg.seed)
+    train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True,
+                               seed=cfg.seed, shard=context)
     eval_loaders = {
         name: make_loader(examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
         for name, examples in eval_sets.items()
@@ -98,8 +104,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
         if not checkpoint_path.is_file():
             raise ConfigError(f"resume=true but {str(run_dir)!r} has no {checkpoint.FILE_NAME} to resume from")
         resume = checkpoint.load(checkpoint_path)
-        _truncate_metrics(run_dir / "metrics.jsonl", resume["step"])
+        if context.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", resume["step"])
         log.info("resuming %s from step %d", run_dir, resume["step"])
+    if not context.is_main:  # rank 0 writes the run dir and logs; the others only train
+        return _train_quietly(model, train_loader, eval_loaders, cfg, device, autocast_dtype, resume, context)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -116,7 +125,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     )
     try:
         result = train(model, train_loader, eval_loaders, cfg.trainer, list(cfg.task.metrics), tracker, device,
-                       autocast_dtype, checkpoint_path=checkpoint_path, resume=resume)
+                       autocast_dtype, checkpoint_path=checkpoint_path, resume=resume, context=context)
         variants.save_adapter(model, run_dir / "adapter.safetensors", extra_metadata={"model": cfg.model.name_or_path, "task": cfg.task.name})
         memory_mb, memory_kind = peak_memory_mb(device)
         summary = {
@@ -145,6 +154,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
             "peak_memory_kind": memory_kind,
             "weights_mb": weights_mb(model),
             "device": str(device),
+            "processes": context.world_size,
             "precision": "bf16" if autocast_dtype is not None else "fp32",
             "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
             "wandb_group": group,
@@ -163,6 +173,22 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     tracker.finish()
     checkpoint_path.unlink(missing_ok=True)  # the run is complete: adapter.safetensors is what remains
     return summary
+
+
+def _train_quietly(model, train_loader, eval_loaders, cfg, device, autocast_dtype, resume, context) -> dict[str, Any]:
+    """A non-zero rank of a ``torchrun`` job: the same training, nothing written."""
+    result = train(model, train_loader, eval_loaders, cfg.trainer, list(cfg.task.metrics), NullTracker(), device,
+                   autocast_dtype, resume=resume, context=context)
+    return {"status": "completed", "main_metric": cfg.task.main_metric, "eval": result.eval_metrics}
+
+
+def set_dropout(model, p: float) -> None:
+    """Set the probability of every dropout in the base model (``model.dropout``)."""
+    if not 0 <= p < 1:
+        raise ConfigError(f"model.dropout={p!r} must be null or in [0, 1)")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
 
 
 def write_failure(run_dir: Path, failure: dict[str, Any]) -> None:

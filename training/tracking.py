@@ -86,3 +86,18 @@ class Tracker:
             run = self.wandb_run
             self._guard("finish", lambda: run.finish(exit_code=exit_code))
             self.wandb_run = None
+
+
+class NullTracker:
+    """Where the metrics of processes other than rank 0 go: nowhere."""
+
+    wandb_run = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass

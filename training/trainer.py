@@ -24,7 +24,7 @@ from transformers import get_scheduler
 import variants
 from variants import ConfigError
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .metrics import compute_metrics
 from .tracking import Tracker
 
@@ -84,6 +84,12 @@ def total_steps(cfg: DictConfig, steps_per_epoch: int) -> int:
     if not isinstance(cfg.max_steps, int) or cfg.max_steps < 1:
         raise ConfigError(f"trainer.max_steps={cfg.max_steps!r} must be a positive integer (or set trainer.epochs)")
     return cfg.max_steps
+
+
+def _data_parallel(model: nn.Module, context: distributed.Context) -> nn.Module:
+    if not context.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
 
 
 def _same_parameters(params: list[nn.Parameter], model: nn.Module) -> bool:
@@ -220,6 +226,7 @@ def train(
     autocast_dtype: torch.dtype | None = None,
     checkpoint_path: Path | None = None,
     resume: dict[str, Any] | None = None,
+    context: distributed.Context = distributed.Context(),
 ) -> TrainResult:
     """Train the parameters that require grad; ``cfg`` is the ``trainer`` config group.
 
@@ -227,7 +234,8 @@ def train(
     as ``eval/<metric>``, the others as ``eval_<name>/<metric>`` (MNLI's mismatched set).
     With ``checkpoint_path``, a checkpoint is written there every ``cfg.checkpoint_every``
     steps; ``resume`` (a loaded checkpoint) continues from it exactly.
-    A non-finite loss raises ``NonFiniteLoss`` before the step is applied.
+    A non-finite loss raises ``NonFiniteLoss`` before the step is applied. Under ``torchrun``
+    (``context``), the model is wrapped in DDP and only rank 0 writes checkpoints.
     """
     if not isinstance(eval_loaders, Mapping):
         eval_loaders = {"main": eval_loaders}
@@ -261,7 +269,8 @@ def train(
         skip_batches = resume["data"]["batch_in_epoch"]
         checkpoint.set_rng_state(resume["rng"])
     start = time.perf_counter() - (resume["trainer"]["train_time_s"] if resume else 0.0)
-    progress = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True, disable=not context.is_main)
+    forward_model = _data_parallel(model, context)
     try:
         while step < steps:
             epoch_generator_state = shuffling.get_state()
@@ -298,7 +307,7 @@ def train(
                 progress.update()
 
                 if step % cfg.log_every == 0 or step == steps:
-                    mean_loss = float(loss_sum) / loss_count
+                    mean_loss = float(distributed.mean_over_ranks(loss_sum, context)) / loss_count
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                     if extra is not None:
                         pending["train/adapter_loss"] = float(extra_sum) / loss_count
@@ -332,7 +341,7 @@ def train(
                     params, optimizer, scheduler = make_schedule(cfg, model, steps, device, done_steps=step)
                     phase += 1
                     progress.write(f"after step {step}: the trainable parameters changed, phase {phase} starts")
-                if checkpoint_path is not None and cfg.get("checkpoint_every") and (
+                if checkpoint_path is not None and context.is_main and cfg.get("checkpoint_every") and (
                     step % cfg.checkpoint_every == 0 and step < steps
                 ):
                     checkpoint.save(checkpoint_path, {

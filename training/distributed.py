@@ -1,0 +1,82 @@
+"""Data-parallel training of one run over several processes (``torchrun``).
+
+Every process holds the whole model and sees its own slice of each global batch; DDP averages
+the gradients, so a step equals the single-process step on the same global batch. Only rank 0
+writes the run dir and logs (metrics.jsonl, W&B); every rank evaluates the full dev set.
+
+    torchrun --nproc_per_node 2 run.py hydra.run.dir=runs/ddp_lora trainer.batch_size=32
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import BatchSampler
+
+from variants import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def context_from_env() -> Context:
+    """The process's place in a ``torchrun`` job (or a single process), joining the group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Context()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Context(rank=dist.get_rank(), world_size=world_size)
+
+
+def device_for(context: Context, device: torch.device) -> torch.device:
+    """Each process of a multi-GPU job takes the GPU of its local rank."""
+    if context.enabled and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+class ShardedBatches:
+    """This rank's slice of every global batch of ``batches``. A trailing global batch that does
+    not split evenly over the ranks is dropped, so every rank's slice has the same size."""
+
+    def __init__(self, batches: BatchSampler, context: Context) -> None:
+        if batches.batch_size % context.world_size:
+            raise ConfigError(
+                f"trainer.batch_size={batches.batch_size} must be divisible by the {context.world_size} processes"
+            )
+        self.batches, self.context = batches, context
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            if len(batch) % self.context.world_size:
+                continue
+            share = len(batch) // self.context.world_size
+            yield batch[self.context.rank * share:(self.context.rank + 1) * share]
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.batches.sampler), self.batches.batch_size)
+        return full + (1 if rest and rest % self.context.world_size == 0 else 0)
+
+
+def mean_over_ranks(value: torch.Tensor, context: Context) -> torch.Tensor:
+    if context.enabled:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= context.world_size
+    return value
