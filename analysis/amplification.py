@@ -67,8 +67,14 @@ def module_stats(weight: torch.Tensor, delta: torch.Tensor, rank: int, generator
     }
 
 
+def effective_rank(layer: variants.AdapterLayer) -> int:
+    """Rows of the layer's down factor (``low_rank_factors``): r, or what AdaLoRA's pruning kept."""
+    own = {name: tensor for name, tensor in layer.state_dict().items() if not name.startswith("base.")}
+    return layer.low_rank_factors(own)[0].shape[0]
+
+
 def load_run(run_dir: Path):
-    """The run's base model with its adapter loaded, and the adapter config."""
+    """The run's base model with its adapter loaded."""
     from training.models import load_model
 
     path = run_dir / "adapter.safetensors"
@@ -77,10 +83,9 @@ def load_run(run_dir: Path):
     config = variants.read_adapter_config(path)
     if "model" not in config:
         raise variants.ConfigError(f"{path} does not name its base model in its metadata")
-    head = config.get("num_labels") or _num_labels(path)
-    model, _ = load_model(config["model"], head)
+    model, _ = load_model(config["model"], _num_labels(path))
     variants.load_adapter(model, path)
-    return model, config
+    return model
 
 
 def _num_labels(path: Path) -> int:
@@ -97,12 +102,12 @@ def analyse(run_dirs: list[Path], modules: str | None = None, seed: int = 0) -> 
     rows = []
     generator = torch.Generator().manual_seed(seed)
     for run_dir in run_dirs:
-        model, config = load_run(run_dir)
+        model = load_run(run_dir)
         with torch.no_grad():
             for name, layer in variants.adapter_layers(model):
                 if modules and not re.search(modules, name):
                     continue
-                rank = getattr(layer, "kept_rank", config["rank"])  # AdaLoRA: what survived pruning
+                rank = effective_rank(layer)
                 stats = module_stats(layer.frozen_weight(), layer.delta_weight().float(), rank, generator)
                 rows.append({"run": run_dir.name, "module": name, "rank": rank, **stats})
     return rows
