@@ -145,3 +145,25 @@ def test_quantize_linear_keeps_outputs_close():
         q = quantize_linear(linear, quant_type=quant_type)
         relative = (q(x) - linear(x)).norm() / linear(x).norm()
         assert relative < 0.15, (quant_type, relative)
+
+
+def test_merged_model_dequantized_for_export(minilm, batch, tmp_path):
+    """merge_and_unwrap + dequantize_model: a plain full-precision model with the same outputs."""
+    from transformers import AutoModelForSequenceClassification
+
+    from variants.qlora import dequantize_model
+
+    model, _ = minilm
+    variants.inject_adapters(model, "qlora", ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
+    with torch.no_grad():
+        for _, layer in variants.adapter_layers(model):
+            layer.lora_B.normal_(std=0.02)
+        expected = model(**batch).logits
+    variants.merge_and_unwrap(model)
+    dequantize_model(model)
+    leftovers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt, variants.AdapterLayer)
+    assert not any(isinstance(m, leftovers) for m in model.modules())
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)

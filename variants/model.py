@@ -170,6 +170,15 @@ def unmerge_adapters(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def merge_and_unwrap(model: nn.Module) -> None:
+    """Merge every adapter and put its (merged) base layer back in its place: a plain model of
+    the original architecture, for ``save_pretrained`` or deployment. Not reversible."""
+    for name, layer in list(adapter_layers(model)):
+        layer.merge()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer.base)
+
+
 def adapter_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of every layer's ``extra_loss()``; None when no layer adds one."""
     terms = [t for _, layer in adapter_layers(model) if (t := layer.extra_loss()) is not None]

@@ -93,6 +93,25 @@ def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
     return weight.detach().float()
 
 
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Replace every quantized linear layer by a plain ``nn.Linear`` holding its dequantized
+    weight, in ``dtype`` (default: the layer's compute dtype). With ``merge_adapters`` first,
+    the result is the merged model in full precision, ready for ``save_pretrained``."""
+    for name, module in list(model.named_modules()):
+        if not is_quantized(module):
+            continue
+        target = dtype or getattr(module, "compute_dtype", None) or torch.float32
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=module.weight.device, dtype=target)
+        plain.weight.copy_(dequantized_weight(module))
+        if module.bias is not None:
+            plain.bias.copy_(module.bias)
+        plain.requires_grad_(False)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, plain)
+
+
 def quantized_bytes(layer: nn.Linear) -> int:
     """Bytes of a quantized layer's weight: packed codes plus every quantization constant."""
     bnb, weight = _bnb(), layer.weight
