@@ -36,6 +36,12 @@ def within(name: str, roots: Iterable[str]) -> bool:
     return any(f".{r}." in f".{name}." for r in roots)
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is."""
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, new)
+
+
 def find_target_modules(model: nn.Module, targets: Targets, exclude: Sequence[str] = ()) -> list[str]:
     """Names of the ``nn.Linear`` modules that ``targets`` selects.
 
@@ -95,12 +101,8 @@ def inject_adapters(
         )
     layer_cls(nn.Linear(rank, rank), rank=rank, alpha=alpha, **variant_kwargs)  # dry run: check the kwargs
     layer_cls.prepare_model(model, names, exclude, **variant_kwargs)
-    modules = dict(model.named_modules())
     for name in names:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        layer = layer_cls(modules[name], rank=rank, alpha=alpha, **variant_kwargs)
-        setattr(parent, child_name, layer)
+        replace_module(model, name, layer_cls(model.get_submodule(name), rank=rank, alpha=alpha, **variant_kwargs))
     model._adapter_config = {  # read back by save_adapter, so a file can rebuild its model
         "variant": variant,
         "rank": rank,
@@ -175,8 +177,7 @@ def merge_and_unwrap(model: nn.Module) -> None:
     the original architecture, for ``save_pretrained`` or deployment. Not reversible."""
     for name, layer in list(adapter_layers(model)):
         layer.merge()
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer.base)
+        replace_module(model, name, layer.base)
 
 
 def adapter_loss(model: nn.Module) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .base import AdapterLayer, ConfigError, register_variant
 from .lora import LoRALinear
-from .model import within
+from .model import replace_module, within
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,22 +94,26 @@ def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
 
 
 @torch.no_grad()
+def plain_linear(quantized: nn.Linear, weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A frozen ``nn.Linear`` with ``weight`` and the quantized layer's bias, in ``dtype``
+    (default: the layer's compute dtype)."""
+    dtype = dtype or getattr(quantized, "compute_dtype", None) or torch.float32
+    plain = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
+                      device=weight.device, dtype=dtype)
+    plain.weight.copy_(weight)
+    if quantized.bias is not None:
+        plain.bias.copy_(quantized.bias)
+    return plain.requires_grad_(False)
+
+
+@torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
     """Replace every quantized linear layer by a plain ``nn.Linear`` holding its dequantized
     weight, in ``dtype`` (default: the layer's compute dtype). With ``merge_adapters`` first,
     the result is the merged model in full precision, ready for ``save_pretrained``."""
     for name, module in list(model.named_modules()):
-        if not is_quantized(module):
-            continue
-        target = dtype or getattr(module, "compute_dtype", None) or torch.float32
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                          device=module.weight.device, dtype=target)
-        plain.weight.copy_(dequantized_weight(module))
-        if module.bias is not None:
-            plain.bias.copy_(module.bias)
-        plain.requires_grad_(False)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, plain)
+        if is_quantized(module):
+            replace_module(model, name, plain_linear(module, dequantized_weight(module), dtype))
 
 
 def quantized_bytes(layer: nn.Linear) -> int:
@@ -185,9 +189,7 @@ class QLoRALinear(LoRALinear):
         for name, module in list(model.named_modules()):
             if type(module) is not nn.Linear or name in skip or within(name, exclude):
                 continue
-            parent_name, _, child_name = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child_name, quantize_linear(module, **quant_args))
+            replace_module(model, name, quantize_linear(module, **quant_args))
 
     def frozen_weight(self) -> torch.Tensor:
         """W0 as the quantized layer computes with it (dequantized), also while merged."""
@@ -200,13 +202,7 @@ class QLoRALinear(LoRALinear):
         if self.merged:
             return
         quantized = self.base
-        dtype = getattr(quantized, "compute_dtype", None) or torch.float32
-        merged = nn.Linear(self.in_features, self.out_features, bias=quantized.bias is not None,
-                           device=self.lora_A.device, dtype=dtype)
-        merged.weight.copy_(dequantized_weight(quantized) + self.delta_weight())
-        if quantized.bias is not None:
-            merged.bias.copy_(quantized.bias)
-        merged.requires_grad_(False)
+        merged = plain_linear(quantized, dequantized_weight(quantized) + self.delta_weight())
         self.base = quantize_linear(merged, **self.quant_args) if self.requantize_on_merge else merged
         self._quantized_base = quantized
         self.merged = True
