@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
 from test_data import write_sst2
+from training import run_experiment
+from training.cli import check_group_choices
+from variants import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2"]
@@ -108,6 +112,32 @@ def test_qlora_and_staged_runs(tmp_path):
         assert "bert.embeddings.word_embeddings.weight" in f.keys()
 
 
+def test_baselines_run_as_variants_in_one_sweep(tmp_path, capsys):
+    from analysis import glue_table
+
+    sweep_dir = tmp_path / "sweep"
+    result = run_py(*TINY, "variant=head,bitfit,full", "tracking.mode=disabled", f"hydra.sweep.dir={sweep_dir}", "-m")
+    assert result.returncode == 0, result.stderr
+    summaries, saved = {}, {}
+    for job in (p for p in sweep_dir.iterdir() if p.is_dir()):
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == 4 and summary["rank"] is None
+        assert summary["adapted_modules"] == [] and "accuracy" in summary["eval"]
+        summaries[summary["variant"]] = summary
+        with safe_open(str(job / "adapter.safetensors"), "pt") as f:
+            saved[summary["variant"]] = set(f.keys())
+    head, bitfit, full = summaries["head"], summaries["bitfit"], summaries["full"]
+    assert head["trainable_params"] == 384 * 2 + 2 and saved["head"] == {"classifier.weight", "classifier.bias"}
+    assert all(k.endswith(".bias") or k.startswith("classifier.") for k in saved["bitfit"])
+    assert head["trainable_params"] < bitfit["trainable_params"] < full["trainable_params"] == full["total_params"]
+    assert full["peak_lr"] == 5e-5 and bitfit["peak_lr"] == 1e-3  # full's own rate; bitfit takes trainer.lr
+    assert saved["head"] < saved["bitfit"] < saved["full"] and "bert.embeddings.word_embeddings.weight" in saved["full"]
+    capsys.readouterr()
+    assert glue_table.main([str(sweep_dir)]) == 0
+    rows = [line.split(" | ")[0].lstrip("| ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["bitfit", "full", "head"]
+
+
 def test_mnli_and_stsb_from_glue_folders(tmp_path):
     """Pair inputs, MNLI's two dev sets, and STS-B's regression head, end to end."""
     from test_glue import LAYOUTS, write_layout
@@ -148,25 +178,12 @@ def test_local_glue_folder_and_model_path(tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [
-        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, dora, lora, qlora, staged"),
-        ("variant=qlora variant.quant_type=int4", "variant.quant_type='int4' is not supported; allowed: nf4, fp4, int8"),
-        ("variant=staged variant.full_fraction=1.5", "variant.full_fraction=1.5 must be in (0, 1)"),
-        ("variant=staged variant.full_fraction=0.1", "variant.full_fraction=0.1 of 4 steps gives a switch at step 0"),
-        ("variant.dropout=1.0", "variant.dropout=1.0 must be in [0, 1)"),
-        ("trainer.lr=abc", "trainer.lr='abc' must be a number > 0"),
-        ("seed=x", "seed='x' must be an integer"),
-        ("variant=adalora variant.target_rank=9", "variant.target_rank=9 must be a number in (0, rank=8]"),
-        ("variant=adalora variant.t_init=3 variant.t_final=3", "variant.t_init + variant.t_final = 3 + 3 steps exceeds the 4"),
-        ("model=foo", "model='foo' is not a known model; allowed: minilm"),
-        ("task=foo", "task='foo' is not a known task; allowed: "),
-        ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
+    [  # one case per place a mistake can surface: before Hydra, in the model, in tracking, in a baseline
+        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, bitfit, dora, full, head, lora, qlora, staged"),
         ("rank=0", "rank=0 must be an integer in [1, 384]"),
-        ("rank=100000", "rank=100000 must be an integer in [1, 384]"),
-        ("rank=abc", "rank='abc' must be an integer"),
-        ("alpha=0", "alpha=0 must be a number > 0"),
-        ("variant.targets=[q_proj]", "variant.targets=['q_proj'] matches no nn.Linear module; allowed:"),
+        ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
         ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
+        ("variant=full variant.lr=0", "variant.lr=0 must be a number > 0 or null (null: trainer.lr)"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, override, message):
@@ -177,3 +194,38 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr
     assert not (run_dir / "metrics.jsonl").exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("variant=qlora variant.quant_type=int4", "variant.quant_type='int4' is not supported; allowed: nf4, fp4, int8"),
+        ("variant=staged variant.full_fraction=1.5", "variant.full_fraction=1.5 must be in (0, 1)"),
+        ("variant=staged variant.full_fraction=0.1", "variant.full_fraction=0.1 of 4 steps gives a switch at step 0"),
+        ("variant.dropout=1.0", "variant.dropout=1.0 must be in [0, 1)"),
+        ("trainer.lr=abc", "trainer.lr='abc' must be a number > 0"),
+        ("seed=x", "seed='x' must be an integer"),
+        ("variant=adalora variant.target_rank=9", "variant.target_rank=9 must be a number in (0, rank=8]"),
+        ("variant=adalora variant.t_init=3 variant.t_final=3", "variant.t_init + variant.t_final = 3 + 3 steps exceeds the 4"),
+        ("model=foo", "model='foo' is not a known model; allowed: minilm, roberta_base"),
+        ("task=foo", "task='foo' is not a known task; allowed: "),
+        ("rank=100000", "rank=100000 must be an integer in [1, 384]"),
+        ("rank=abc", "rank='abc' must be an integer"),
+        ("alpha=0", "alpha=0 must be a number > 0"),
+        ("variant.targets=[q_proj]", "variant.targets=['q_proj'] matches no nn.Linear module; allowed:"),
+        ("variant=full variant.train_embeddings=maybe", "variant.train_embeddings='maybe' must be true or false"),
+        ("variant=bitfit variant.targets=[LayerNorm.weight]", "variant.targets=['LayerNorm.weight'] names no module with a bias"),
+        ("variant=head variant.targets=[q_proj]", "variant.targets=['q_proj'] names no module with parameters"),
+    ],
+)
+def test_bad_config_values_fail_before_anything_is_written(tmp_path, override, message):
+    """The same checks as above, in process (run.py turns any ConfigError into that one line)."""
+    overrides = [*TINY, "tracking.mode=disabled", *override.split()]
+    run_dir = tmp_path / "bad"
+    with pytest.raises(ConfigError) as failure:
+        check_group_choices(overrides, ROOT / "conf")
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+        run_experiment(cfg, run_dir)
+    assert message in str(failure.value) and "\n" not in str(failure.value)
+    assert not run_dir.exists()

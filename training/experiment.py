@@ -1,7 +1,8 @@
 """One run from a composed config: data, model, adapters, training, and the run directory.
 
 The run directory holds everything needed to read or reproduce the run:
-``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``, ``adapter.safetensors``
+``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``, ``adapter.safetensors`` (what
+trained: the adapters, or a baseline's trained weights, with the metadata to rebuild the model)
 and, when W&B is on, its files under ``wandb/``.
 """
 
@@ -75,12 +76,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     if cfg.model.get("dropout") is not None:
         set_dropout(model, cfg.model.dropout)
     head = list(cfg.model.train_modules)
-    targets = cfg.variant.targets if isinstance(cfg.variant.targets, str) else list(cfg.variant.targets)
+    targets = cfg.variant.get("targets")  # baselines need none: full and bitfit select by kind
+    if targets is not None and not isinstance(targets, str):
+        targets = list(targets)
     adapted = variants.inject_adapters(
         model, cfg.variant.name, targets, rank=cfg.rank, alpha=cfg.alpha, exclude=head,
         **variant_kwargs(cfg.variant),
     )
-    variants.mark_trainable(model, bias=cfg.variant.bias, train_modules=head)
+    variants.mark_trainable(model, bias=cfg.variant.get("bias", "none"), train_modules=head)
+    adapter_config = variants.adapter_config(model)
     trainable, total = variants.count_parameters(model)
     model.to(device)
 
@@ -113,8 +117,9 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run dir %s: %s on %d modules, %d / %d parameters trainable (%.3f%%)",
-             run_dir, cfg.variant.name, len(adapted), trainable, total, 100 * trainable / total)
+    log.info("run dir %s: %s on %d modules, %d / %d parameters trainable (%.3f%%), peak lr %g",
+             run_dir, cfg.variant.name, len(adapted), trainable, total, 100 * trainable / total,
+             variants.learning_rate(model, cfg.trainer.lr))
 
     tracking = cfg.tracking
     group = tracking.group or group
@@ -131,8 +136,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
         summary = {
             "status": "completed",
             "variant": cfg.variant.name,
-            "rank": cfg.rank,
-            "alpha": cfg.alpha,
+            "rank": adapter_config["rank"],  # null for a baseline, which has none
+            "alpha": adapter_config["alpha"],
             "seed": cfg.seed,
             "model": cfg.model.name_or_path,
             "task": cfg.task.name,
@@ -140,6 +145,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
             "eval": result.eval_metrics,
             "eval_extra": result.extra_eval_metrics,
             "eval_best": best_eval(result.eval_history, cfg.task.main_metric),
+            "peak_lr": variants.learning_rate(model, cfg.trainer.lr),  # a variant may set its own
             "trainable_params": trainable,
             "total_params": total,
             "trainable_percent": 100 * trainable / total,

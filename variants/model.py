@@ -1,4 +1,4 @@
-"""Model-level helpers: put adapters into a model, choose what trains, save and load adapters.
+"""Model-level helpers: apply a variant to a model, choose what trains, save and load what trained.
 
 These work for every registered variant; nothing here knows one variant from another.
 """
@@ -6,9 +6,8 @@ These work for every registered variant; nothing here knows one variant from ano
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,100 +16,40 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, get_variant
+from .base import CONFIG_ATTRIBUTE, AdapterLayer, ConfigError, Variant, adapter_config, get_variant
+from .targets import Targets, matches, replace_module
 
-ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 METADATA_KEY = "adapter_config"
-
-Targets = str | Sequence[str]
-
-
-def _matches_suffix(name: str, suffixes: Iterable[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes)
-
-
-def within(name: str, roots: Iterable[str]) -> bool:
-    """``name`` is a module named by ``roots`` (suffix match) or inside one, e.g.
-    ``classifier.dense`` is within ``classifier`` (RoBERTa's two-layer head)."""
-    return any(f".{r}." in f".{name}." for r in roots)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule called ``name`` is."""
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child_name, new)
-
-
-def find_target_modules(model: nn.Module, targets: Targets, exclude: Sequence[str] = ()) -> list[str]:
-    """Names of the ``nn.Linear`` modules that ``targets`` selects.
-
-    ``targets`` is ``"all-linear"`` (every linear layer except those in or inside ``exclude``,
-    normally the task head), a regular expression matched against the full module name, or a list of names,
-    each matching a module whose qualified name equals it or ends with ``"." + name``.
-    """
-    linears = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not name.endswith(".base")
-    ]
-    if isinstance(targets, str):
-        if targets == ALL_LINEAR:
-            return [n for n in linears if not within(n, exclude)]
-        try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise ConfigError(f"variant.targets={targets!r} is not a valid regex ({err})") from None
-        found = [n for n in linears if pattern.fullmatch(n)]
-    else:
-        found = [n for n in linears if _matches_suffix(n, targets)]
-    if not found:
-        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ConfigError(
-            f"variant.targets={_show(targets)} matches no nn.Linear module; allowed: "
-            f"'{ALL_LINEAR}', a list of names from [{', '.join(leaf_names)}], "
-            f"or a regex over full names such as {linears[0]!r}"
-        )
-    return found
 
 
 def inject_adapters(
     model: nn.Module,
     variant: str,
-    targets: Targets,
-    rank: int,
-    alpha: float,
+    targets: Targets | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
     exclude: Sequence[str] = (),
     **variant_kwargs: Any,
 ) -> list[str]:
-    """Replace each targeted ``nn.Linear`` by ``variant``'s adapter layer wrapping it, in place.
+    """Apply ``variant`` to ``model`` in place and freeze everything it does not train.
 
-    Validates everything before changing the model, so a bad argument leaves it untouched.
-    Returns the names of the adapted modules.
+    An adapter variant wraps each ``nn.Linear`` that ``targets`` selects (never one in or
+    inside ``exclude``, the task head) and needs ``rank`` and ``alpha``; a baseline selects which
+    of the model's own parameters train. Validates everything before changing the model, so a
+    bad argument leaves it untouched. Returns the names of the adapted modules ([] for a baseline).
     """
-    layer_cls = get_variant(variant)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ConfigError(f"alpha={alpha!r} must be a number > 0")
-    names = find_target_modules(model, targets, exclude)
-    modules = dict(model.named_modules())
-    max_rank = min(min(modules[n].in_features, modules[n].out_features) for n in names)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ConfigError(
-            f"rank={rank!r} must be an integer in [1, {max_rank}] "
-            "(min(d_in, d_out) over the targeted layers)"
-        )
-    layer_cls(nn.Linear(rank, rank), rank=rank, alpha=alpha, **variant_kwargs)  # dry run: check the kwargs
-    layer_cls.prepare_model(model, names, exclude, **variant_kwargs)
-    for name in names:
-        replace_module(model, name, layer_cls(model.get_submodule(name), rank=rank, alpha=alpha, **variant_kwargs))
-    model._adapter_config = {  # read back by save_adapter, so a file can rebuild its model
+    names = get_variant(variant).inject(model, targets, rank, alpha, exclude, **variant_kwargs)
+    setattr(model, CONFIG_ATTRIBUTE, {  # read back by save_adapter, so a file can rebuild its model
         "variant": variant,
-        "rank": rank,
-        "alpha": alpha,
+        "rank": rank if names else None,  # a method that adapts no module has no rank
+        "alpha": alpha if names else None,
+        "targets": targets if isinstance(targets, str) or targets is None else list(targets),
         "modules": names,
         "exclude": list(exclude),
         "variant_kwargs": variant_kwargs,
-    }
+    })
+    mark_trainable(model)
     return names
 
 
@@ -121,27 +60,29 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
 
 
 def mark_trainable(model: nn.Module, bias: str = "none", train_modules: Sequence[str] = ()) -> None:
-    """Freeze the model except adapter parameters, the chosen biases and ``train_modules``.
+    """Freeze the model except what its variant trains, the chosen biases and ``train_modules``.
 
-    ``bias``: ``none`` (no bias trains), ``all`` (every bias in the model), or ``lora_only``
-    (the biases of the adapted layers). ``train_modules`` names modules that train in full, such
-    as a freshly initialised classification head; same matching as a list of targets.
+    ``bias``: ``none`` (no bias beyond the variant's), ``all`` (every bias in the model), or
+    ``lora_only`` (the biases of the adapted layers). ``train_modules`` names modules that train
+    in full, such as a freshly initialised classification head; same matching as a list of targets.
     """
     if bias not in BIAS_MODES:
         raise ConfigError(f"variant.bias={bias!r} is not supported; allowed: {', '.join(BIAS_MODES)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for _, layer in adapter_layers(model):
-        for p in layer.adapter_parameters():
+    for cls, layers in _variants(model).items():
+        for p in cls.trainable_parameters(model, layers):
             p.requires_grad_(True)
-        if bias == "lora_only" and layer.base.bias is not None:
-            layer.base.bias.requires_grad_(True)
+    if bias == "lora_only":
+        for _, layer in adapter_layers(model):
+            if layer.base.bias is not None:
+                layer.base.bias.requires_grad_(True)
     if bias == "all":
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.requires_grad_(True)
     if train_modules:
-        matched = [m for n, m in model.named_modules() if _matches_suffix(n, train_modules)]
+        matched = [m for n, m in model.named_modules() if matches(n, train_modules)]
         if not matched:
             raise ConfigError(f"model.train_modules={list(train_modules)} matches no module")
         for module in matched:
@@ -178,6 +119,7 @@ def merge_and_unwrap(model: nn.Module) -> None:
     for name, layer in list(adapter_layers(model)):
         layer.merge()
         replace_module(model, name, layer.base)
+    model.__dict__.pop(CONFIG_ATTRIBUTE, None)  # no variant is left to run hooks for
 
 
 def adapter_loss(model: nn.Module) -> torch.Tensor | None:
@@ -186,45 +128,49 @@ def adapter_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(terms).sum() if terms else None
 
 
-def _layers_by_class(model: nn.Module) -> dict[type[AdapterLayer], dict[str, AdapterLayer]]:
-    by_class: dict[type[AdapterLayer], dict[str, AdapterLayer]] = defaultdict(dict)
+def _variants(model: nn.Module) -> dict[type[Variant], dict[str, AdapterLayer]]:
+    """Each variant in the model (the injected one, and the class of any adapter layer) with its
+    layers by name; the hooks run through this, so a baseline without layers gets them too."""
+    found: dict[type[Variant], dict[str, AdapterLayer]] = defaultdict(dict)
+    if config := adapter_config(model):
+        found[get_variant(config["variant"])] = {}
     for name, layer in adapter_layers(model):
-        by_class[type(layer)][name] = layer
-    return by_class
+        found[type(layer)][name] = layer
+    return found
 
 
 def check_total_steps(model: nn.Module, total_steps: int) -> None:
-    """Run each adapter class's ``check_total_steps`` over its layers."""
-    for cls, layers in _layers_by_class(model).items():
+    """Run each variant's ``check_total_steps`` over its layers."""
+    for cls, layers in _variants(model).items():
         cls.check_total_steps(layers, total_steps)
 
 
 def on_train_begin(model: nn.Module, total_steps: int) -> None:
-    """Check the run length, then run each adapter class's ``on_train_begin`` over its layers."""
+    """Check the run length, then run each variant's ``on_train_begin`` over its layers."""
     check_total_steps(model, total_steps)
-    for cls, layers in _layers_by_class(model).items():
+    for cls, layers in _variants(model).items():
         cls.on_train_begin(model, layers, total_steps)
 
 
 def after_optimizer_step(model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
-    """Run each adapter class's ``after_optimizer_step`` over its layers; merged metrics."""
+    """Run each variant's ``after_optimizer_step`` over its layers; merged metrics."""
     metrics: dict[str, float] = {}
-    for cls, layers in _layers_by_class(model).items():
+    for cls, layers in _variants(model).items():
         metrics.update(cls.after_optimizer_step(model, layers, step, total_steps))
     return metrics
 
 
 def learning_rate(model: nn.Module, lr: float) -> float:
     """The peak learning rate the variants ask for now, given the configured ``lr``."""
-    for cls, layers in _layers_by_class(model).items():
-        lr = cls.learning_rate(layers, lr)
+    for cls, layers in _variants(model).items():
+        lr = cls.learning_rate(model, layers, lr)
     return lr
 
 
 def adapter_report(model: nn.Module) -> dict[str, Any]:
-    """Every adapter class's ``report`` over its layers, merged."""
+    """Every variant's ``report`` over its layers, merged."""
     report: dict[str, Any] = {}
-    for cls, layers in _layers_by_class(model).items():
+    for cls, layers in _variants(model).items():
         report.update(cls.report(model, layers))
     return report
 
@@ -234,7 +180,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     adds, and the adapter layers' own tensors (parameters and persistent buffers outside the
     wrapped base layer)."""
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for cls, layers in _layers_by_class(model).items():
+    for cls, layers in _variants(model).items():
         state.update(cls.state_to_save(model, layers))
     state.update(_adapter_tensors(model))
     return {n: t.detach().contiguous().cpu() for n, t in state.items()}
@@ -244,7 +190,7 @@ def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, A
     """Write ``adapter_state_dict(model)`` as safetensors, with the adapter config as metadata."""
     if any(layer.merged for _, layer in adapter_layers(model)):
         raise RuntimeError("unmerge the adapters before saving them")
-    config = {**getattr(model, "_adapter_config", {}), **(extra_metadata or {})}
+    config = {**adapter_config(model), **(extra_metadata or {})}
     save_file(adapter_state_dict(model), str(path), metadata={METADATA_KEY: json.dumps(config)})
 
 
@@ -260,14 +206,14 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
 def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a file written by ``save_adapter`` into ``model``; returns the file's adapter config.
 
-    If the model has no adapters yet, they are injected first as the file's metadata describes.
+    If no variant was injected into the model yet, the file's is, as its metadata describes.
     Every tensor in the file must exist in the model with the same shape, and every adapter
     tensor of the model must be in the file.
     """
     config = read_adapter_config(path)
-    if not any(True for _ in adapter_layers(model)) and config.get("modules"):
+    if not adapter_config(model) and config.get("variant"):
         inject_adapters(
-            model, config["variant"], config["modules"], config["rank"], config["alpha"],
+            model, config["variant"], config["modules"] or config.get("targets"), config["rank"], config["alpha"],
             exclude=config.get("exclude", ()), **config.get("variant_kwargs", {}),
         )
     try:
@@ -299,6 +245,3 @@ def _adapter_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             if not name.startswith("base.") and isinstance(tensor, torch.Tensor):
                 yield f"{layer_name}.{name}", tensor
 
-
-def _show(targets: Targets) -> str:
-    return repr(targets) if isinstance(targets, str) else repr(list(targets))

@@ -20,7 +20,7 @@ from torch import nn
 
 from .base import AdapterLayer, ConfigError, register_variant
 from .lora import LoRALinear
-from .model import replace_module, within
+from .targets import replace_module, within
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

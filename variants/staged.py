@@ -108,7 +108,7 @@ class StagedLoRALinear(LoRALinear):
         return {"staged/switch_step": float(step)}
 
     @classmethod
-    def learning_rate(cls, layers: Mapping[str, AdapterLayer], lr: float) -> float:
+    def learning_rate(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], lr: float) -> float:
         first = next(iter(layers.values()))
         return first.full_lr if first.full_phase and first.full_lr is not None else lr
 

@@ -1,0 +1,33 @@
+"""BitFit: Ben Zaken, Ravfogel and Goldberg 2021, "BitFit: Simple Parameter-efficient
+Fine-tuning for Transformer-based Masked Language-models".
+
+Only the bias terms train (§2): every b in h = W·x + b (query, key, value, attention output,
+both feed-forward layers) and every LayerNorm shift β in γ ⊙ x̂ + β, with all W and γ frozen;
+the task head trains as well. ``targets`` restricts the biases to those of the named modules:
+the paper's §3.4 finds that b_q and b_m2 alone, ``[query, intermediate.dense]`` in BERT's
+names, come close.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ConfigError, ParameterSubset, register_variant
+from .targets import Targets, matches, show
+
+
+@register_variant("bitfit")
+class BitFit(ParameterSubset):
+    """The bias of every module, or of the modules ``targets`` names (None: all)."""
+
+    @classmethod
+    def select(cls, model: nn.Module, targets: Targets | None) -> list[str]:
+        biases = [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+        if targets is None:
+            return biases
+        if isinstance(targets, str):
+            targets = [targets]
+        chosen = [name for name in biases if matches(name.rsplit(".", 1)[0], targets)]
+        if not chosen:
+            raise ConfigError(f"variant.targets={show(targets)} names no module with a bias; use null for every bias")
+        return chosen

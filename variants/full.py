@@ -1,0 +1,28 @@
+"""Full fine-tuning (FT): every parameter trains, W ← W − η·∇_W L for all W. The first row of
+the LoRA paper's Table 2 and the reference every parameter-efficient method is measured against.
+
+With ``train_embeddings=False`` the embedding tables (every ``nn.Embedding``) stay frozen: on a
+small model they are a large share of the parameters (MiniLM-L6: 11.9M of 22.7M), and freezing
+them is a common variant of FT that keeps the vocabulary's pretrained geometry.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ConfigError, ParameterSubset, register_variant
+from .targets import Targets
+
+
+@register_variant("full")
+class FullFineTuning(ParameterSubset):
+    """Every parameter of the model, optionally without the embedding tables."""
+
+    @classmethod
+    def select(cls, model: nn.Module, targets: Targets | None, train_embeddings: bool = True) -> list[str]:
+        if not isinstance(train_embeddings, bool):
+            raise ConfigError(f"variant.train_embeddings={train_embeddings!r} must be true or false")
+        frozen = set()
+        if not train_embeddings:
+            frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        return [name for name, p in model.named_parameters() if id(p) not in frozen]

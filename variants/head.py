@@ -1,0 +1,27 @@
+"""Head only: the pretrained model stays frozen and only the task head trains, a probe of
+what the frozen features already separate. The floor every fine-tuning method must beat.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ConfigError, ParameterSubset, register_variant
+from .targets import Targets, matches, show
+
+
+@register_variant("head")
+class HeadOnly(ParameterSubset):
+    """Every parameter of the modules ``targets`` names (the task head, e.g. ``[classifier]``)."""
+
+    @classmethod
+    def select(cls, model: nn.Module, targets: Targets | None) -> list[str]:
+        if not targets:
+            raise ConfigError("variant=head needs variant.targets, the head's module names (e.g. [classifier])")
+        if isinstance(targets, str):
+            targets = [targets]
+        roots = [name for name, _ in model.named_modules() if matches(name, targets)]
+        chosen = [name for name, _ in model.named_parameters() if any(name.startswith(r + ".") for r in roots)]
+        if not chosen:
+            raise ConfigError(f"variant.targets={show(targets)} names no module with parameters")
+        return chosen
