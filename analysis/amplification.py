@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not rows:
-        print("error: no adapted module matches --modules", file=sys.stderr)
+        where = "matches --modules" if args.modules else "in these runs (a baseline such as full, bitfit or head adapts none)"
+        print(f"error: no adapted module {where}", file=sys.stderr)
         return 2
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))

@@ -16,17 +16,35 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 COLUMNS = ("variant", "rank", "alpha", "seed", "task", "metric", "value", "trainable_params",
            "step_time_s", "peak_memory_mb", "run_dir")
 
 
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """``{"variant": {"lr": 1e-3}}`` → ``{"variant.lr": 1e-3}``; lists stay values."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def collect(roots: list[Path], evaluation: str = "eval") -> list[dict]:
-    """One row per summary.json below ``roots``; ``evaluation`` picks the summary's ``eval``
-    (the last evaluation) or ``eval_best`` (the best one)."""
+    """One row per completed run's summary.json below ``roots`` (failed runs are skipped);
+    ``evaluation`` picks the summary's ``eval`` (the last evaluation) or ``eval_best`` (the best
+    one). Baselines have rank and alpha None. ``config`` holds the run's resolved config.yaml,
+    flattened, so tables can tell apart runs that differ in more than the seed."""
     rows = []
     for root in roots:
         for path in sorted(root.rglob("summary.json")):
             summary = json.loads(path.read_text())
+            if summary.get("status") != "completed":
+                continue
+            config_path = path.parent / "config.yaml"
             metric = summary["main_metric"]
             rows.append({
                 **{k: summary[k] for k in ("variant", "rank", "alpha", "seed", "task", "trainable_params")},
@@ -35,6 +53,7 @@ def collect(roots: list[Path], evaluation: str = "eval") -> list[dict]:
                 "step_time_s": round(summary["step_time_s"], 4),
                 "peak_memory_mb": round(summary["peak_memory_mb"]),
                 "run_dir": str(path.parent),
+                "config": flatten(OmegaConf.to_container(OmegaConf.load(config_path)) or {}) if config_path.is_file() else {},
             })
     return rows
 
@@ -61,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     if args.csv:
         with args.csv.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
     return 0

@@ -4,7 +4,8 @@
     python analysis/glue_table.py runs/ [more dirs] [--csv table.csv]
     python analysis/glue_table.py --wandb ENTITY/PROJECT [--csv table.csv]   # from W&B (online)
 
-One row per variant (and rank, when a variant ran at several), one column per task in the
+One row per method (a variant with its rank, alpha and ``variant.*`` knobs, labelled by those
+that differ between its rows; ``--by KEY`` splits by any other config key), one column per task in the
 paper's order (MNLI, SST-2, MRPC, CoLA, QNLI, QQP, RTE, STS-B, then any other task), each cell
 the task's main metric ×100 as mean ± std over seeds (n = number of seeds when not all rows
 have the same count), a trainable-parameter column, and the average over the tasks the row
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
-from analysis.collect_runs import collect
+from analysis.collect_runs import collect, flatten
 
 PAPER_ORDER = ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb")
 
@@ -38,28 +41,51 @@ def from_wandb(path: str, evaluation: str = "eval") -> list[dict]:
         if summary.get("status") != "completed":
             continue
         metric = summary["main_metric"]
-        rows.append({**{k: summary[k] for k in ("variant", "rank", "seed", "task", "trainable_params")},
-                     "metric": metric, "value": summary.get(evaluation, summary["eval"])[metric]})
+        rows.append({**{k: summary.get(k) for k in ("variant", "rank", "alpha", "seed", "task", "trainable_params")},
+                     "metric": metric, "value": summary.get(evaluation, summary["eval"])[metric],
+                     "config": flatten(dict(run.config))})
     return rows
 
 
-def aggregate(rows: list[dict]) -> tuple[list[str], list[dict]]:
-    """(task columns, table rows) with mean/std per (variant, rank) × task."""
-    ranks = defaultdict(set)
+def method(row: dict, by: Sequence[str] = ()) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """What makes a table row: the variant, its rank and alpha, every ``variant.*`` knob of the
+    run's config, and the config keys in ``by``. Runs that share all of these are seeds of one
+    method; the task's own settings (the paper's per-task learning rate) do not split a row."""
+    config = row.get("config", {})
+    parts = [("r", row["rank"]), ("alpha", row["alpha"])]
+    parts += sorted((k.removeprefix("variant."), v) for k, v in config.items()
+                    if k.startswith("variant.") and k != "variant.name")
+    parts += [(k, config.get(k)) for k in by]
+    return row["variant"], tuple((k, json.dumps(v)) for k, v in parts)
+
+
+def labels(methods: set[tuple[str, tuple[tuple[str, str], ...]]]) -> dict:
+    """A name per method: the variant, plus the settings that differ between its methods."""
+    by_variant = defaultdict(list)
+    for variant, settings in methods:
+        by_variant[variant].append(dict(settings))
+    names = {}
+    for variant, settings in methods:
+        own = dict(settings)
+        varying = [k for k in own if len({json.dumps(other.get(k)) for other in by_variant[variant]}) > 1]
+        names[(variant, settings)] = " ".join([variant, *(f"{k}={own[k]}" for k in varying)])
+    return names
+
+
+def aggregate(rows: list[dict], by: Sequence[str] = ()) -> tuple[list[str], list[dict]]:
+    """(task columns, table rows) with mean/std over seeds per method (see ``method``) × task."""
+    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    params: dict[tuple, list[int]] = defaultdict(list)
     for row in rows:
-        ranks[row["variant"]].add(row["rank"])
-    cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    params: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for row in rows:
-        label = row["variant"] if len(ranks[row["variant"]]) == 1 else f"{row['variant']} r={row['rank']}"
-        key = (label, row["variant"])
+        key = method(row, by)
         cells[key][row["task"]].append(100 * row["value"])
         params[key].append(row["trainable_params"])
+    names = labels(set(cells))
     present = {task for per_task in cells.values() for task in per_task}
     tasks = [t for t in PAPER_ORDER if t in present] + sorted(present - set(PAPER_ORDER))
     table = []
-    for key, per_task in sorted(cells.items()):
-        entry = {"method": key[0], "trainable_params": round(statistics.mean(params[key]))}
+    for key, per_task in sorted(cells.items(), key=lambda item: names[item[0]]):
+        entry = {"method": names[key], "trainable_params": round(statistics.mean(params[key]))}
         means = []
         for task in tasks:
             values = per_task.get(task)
@@ -111,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read finished runs from W&B instead (online)")
     parser.add_argument("--select", choices=("final", "best"), default="final",
                         help="final: each run's last evaluation; best: its best one (the paper's protocol)")
+    parser.add_argument("--by", action="append", default=[], metavar="KEY",
+                        help="also split rows by this config key, e.g. --by trainer.lr (repeatable)")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV")
     args = parser.parse_args(argv)
     if bool(args.roots) == bool(args.wandb):
@@ -129,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("error: no finished runs found", file=sys.stderr)
         return 2
-    tasks, table = aggregate(rows)
+    tasks, table = aggregate(rows, args.by)
     print(markdown(tasks, table))
     if args.csv:
         write_csv(args.csv, tasks, table)

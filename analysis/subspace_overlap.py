@@ -59,7 +59,8 @@ def load_factors(run_dir: Path, side: str) -> tuple[dict, dict[str, torch.Tensor
         raise Incompatible(f"{run_dir} has no adapter.safetensors (is it a finished run dir?)")
     config = variants.read_adapter_config(path)
     if not config.get("modules"):
-        raise Incompatible(f"{path} has no adapter modules in its metadata")
+        raise Incompatible(f"{path} has no adapted modules in its metadata (variant {config.get('variant')!r}); "
+                           "the subspace analysis needs low-rank adapters")
     layer_cls = variants.get_variant(config["variant"])
     tensors = load_file(str(path))
     factors = {}

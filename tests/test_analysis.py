@@ -8,7 +8,7 @@ from analysis.collect_runs import collect, main
 def fake_run(folder, variant, rank, accuracy):
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({
-        "variant": variant, "rank": rank, "alpha": 2 * rank, "seed": 0, "task": "smoke",
+        "status": "completed", "variant": variant, "rank": rank, "alpha": 2 * rank, "seed": 0, "task": "smoke",
         "trainable_params": 1000 * rank, "main_metric": "accuracy", "eval": {"accuracy": accuracy, "loss": 0.1},
         "step_time_s": 0.2, "peak_memory_mb": 900.4,
     }))
@@ -17,6 +17,9 @@ def fake_run(folder, variant, rank, accuracy):
 def test_collect_runs_table_and_csv(tmp_path, capsys):
     fake_run(tmp_path / "sweep" / "0_rank=8", "lora", 8, 0.91234)
     fake_run(tmp_path / "sweep" / "1_rank=64", "lora", 64, 0.95)
+    failed = tmp_path / "sweep" / "2_rank=100000"
+    failed.mkdir()
+    (failed / "summary.json").write_text(json.dumps({"status": "failed", "variant": "lora", "error": "..."}))
     rows = collect([tmp_path])
     assert [(r["rank"], r["value"]) for r in rows] == [(8, 0.9123), (64, 0.95)]
     assert main([str(tmp_path), "--csv", str(tmp_path / "out.csv")]) == 0
@@ -54,11 +57,13 @@ def test_rank_allocation_plot(tmp_path, capsys):
 def test_glue_table_mean_std_over_seeds_in_paper_order(tmp_path, capsys):
     from analysis import glue_table
 
-    def run(name, variant, task, seed, value, rank=8):
+    def run(name, variant, task, seed, value, rank=8, config=""):
         folder = tmp_path / name
         folder.mkdir()
+        if config:
+            (folder / "config.yaml").write_text(config)
         (folder / "summary.json").write_text(json.dumps({
-            "variant": variant, "rank": rank, "alpha": 8, "seed": seed, "task": task, "trainable_params": 1000 * rank,
+            "status": "completed", "variant": variant, "rank": rank, "alpha": 8, "seed": seed, "task": task, "trainable_params": 1000 * (rank or 22714),
             "main_metric": "accuracy", "eval": {"accuracy": value}, "step_time_s": 0.1, "peak_memory_mb": 1,
         }))
 
@@ -81,4 +86,24 @@ def test_glue_table_mean_std_over_seeds_in_paper_order(tmp_path, capsys):
     run("e", "lora", "rte", 2, 0.72, rank=64)  # two ranks of one variant: one row each
     _, table = glue_table.aggregate(glue_table.collect([tmp_path]))
     assert {row["method"] for row in table} == {"dora", "lora r=8", "lora r=64"}
+    run("f", "full", "rte", 0, 0.78, rank=None)  # a baseline: no rank, a row like any variant
+    tasks, table = glue_table.aggregate(glue_table.collect([tmp_path]))
+    full = next(row for row in table if row["method"] == "full")
+    assert full["rte"] == (78.0, 0.0, 1) and full["mnli"] is None and full["avg"] == 78.0
+
+    # Runs that differ in a variant knob are different methods, not seeds of one; --by splits
+    # by any other key, and the task's own settings never split a row.
+    for name, embeddings, lr, seed, value in [("g", "true", 1e-4, 1, 0.76), ("h", "false", 1e-4, 0, 0.70),
+                                              ("i", "false", 5e-5, 1, 0.72)]:
+        run(name, "full", "rte", seed, value, rank=None,
+            config=f"variant:\n  name: full\n  train_embeddings: {embeddings}\ntrainer:\n  lr: {lr}\n")
+    (tmp_path / "f" / "config.yaml").write_text("variant:\n  name: full\n  train_embeddings: true\ntrainer:\n  lr: 5.0e-05\n")
+    _, table = glue_table.aggregate(glue_table.collect([tmp_path]))
+    by_name = {row["method"]: row for row in table}
+    assert by_name["full train_embeddings=true"]["rte"][::2] == (77.0, 2)
+    assert by_name["full train_embeddings=false"]["rte"][::2] == (71.0, 2)
+    _, table = glue_table.aggregate(glue_table.collect([tmp_path]), by=["trainer.lr"])
+    assert {row["method"] for row in table if row["method"].startswith("full")} == {
+        "full train_embeddings=true trainer.lr=5e-05", "full train_embeddings=true trainer.lr=0.0001",
+        "full train_embeddings=false trainer.lr=5e-05", "full train_embeddings=false trainer.lr=0.0001"}
     assert glue_table.main([]) == 2
