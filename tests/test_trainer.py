@@ -13,7 +13,7 @@ import variants
 from training.data import make_loader
 from training.smoke_task import generate
 from training.tracking import Tracker
-from training.trainer import check_trainer_config, eval_interval, train
+from training.trainer import check_trainer_config, eval_interval, peak_memory_mb, reset_peak_memory, train
 from variants import AdapterLayer, ConfigError, LoRALinear, register_variant
 
 
@@ -94,3 +94,15 @@ def test_eval_every_accepts_epoch_or_steps():
     assert eval_interval(OmegaConf.create({"eval_every": 5}), 7) == 5
     with pytest.raises(ConfigError, match="trainer.eval_every='sometimes' must be a positive integer or 'epoch'"):
         eval_interval(OmegaConf.create({"eval_every": "sometimes"}), 7)
+
+
+def test_peak_memory_restarts_with_each_run():
+    """Sweep jobs share a process: each must report its own peak, not the largest so far."""
+    cpu = torch.device("cpu")
+    big = torch.ones(50 * 2**20)  # 200 MB, touched
+    del big
+    before, _ = peak_memory_mb(cpu)
+    if not reset_peak_memory(cpu):
+        pytest.skip("this OS cannot reset a process's peak RSS")
+    after, kind = peak_memory_mb(cpu)
+    assert kind == "process_max_rss" and after < before - 150

@@ -26,7 +26,9 @@ from .data import load_task, make_loader
 from .metrics import check_metric_names
 from .models import load_model
 from .tracking import NullTracker, Tracker
-from .trainer import check_trainer_config, eval_interval, peak_memory_mb, pick_device, total_steps, train
+from .trainer import (
+    check_trainer_config, eval_interval, peak_memory_mb, pick_device, reset_peak_memory, total_steps, train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     context = distributed.context_from_env()
     device, autocast_dtype = pick_device(cfg.trainer.device, cfg.trainer.precision)
     device = distributed.device_for(context, device)
+    reset_peak_memory(device)
     set_seed(cfg.seed)
 
     train_examples, eval_sets = load_task(cfg.task)

@@ -70,10 +70,34 @@ def pick_device(device: str, precision: str) -> tuple[torch.device, torch.dtype 
     return dev, (torch.bfloat16 if use_bf16 else None)
 
 
+_PROC_STATUS, _PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start measuring peak memory afresh; False where the process's peak RSS cannot be reset.
+    The jobs of a sweep share one process, and without this each would report the highest peak
+    of the jobs before it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        _PROC_CLEAR_REFS.write_text("5")  # Linux: resets VmHWM, the peak resident set size
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory and what it measures: allocated CUDA memory, or the process's peak RSS."""
+    """Peak memory since ``reset_peak_memory`` and what it measures: allocated CUDA memory, or
+    the process's peak RSS (over the process's life where it cannot be reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process_max_rss"
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
