@@ -88,6 +88,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     )
     variants.mark_trainable(model, bias=cfg.variant.get("bias", "none"), train_modules=head)
     adapter_config = variants.adapter_config(model)
+    peak_lr = variants.learning_rate(model, cfg.trainer.lr)  # a variant may ask for its own
     trainable, total = variants.count_parameters(model)
     model.to(device)
 
@@ -121,8 +122,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run dir %s: %s on %d modules, %d / %d parameters trainable (%.3f%%), peak lr %g",
-             run_dir, cfg.variant.name, len(adapted), trainable, total, 100 * trainable / total,
-             variants.learning_rate(model, cfg.trainer.lr))
+             run_dir, cfg.variant.name, len(adapted), trainable, total, 100 * trainable / total, peak_lr)
 
     tracking = cfg.tracking
     group = tracking.group or group
@@ -148,7 +148,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
             "eval": result.eval_metrics,
             "eval_extra": result.extra_eval_metrics,
             "eval_best": best_eval(result.eval_history, cfg.task.main_metric),
-            "peak_lr": variants.learning_rate(model, cfg.trainer.lr),  # a variant may set its own
+            "peak_lr": peak_lr,
             "trainable_params": trainable,
             "total_params": total,
             "trainable_percent": 100 * trainable / total,
