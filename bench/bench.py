@@ -114,8 +114,8 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
 
     def full() -> Config:
         model = copy.deepcopy(base)
-        model.requires_grad_(True)
-        return Config("full", model)
+        variants.inject_adapters(model, "full")  # the same full fine-tuning as variant=full
+        return hooked("full", model)
 
     return {
         "full": full,

@@ -215,13 +215,13 @@ class AdapterLayer(Variant, nn.Module):
 
 
 class ParameterSubset(Variant):
-    """A baseline that adds no modules: it fine-tunes the parameters ``select`` names, with the
+    """A baseline that adds no modules: it fine-tunes the parameters ``select`` returns, with the
     setting ``lr`` (None: the configured one) as its peak learning rate, because full
     fine-tuning wants a far smaller rate than the adapters it is compared with."""
 
     @classmethod
-    def select(cls, model: nn.Module, targets: Targets | None, **settings: Any) -> list[str]:
-        """Names of the parameters that train, as ``model.named_parameters()`` gives them."""
+    def select(cls, model: nn.Module, targets: Targets | None, **settings: Any) -> list[nn.Parameter]:
+        """The parameters that train."""
         raise NotImplementedError
 
     @classmethod
@@ -241,8 +241,7 @@ class ParameterSubset(Variant):
     def trainable_parameters(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> list[nn.Parameter]:
         config = adapter_config(model)
         settings = {k: v for k, v in config["variant_kwargs"].items() if k != "lr"}
-        names = set(cls.select(model, config["targets"], **settings))
-        return [p for name, p in model.named_parameters() if name in names]
+        return cls.select(model, config["targets"], **settings)
 
     @classmethod
     def learning_rate(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], lr: float) -> float:

@@ -21,13 +21,13 @@ class BitFit(ParameterSubset):
     """The bias of every module, or of the modules ``targets`` names (None: all)."""
 
     @classmethod
-    def select(cls, model: nn.Module, targets: Targets | None) -> list[str]:
-        biases = [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    def select(cls, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:
+        biases = {name: p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
         if targets is None:
-            return biases
+            return list(biases.values())
         if isinstance(targets, str):
             targets = [targets]
-        chosen = [name for name in biases if matches(name.rsplit(".", 1)[0], targets)]
+        chosen = [p for name, p in biases.items() if matches(name.rsplit(".", 1)[0], targets)]
         if not chosen:
             raise ConfigError(f"variant.targets={show(targets)} names no module with a bias; use null for every bias")
         return chosen

@@ -19,10 +19,10 @@ class FullFineTuning(ParameterSubset):
     """Every parameter of the model, optionally without the embedding tables."""
 
     @classmethod
-    def select(cls, model: nn.Module, targets: Targets | None, train_embeddings: bool = True) -> list[str]:
+    def select(cls, model: nn.Module, targets: Targets | None, train_embeddings: bool = True) -> list[nn.Parameter]:
         if not isinstance(train_embeddings, bool):
             raise ConfigError(f"variant.train_embeddings={train_embeddings!r} must be true or false")
         frozen = set()
         if not train_embeddings:
             frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-        return [name for name, p in model.named_parameters() if id(p) not in frozen]
+        return [p for p in model.parameters() if id(p) not in frozen]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ConfigError, ParameterSubset, register_variant
-from .targets import Targets, matches, show
+from .targets import Targets, modules_named, show
 
 
 @register_variant("head")
@@ -15,13 +15,12 @@ class HeadOnly(ParameterSubset):
     """Every parameter of the modules ``targets`` names (the task head, e.g. ``[classifier]``)."""
 
     @classmethod
-    def select(cls, model: nn.Module, targets: Targets | None) -> list[str]:
+    def select(cls, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:
         if not targets:
             raise ConfigError("variant=head needs variant.targets, the head's module names (e.g. [classifier])")
         if isinstance(targets, str):
             targets = [targets]
-        roots = [name for name, _ in model.named_modules() if matches(name, targets)]
-        chosen = [name for name, _ in model.named_parameters() if any(name.startswith(r + ".") for r in roots)]
+        chosen = [p for module in modules_named(model, targets) for p in module.parameters()]
         if not chosen:
             raise ConfigError(f"variant.targets={show(targets)} names no module with parameters")
         return chosen

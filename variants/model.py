@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import CONFIG_ATTRIBUTE, AdapterLayer, ConfigError, Variant, adapter_config, get_variant
-from .targets import Targets, matches, replace_module
+from .targets import Targets, modules_named, replace_module
 
 BIAS_MODES = ("none", "all", "lora_only")
 METADATA_KEY = "adapter_config"
@@ -82,7 +82,7 @@ def mark_trainable(model: nn.Module, bias: str = "none", train_modules: Sequence
             if name.endswith("bias"):
                 p.requires_grad_(True)
     if train_modules:
-        matched = [m for n, m in model.named_modules() if matches(n, train_modules)]
+        matched = modules_named(model, train_modules)
         if not matched:
             raise ConfigError(f"model.train_modules={list(train_modules)} matches no module")
         for module in matched:

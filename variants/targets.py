@@ -19,6 +19,12 @@ def matches(name: str, suffixes: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def modules_named(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
+    """The modules whose qualified name equals one of ``names`` or ends with ``"." + name``."""
+    names = list(names)
+    return [module for name, module in model.named_modules() if matches(name, names)]
+
+
 def within(name: str, roots: Iterable[str]) -> bool:
     """``name`` is a module named by ``roots`` (suffix match) or inside one, e.g.
     ``classifier.dense`` is within ``classifier`` (RoBERTa's two-layer head)."""
