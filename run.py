@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from training import run_experiment
 from training.cli import check_group_choices
+from training import rundir
 from training.experiment import write_failure
 from variants import ConfigError
 
@@ -46,7 +47,7 @@ def main(cfg: DictConfig) -> float:
               file=sys.stderr)
         if not sweep:
             sys.exit(2 if isinstance(err, ConfigError) else 1)
-        if not (run_dir / "summary.json").is_file():  # failed before its run dir was written
+        if not (run_dir / rundir.SUMMARY).is_file():  # failed before its run dir was written
             write_failure(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         return float("nan")
     return summary["eval"][summary["main_metric"]]
@@ -70,7 +71,7 @@ def resume_arguments(args: list[str]) -> list[str]:
     if not resumed:
         return args
     run_dir = Path(resumed[0].split("=", 1)[1])
-    overrides = run_dir / ".hydra" / "overrides.yaml"
+    overrides = run_dir / rundir.HYDRA_OVERRIDES
     if not overrides.is_file():
         raise ConfigError(f"resume={str(run_dir)!r} is not a run dir (no .hydra/overrides.yaml); allowed: a run dir, true, false")
     saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith(("resume=", "hydra.run.dir="))]

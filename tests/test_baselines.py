@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 import variants
-from training.trainer import make_schedule
+from training import optim
 
 HEAD = ["classifier"]
 EMBEDDING_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -93,13 +93,13 @@ def test_the_trainer_takes_a_baselines_own_learning_rate(_minilm):
     trainer_cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "scheduler": "constant", "warmup_ratio": 0.0})
     model = copy.deepcopy(_minilm[0])
     variants.inject_adapters(model, "full", lr=5e-5)
-    params, optimizer, _ = make_schedule(trainer_cfg, model, 10, torch.device("cpu"))
-    assert optimizer.param_groups[0]["lr"] == 5e-5 and len(params) == len(list(model.parameters()))
+    opt = optim.build(trainer_cfg, model, 10, torch.device("cpu"))
+    assert opt.optimizer.param_groups[0]["lr"] == 5e-5 and len(opt.params) == len(list(model.parameters()))
 
     model = copy.deepcopy(_minilm[0])
     variants.inject_adapters(model, "bitfit", lr=None)  # null: the trainer's rate
-    _, optimizer, _ = make_schedule(trainer_cfg, model, 10, torch.device("cpu"))
-    assert optimizer.param_groups[0]["lr"] == 1e-3
+    opt = optim.build(trainer_cfg, model, 10, torch.device("cpu"))
+    assert opt.optimizer.param_groups[0]["lr"] == 1e-3
 
 
 @pytest.mark.parametrize(

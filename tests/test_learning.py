@@ -7,8 +7,9 @@ from omegaconf import OmegaConf
 import variants
 from training.data import make_loader
 from training.smoke_task import generate
-from training.tracking import Tracker
-from training.trainer import evaluate, train
+from training.device import Runtime
+from training.trainer import evaluate
+from helpers.loop import train_in_process
 
 def trainer_cfg(lr: float):
     return OmegaConf.create({
@@ -30,9 +31,7 @@ def test_variant_learns_smoke_task(minilm, tmp_path, variant, rank, kwargs, lr):
     train_set, eval_set = generate(1280, 300)
     loader = make_loader(train_set, tokenizer, ["sentence"], 64, 16, shuffle=True, seed=0)
     eval_loader = make_loader(eval_set, tokenizer, ["sentence"], 64, 100, shuffle=False)
-    before = evaluate(model, eval_loader, ["accuracy"], torch.device("cpu"))
-    tracker = Tracker(tmp_path, {}, mode="disabled")
-    result = train(model, loader, eval_loader, trainer_cfg(lr), ["accuracy"], tracker, torch.device("cpu"))
-    tracker.finish()
+    before = evaluate(model, eval_loader, ["accuracy"], Runtime(torch.device("cpu")))
+    result = train_in_process(model, loader, eval_loader, trainer_cfg(lr), tmp_path)
     assert before["accuracy"] < 0.65
     assert result.eval_metrics["accuracy"] > 0.85, result.eval_metrics

@@ -12,8 +12,7 @@ from torch import nn
 import variants
 from training.data import make_loader
 from training.smoke_task import generate
-from training.tracking import Tracker
-from training.trainer import train
+from helpers.loop import train_in_process
 from variants import AdapterLayer, ConfigError, StagedLoRALinear, register_variant
 
 
@@ -53,9 +52,7 @@ def run_staged(minilm, tmp_path, variant="test-recorded-staged", **kwargs):
     train_set, eval_set = generate(160, 32)
     loader = make_loader(train_set, tokenizer, ["sentence"], 32, 16, shuffle=True, seed=0)
     eval_loader = make_loader(eval_set, tokenizer, ["sentence"], 32, 32, shuffle=False)
-    tracker = Tracker(tmp_path, {}, mode="disabled")
-    result = train(model, loader, eval_loader, trainer_cfg(), ["accuracy"], tracker, torch.device("cpu"))
-    tracker.finish()
+    result = train_in_process(model, loader, eval_loader, trainer_cfg(), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return model, result, records
 

@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 import variants
 from training.data import make_loader
 from training.smoke_task import generate
-from training.tracking import Tracker
-from training.trainer import check_trainer_config, eval_interval, peak_memory_mb, reset_peak_memory, train
+from training.device import peak_memory_mb, reset_peak_memory
+from training.trainer import check_trainer_config, plan_run
+from helpers.loop import train_in_process
 from variants import AdapterLayer, ConfigError, LoRALinear, register_variant
 
 
@@ -56,9 +57,7 @@ def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
     train_set, eval_set = generate(32, 16)
     loader = make_loader(train_set, tokenizer, ["sentence"], 32, 8, shuffle=True)
     eval_loader = make_loader(eval_set, tokenizer, ["sentence"], 32, 16, shuffle=False)
-    tracker = Tracker(tmp_path, {}, mode="disabled")
-    result = train(model, loader, eval_loader, TRAINER, ["accuracy"], tracker, torch.device("cpu"))
-    tracker.finish()
+    result = train_in_process(model, loader, eval_loader, TRAINER, tmp_path)
 
     assert HookedLoRA.began == [(12, 6)]
     assert HookedLoRA.calls == [(12, step, 6, True) for step in range(1, 7)]
@@ -68,7 +67,7 @@ def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
     # The penalty is part of the optimised loss: A shrinks though the task loss alone would not shrink it.
     norm_after = sum(layer.lora_A.pow(2).sum().item() for _, layer in variants.adapter_layers(model))
     assert norm_after < 0.9 * norm_before
-    assert result.steps == 6 and set(result.eval_metrics) == {"loss", "accuracy"}
+    assert result.step == 6 and set(result.eval_metrics) == {"loss", "accuracy"}
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -80,7 +79,7 @@ def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
     ("epochs", 0, "trainer.epochs=0 must be null or a number > 0"),
     ("scheduler", "step", "trainer.scheduler='step' must be one of linear, cosine"),
     ("checkpoint_every", 0, "trainer.checkpoint_every=0 must be null or a positive integer"),
-    ("optimizer", "sgd", "trainer.optimizer='sgd' must be one of adamw, paged_adamw_32bit, paged_adamw_8bit"),
+    ("optimizer", "sgd", "trainer.optimizer='sgd' must be one of auto, adamw, paged_adamw_32bit, paged_adamw_8bit"),
 ])
 def test_trainer_config_errors_name_the_key(key, value, message):
     cfg = OmegaConf.merge(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "trainer" / "default.yaml"),
@@ -90,10 +89,10 @@ def test_trainer_config_errors_name_the_key(key, value, message):
 
 
 def test_eval_every_accepts_epoch_or_steps():
-    assert eval_interval(OmegaConf.create({"eval_every": "epoch"}), 7) == 7
-    assert eval_interval(OmegaConf.create({"eval_every": 5}), 7) == 5
+    assert plan_run(OmegaConf.create({"max_steps": 20, "eval_every": "epoch"}), 7).eval_every == 7
+    assert plan_run(OmegaConf.create({"max_steps": 20, "eval_every": 5}), 7).eval_every == 5
     with pytest.raises(ConfigError, match="trainer.eval_every='sometimes' must be a positive integer or 'epoch'"):
-        eval_interval(OmegaConf.create({"eval_every": "sometimes"}), 7)
+        plan_run(OmegaConf.create({"max_steps": 20, "eval_every": "sometimes"}), 7)
 
 
 def test_peak_memory_restarts_with_each_run():

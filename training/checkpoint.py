@@ -1,18 +1,32 @@
-"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+"""What a run carries across a stop: the training state, and the checkpoint file that holds it.
 
-A checkpoint holds the trained tensors (``variants.adapter_state_dict``: adapters, trainable
-weights, what a variant must save), which parameters train, each adapter layer's training
-state (AdaLoRA's importance averages), optimizer and scheduler state, the RNG states, the data
-position (the shuffling generator's state at the start of the epoch and the batch index in it)
-and the trainer's running sums and history. It is written to a temporary file and renamed,
-so a kill during the write leaves the previous checkpoint intact. Loading uses
-``torch.load(weights_only=True)``: tensors and plain containers only, no code.
+``TrainState`` is everything the training loop accumulates from step to step besides the model,
+optimizer and scheduler: the step and phase, the data position, the running sums of the next
+logged record, the hook metrics waiting for it, and the history of step times and evaluations.
+
+A checkpoint (``checkpoint.pt`` in the run dir) holds, under named keys:
+
+    step          the optimizer steps done (also inside train_state; read by tools that poll)
+    train_state   TrainState.state_dict()
+    model         the trained tensors (``variants.adapter_state_dict``), which parameters
+                  train, and each adapter layer's training state (AdaLoRA's importance averages)
+    optimizer     optimizer.state_dict()
+    scheduler     scheduler.state_dict()
+    rng           torch (CPU and CUDA), Python and NumPy generator states
+    wandb_run_id  so that a resumed run continues its W&B run
+
+It is written to a temporary file and renamed, so a kill during the write leaves the previous
+checkpoint intact. Loading uses ``torch.load(weights_only=True)``: tensors and plain
+containers only, no code.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +36,122 @@ from torch import nn
 
 import variants
 
-FILE_NAME = "checkpoint.pt"
+WARMUP_STEPS_EXCLUDED = 3  # first steps pay for lazy initialisation; kept out of the median step time
+
+
+@dataclass
+class DataPosition:
+    """Where the training data stands: the shuffling generator's state at the start of the
+    current epoch (which fixes the epoch's order) and how many of its batches were trained on."""
+
+    epoch_start: torch.Tensor | None = None
+    batches_done: int = 0
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    phase: int = 1  # counts the trainable sets: a variant that switches what trains starts phase 2
+    phases: list[dict[str, Any]] = field(default_factory=list)  # {"phase", "start_step", "peak_lr"} each
+    data: DataPosition = field(default_factory=DataPosition)
+    # Since the last logged record; device tensors, so that a step does not wait for the GPU.
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    adapter_loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    loss_count: int = 0
+    pending: dict[str, Any] = field(default_factory=dict)  # hook metrics waiting for the next record
+    step_times_s: list[float] = field(default_factory=list)
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the main eval set, last evaluation
+    extra_eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # other eval sets, last
+    eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, main metrics)
+    train_time_s: float = 0.0  # up to the last checkpoint or the end
+
+    @classmethod
+    def start(cls, device: torch.device) -> TrainState:
+        return cls(loss_sum=torch.zeros((), device=device), adapter_loss_sum=torch.zeros((), device=device))
+
+    def record_step(self, loss: torch.Tensor, adapter_loss: torch.Tensor | None, seconds: float) -> None:
+        self.loss_sum += loss.detach().float()
+        if adapter_loss is not None:
+            self.adapter_loss_sum += adapter_loss.detach().float()
+        self.loss_count += 1
+        self.step_times_s.append(seconds)
+
+    def clear_running(self) -> None:
+        """After a logged record: the next one averages the steps from here."""
+        self.loss_sum.zero_()
+        self.adapter_loss_sum.zero_()
+        self.loss_count = 0
+        self.pending.clear()
+
+    def record_eval(self, name: str, metrics: dict[str, float]) -> None:
+        if name == "main":
+            self.eval_metrics = metrics
+            self.eval_history.append((self.step, metrics))
+        else:
+            self.extra_eval_metrics[name] = metrics
+
+    def begin_phase(self, peak_lr: float) -> None:
+        """A new optimizer over a new trainable set (phase 1 at the start)."""
+        if self.phases:
+            self.phase += 1
+        self.phases.append({"phase": self.phase, "start_step": self.step, "peak_lr": peak_lr})
+
+    @property
+    def median_step_time_s(self) -> float:
+        timed = self.step_times_s[WARMUP_STEPS_EXCLUDED:] or self.step_times_s
+        return statistics.median(timed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "phase": self.phase, "phases": [dict(p) for p in self.phases],
+            "data": {"epoch_start": self.data.epoch_start, "batches_done": self.data.batches_done},
+            "loss_sum": self.loss_sum.cpu(), "adapter_loss_sum": self.adapter_loss_sum.cpu(),
+            "loss_count": self.loss_count, "pending": dict(self.pending),
+            "step_times_s": list(self.step_times_s), "eval_metrics": self.eval_metrics,
+            "extra_eval_metrics": self.extra_eval_metrics,
+            "eval_history": [[step, metrics] for step, metrics in self.eval_history],
+            "train_time_s": self.train_time_s,
+        }
+
+    @classmethod
+    def from_state_dict(cls, saved: dict[str, Any], device: torch.device) -> TrainState:
+        return cls(
+            step=saved["step"], phase=saved["phase"], phases=[dict(p) for p in saved["phases"]],
+            data=DataPosition(saved["data"]["epoch_start"], saved["data"]["batches_done"]),
+            loss_sum=saved["loss_sum"].to(device), adapter_loss_sum=saved["adapter_loss_sum"].to(device),
+            loss_count=saved["loss_count"], pending=dict(saved["pending"]),
+            step_times_s=list(saved["step_times_s"]), eval_metrics=saved["eval_metrics"],
+            extra_eval_metrics=saved["extra_eval_metrics"],
+            eval_history=[(step, metrics) for step, metrics in saved["eval_history"]],
+            train_time_s=saved["train_time_s"],
+        )
+
+
+def save(path: Path, model: nn.Module, optimization: Any, state: TrainState, wandb_run_id: str | None) -> None:
+    """Write a checkpoint (``optimization``: anything with ``optimizer`` and ``scheduler``)."""
+    write(path, {
+        "step": state.step,
+        "train_state": state.state_dict(),
+        "model": model_state(model),
+        "optimizer": optimization.optimizer.state_dict(),
+        "scheduler": optimization.scheduler.state_dict(),
+        "rng": rng_state(),
+        "wandb_run_id": wandb_run_id,
+    })
+
+
+def restore(saved: dict[str, Any], model: nn.Module, build_optimization: Callable[[int], Any],
+            device: torch.device) -> tuple[TrainState, Any]:
+    """Put a loaded checkpoint back: the model's tensors and trainable set, a new optimization
+    (``build_optimization(done_steps)``) with the saved optimizer and scheduler states, the
+    RNG states; returns the training state and the optimization."""
+    load_model_state(model, saved["model"])
+    state = TrainState.from_state_dict(saved["train_state"], device)
+    optimization = build_optimization(state.step)
+    optimization.optimizer.load_state_dict(saved["optimizer"])
+    optimization.scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    return state, optimization
 
 
 def rng_state() -> dict[str, Any]:
@@ -66,10 +195,10 @@ def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
         layers[name].load_training_state(layer_state)
 
 
-def save(path: Path, state: dict[str, Any]) -> None:
+def write(path: Path, checkpoint: dict[str, Any]) -> None:
     """Write then rename: the file at ``path`` is always a complete checkpoint."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
+    torch.save(checkpoint, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -1,8 +1,10 @@
 """Data-parallel training of one run over several processes (``torchrun``).
 
-Every process holds the whole model and sees its own slice of each global batch; DDP averages
-the gradients, so a step equals the single-process step on the same global batch. Only rank 0
-writes the run dir and logs (metrics.jsonl, W&B); every rank evaluates the full dev set.
+Every process holds the whole model and sees its own slice of each global batch; the forward
+pass goes through ``DistributedDataParallel``, which averages the gradients in backward, so a
+step equals the single-process step on the same global batch and every process applies the
+same update. Only rank 0 writes the run dir and logs (metrics.jsonl, W&B); every rank
+evaluates the full dev set.
 
     torchrun --nproc_per_node 2 run.py hydra.run.dir=runs/ddp_lora trainer.batch_size=32
 """
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import BatchSampler
 
+import variants
 from variants import ConfigError
 
 
@@ -45,9 +49,11 @@ def context_from_env() -> Context:
 
 
 def device_for(context: Context, device: torch.device) -> torch.device:
-    """Each process of a multi-GPU job takes the GPU of its local rank."""
+    """Each process of a multi-GPU job takes the GPU of its local rank (and makes it the current
+    one, where NCCL's collectives run)."""
     if context.enabled and device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     return device
 
 
@@ -80,3 +86,37 @@ def mean_over_ranks(value: torch.Tensor, context: Context) -> torch.Tensor:
         dist.all_reduce(value)
         value /= context.world_size
     return value
+
+
+def wrap(model: nn.Module, context: Context) -> nn.Module:
+    """The module the training loop calls: ``model`` itself in a single process, else a DDP
+    wrapper over the parameters that train now (build a new one when that set changes)."""
+    if not context.enabled:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+@torch.no_grad()
+def max_replica_difference(model: nn.Module, context: Context) -> float | None:
+    """The largest absolute difference, over all processes, between this process's copy of the
+    tensors a run saves and rank 0's (None in a single process). Data-parallel training applies
+    the same averaged gradients everywhere, so anything but 0.0 means the replicas drifted apart.
+    Every process must call it."""
+    if not context.enabled:
+        return None
+    own = model.state_dict(keep_vars=True)
+    worst = torch.zeros((), dtype=torch.float64, device=_collective_device())
+    for name in variants.adapter_state_dict(model):
+        mine = own[name].detach().to(worst.device, torch.float64)
+        reference = mine.clone()
+        dist.broadcast(reference, src=0)
+        worst = torch.maximum(worst, (mine - reference).abs().max())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo reduces CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,14 +1,13 @@
-"""One run from a composed config: data, model, adapters, training, and the run directory.
+"""One run from a composed config: data, model, variant, training, and the run directory.
 
-The run directory holds everything needed to read or reproduce the run:
-``config.yaml`` (resolved), ``metrics.jsonl``, ``summary.json``, ``adapter.safetensors`` (what
-trained: the adapters, or a baseline's trained weights, with the metadata to rebuild the model)
-and, when W&B is on, its files under ``wandb/``.
+``run_experiment`` reads top to bottom as its steps: check the config, set up the runtime, the
+data and the model, plan the run, open the run dir and tracker (rank 0), train, and write the
+results. Every process of a ``torchrun`` job runs the same steps; only rank 0 writes.
+The run directory's files are listed in ``training/rundir.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -16,42 +15,71 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase, set_seed
 
 import variants
 from variants import ConfigError
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, rundir
+from .checkpoint import TrainState
 from .data import load_task, make_loader
+from .device import Runtime, peak_memory_mb, reset_peak_memory, runtime_for
 from .metrics import check_metric_names
 from .models import load_model
 from .tracking import NullTracker, Tracker
-from .trainer import (
-    check_trainer_config, eval_interval, peak_memory_mb, pick_device, reset_peak_memory, total_steps, train,
-)
+from .trainer import Plan, check_trainer_config, plan_run, train
 
 log = logging.getLogger(__name__)
 
-# Keys of the variant group that the runner consumes; all others go to the layer's constructor.
+# Keys of the variant group that the runner consumes; all others go to the variant.
 VARIANT_RUNNER_KEYS = ("name", "targets", "bias")
 
 
-def variant_kwargs(variant_cfg: DictConfig) -> dict[str, Any]:
-    return {k: v for k, v in OmegaConf.to_container(variant_cfg, resolve=True).items() if k not in VARIANT_RUNNER_KEYS}
+def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Validate, build, train, evaluate and save one run; returns the summary (on every rank;
+    only rank 0's is written)."""
+    started = time.perf_counter()
+    _check_top_level(cfg)
+    runtime = runtime_for(cfg.trainer.device, cfg.trainer.precision)
+    reset_peak_memory(runtime.device)
+    set_seed(cfg.seed)
 
+    train_examples, eval_sets = load_task(cfg.task)
+    model, tokenizer, adapted = _setup_model(cfg, runtime)
+    train_loader, eval_loaders = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
+    plan = plan_run(cfg.trainer, len(train_loader))
+    variants.check_total_steps(model, plan.steps)  # a schedule longer than the run fails here, before writing
+    resume = _load_checkpoint(cfg, run_dir, runtime)
 
-def best_eval(history: list[tuple[int, dict[str, float]]], main_metric: str) -> dict[str, Any]:
-    """The evaluation with the highest main metric (the LoRA paper reports the best epoch) and
-    its step; ``eval`` in the summary stays the last one."""
-    step, metrics = max(history, key=lambda item: item[1][main_metric])
-    return {"step": step, **metrics}
-
-
-def weights_mb(model) -> float:
-    """Memory of the model's parameters and buffers as stored (a 4-bit weight at its packed size;
-    quantization constants kept outside parameters are not included)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    main = runtime.context.is_main
+    tracker = _open_run_dir(cfg, run_dir, group, run_name, resume) if main else NullTracker()
+    try:
+        state = train(model, train_loader, eval_loaders, plan, cfg.trainer, list(cfg.task.metrics), tracker, runtime,
+                      checkpoint_path=run_dir / rundir.CHECKPOINT if main else None, resume=resume)
+        replica_difference = distributed.max_replica_difference(model, runtime.context)
+        summary = _summary(cfg, model, adapted, state, runtime, tracker, group,
+                           examples=(len(train_examples), len(eval_sets["main"])),
+                           wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
+        if main:
+            variants.save_adapter(model, run_dir / rundir.ADAPTER,
+                                  extra_metadata={"model": cfg.model.name_or_path, "task": cfg.task.name})
+            rundir.write_summary(run_dir, summary)
+        tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
+    except BaseException as err:
+        if main:
+            failure = {"status": "failed", "variant": cfg.variant.name, "rank": cfg.rank, "seed": cfg.seed,
+                       "task": cfg.task.name, "main_metric": cfg.task.main_metric,
+                       "error": f"{type(err).__name__}: {err}"}
+            rundir.write_summary(run_dir, failure)  # the last checkpoint, if any, stays for resume=true
+            tracker.summary(failure)
+            tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
+    if main:
+        (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)  # complete: adapter.safetensors is what remains
+    return summary
 
 
 def _check_top_level(cfg: DictConfig) -> None:
@@ -64,17 +92,13 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
 
 
-def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
-    """Validate, build, train, evaluate and save one run; returns the summary."""
-    started = time.perf_counter()
-    _check_top_level(cfg)
-    context = distributed.context_from_env()
-    device, autocast_dtype = pick_device(cfg.trainer.device, cfg.trainer.precision)
-    device = distributed.device_for(context, device)
-    reset_peak_memory(device)
-    set_seed(cfg.seed)
+def variant_kwargs(variant_cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(variant_cfg, resolve=True).items() if k not in VARIANT_RUNNER_KEYS}
 
-    train_examples, eval_sets = load_task(cfg.task)
+
+def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
+    """The pretrained model with the variant applied and its trainable set chosen, on the
+    device; the tokenizer; the adapted module names."""
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels)
     if cfg.model.get("dropout") is not None:
         set_dropout(model, cfg.model.dropout)
@@ -83,115 +107,116 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     if targets is not None and not isinstance(targets, str):
         targets = list(targets)
     adapted = variants.inject_adapters(
-        model, cfg.variant.name, targets, rank=cfg.rank, alpha=cfg.alpha, exclude=head,
-        **variant_kwargs(cfg.variant),
+        model, cfg.variant.name, targets, rank=cfg.rank, alpha=cfg.alpha, exclude=head, **variant_kwargs(cfg.variant),
     )
     variants.mark_trainable(model, bias=cfg.variant.get("bias", "none"), train_modules=head)
-    adapter_config = variants.adapter_config(model)
-    peak_lr = variants.learning_rate(model, cfg.trainer.lr)  # a variant may ask for its own
     trainable, total = variants.count_parameters(model)
-    model.to(device)
+    log.info("%s on %d modules: %d / %d parameters trainable (%.3f%%)", cfg.variant.name, len(adapted), trainable,
+             total, 100 * trainable / total)
+    return model.to(runtime.device), tokenizer, adapted
 
-    fields = list(cfg.task.text_fields)
-    max_length = cfg.model.max_length
+
+def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
+                runtime: Runtime) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """The training loader (this process's slice of each global batch) and the eval loaders."""
+    fields, max_length = list(cfg.task.text_fields), cfg.model.max_length
     train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True,
-                               seed=cfg.seed, shard=context)
+                               seed=cfg.seed, shard=runtime.context)
     eval_loaders = {
         name: make_loader(examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
         for name, examples in eval_sets.items()
     }
+    return train_loader, eval_loaders
 
-    # Settings that depend on the run length (a rank schedule longer than training) fail here,
-    # before the run dir is written.
-    variants.check_total_steps(model, total_steps(cfg.trainer, len(train_loader)))
-    eval_interval(cfg.trainer, len(train_loader))
 
-    checkpoint_path = run_dir / checkpoint.FILE_NAME
-    resume = None
-    if cfg.get("resume"):
-        if not checkpoint_path.is_file():
-            raise ConfigError(f"resume=true but {str(run_dir)!r} has no {checkpoint.FILE_NAME} to resume from")
-        resume = checkpoint.load(checkpoint_path)
-        if context.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", resume["step"])
-        log.info("resuming %s from step %d", run_dir, resume["step"])
-    if not context.is_main:  # rank 0 writes the run dir and logs; the others only train
-        return _train_quietly(model, train_loader, eval_loaders, cfg, device, autocast_dtype, resume, context)
+def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> dict[str, Any] | None:
+    """With ``resume=true``, the run dir's checkpoint (its metrics.jsonl is cut back to it)."""
+    if not cfg.get("resume"):
+        return None
+    path = run_dir / rundir.CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(f"resume=true but {str(run_dir)!r} has no {rundir.CHECKPOINT} to resume from")
+    saved = checkpoint.load(path)
+    if runtime.context.is_main:
+        rundir.truncate_metrics(run_dir, saved["step"])
+    log.info("resuming %s from step %d", run_dir, saved["step"])
+    return saved
 
+
+def _open_run_dir(cfg: DictConfig, run_dir: Path, group: str | None, run_name: str | None,
+                  resume: dict[str, Any] | None) -> Tracker:
+    """Write the resolved config and start tracking (metrics.jsonl, W&B)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run dir %s: %s on %d modules, %d / %d parameters trainable (%.3f%%), peak lr %g",
-             run_dir, cfg.variant.name, len(adapted), trainable, total, 100 * trainable / total, peak_lr)
-
+    (run_dir / rundir.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracking = cfg.tracking
-    group = tracking.group or group
-    tracker = Tracker(
-        run_dir, resolved, mode=tracking.mode, project=tracking.project, entity=tracking.entity,
-        group=group, name=run_name or run_dir.name, tags=list(tracking.tags),
+    return Tracker(
+        run_dir, OmegaConf.to_container(cfg, resolve=True), mode=tracking.mode, project=tracking.project,
+        entity=tracking.entity, group=tracking.group or group, name=run_name or run_dir.name, tags=list(tracking.tags),
         resume_id=resume.get("wandb_run_id") if resume else None,
     )
-    try:
-        result = train(model, train_loader, eval_loaders, cfg.trainer, list(cfg.task.metrics), tracker, device,
-                       autocast_dtype, checkpoint_path=checkpoint_path, resume=resume, context=context)
-        variants.save_adapter(model, run_dir / "adapter.safetensors", extra_metadata={"model": cfg.model.name_or_path, "task": cfg.task.name})
-        memory_mb, memory_kind = peak_memory_mb(device)
-        summary = {
-            "status": "completed",
-            "variant": cfg.variant.name,
-            "rank": adapter_config["rank"],  # null for a baseline, which has none
-            "alpha": adapter_config["alpha"],
-            "seed": cfg.seed,
-            "model": cfg.model.name_or_path,
-            "task": cfg.task.name,
-            "main_metric": cfg.task.main_metric,
-            "eval": result.eval_metrics,
-            "eval_extra": result.extra_eval_metrics,
-            "eval_best": best_eval(result.eval_history, cfg.task.main_metric),
-            "peak_lr": peak_lr,
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_percent": 100 * trainable / total,
-            "adapted_modules": adapted,
-            "steps": result.steps,
-            "train_examples": len(train_examples),
-            "eval_examples": len(eval_sets["main"]),
-            "wall_time_s": time.perf_counter() - started,
-            "train_time_s": result.train_time_s,
-            "step_time_s": result.median_step_time_s,
-            "peak_memory_mb": memory_mb,
-            "peak_memory_kind": memory_kind,
-            "weights_mb": weights_mb(model),
-            "device": str(device),
-            "processes": context.world_size,
-            "precision": "bf16" if autocast_dtype is not None else "fp32",
-            "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
-            "wandb_group": group,
-            "adapter_report": variants.adapter_report(model),
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
-    except BaseException as err:
-        failure = {"status": "failed", "variant": cfg.variant.name, "rank": cfg.rank, "seed": cfg.seed,
-                   "task": cfg.task.name, "main_metric": cfg.task.main_metric,
-                   "error": f"{type(err).__name__}: {err}"}
-        write_failure(run_dir, failure)
-        tracker.summary(failure)
-        tracker.finish(exit_code=1)
-        raise
-    tracker.finish()
-    checkpoint_path.unlink(missing_ok=True)  # the run is complete: adapter.safetensors is what remains
+
+
+def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: TrainState, runtime: Runtime,
+             tracker: Tracker, group: str | None, examples: tuple[int, int], wall_time_s: float,
+             replica_difference: float | None) -> dict[str, Any]:
+    """What ``summary.json`` records about a completed run."""
+    adapter_config = variants.adapter_config(model)
+    trainable, total = variants.count_parameters(model)
+    memory_mb, memory_kind = peak_memory_mb(runtime.device)
+    summary = {
+        "status": "completed",
+        "variant": cfg.variant.name,
+        "rank": adapter_config["rank"],  # null for a baseline, which has none
+        "alpha": adapter_config["alpha"],
+        "seed": cfg.seed,
+        "model": cfg.model.name_or_path,
+        "task": cfg.task.name,
+        "main_metric": cfg.task.main_metric,
+        "eval": state.eval_metrics,
+        "eval_extra": state.extra_eval_metrics,
+        "eval_best": best_eval(state.eval_history, cfg.task.main_metric),
+        "peak_lr": state.phases[0]["peak_lr"],
+        "phases": state.phases,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "adapted_modules": adapted,
+        "steps": state.step,
+        "train_examples": examples[0],
+        "eval_examples": examples[1],
+        "wall_time_s": wall_time_s,
+        "train_time_s": state.train_time_s,
+        "step_time_s": state.median_step_time_s,
+        "peak_memory_mb": memory_mb,
+        "peak_memory_kind": memory_kind,
+        "weights_mb": weights_mb(model),
+        "device": str(runtime.device),
+        "processes": runtime.context.world_size,
+        "precision": runtime.precision,
+        "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
+        "wandb_group": cfg.tracking.group or group,
+        "adapter_report": variants.adapter_report(model),
+    }
+    if replica_difference is not None:
+        summary["replica_max_abs_diff"] = replica_difference  # 0.0: every process holds rank 0's weights
     return summary
 
 
-def _train_quietly(model, train_loader, eval_loaders, cfg, device, autocast_dtype, resume, context) -> dict[str, Any]:
-    """A non-zero rank of a ``torchrun`` job: the same training, nothing written."""
-    result = train(model, train_loader, eval_loaders, cfg.trainer, list(cfg.task.metrics), NullTracker(), device,
-                   autocast_dtype, resume=resume, context=context)
-    return {"status": "completed", "main_metric": cfg.task.main_metric, "eval": result.eval_metrics}
+def best_eval(history: list[tuple[int, dict[str, float]]], main_metric: str) -> dict[str, Any]:
+    """The evaluation with the highest main metric (the LoRA paper reports the best epoch) and
+    its step; ``eval`` in the summary stays the last one."""
+    step, metrics = max(history, key=lambda item: item[1][main_metric])
+    return {"step": step, **metrics}
 
 
-def set_dropout(model, p: float) -> None:
+def weights_mb(model: nn.Module) -> float:
+    """Memory of the model's parameters and buffers as stored (a 4-bit weight at its packed size;
+    quantization constants kept outside parameters are not included)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
     """Set the probability of every dropout in the base model (``model.dropout``)."""
     if not 0 <= p < 1:
         raise ConfigError(f"model.dropout={p!r} must be null or in [0, 1)")
@@ -202,12 +227,4 @@ def set_dropout(model, p: float) -> None:
 
 def write_failure(run_dir: Path, failure: dict[str, Any]) -> None:
     """Mark a run failed in its summary.json (the last checkpoint, if any, stays for resume=true)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(failure, indent=2) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint: the resumed run writes them again."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    rundir.write_summary(run_dir, failure)

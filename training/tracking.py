@@ -14,6 +14,8 @@ from typing import Any
 
 from variants import ConfigError
 
+from .rundir import METRICS
+
 log = logging.getLogger(__name__)
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -34,7 +36,7 @@ class Tracker:
     ) -> None:
         if mode not in WANDB_MODES:
             raise ConfigError(f"tracking.mode={mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
-        self._metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self._metrics_file = (run_dir / METRICS).open("a", encoding="utf-8")
         self.wandb_run = None
         if mode != "disabled":
             self._guard("init", lambda: self._init_wandb(run_dir, config, mode, project, entity, group, name, tags,

@@ -49,6 +49,9 @@ class Variant:
     so a variant can make model-wide decisions such as a global rank budget."""
 
     variant_name: ClassVar[str] = ""
+    # The optimizer the method's paper trained with; the trainer takes it on CUDA when
+    # trainer.optimizer=auto (QLoRA: bitsandbytes' paged AdamW).
+    paper_optimizer: ClassVar[str] = "adamw"
 
     @classmethod
     def inject(

@@ -167,6 +167,12 @@ def learning_rate(model: nn.Module, lr: float) -> float:
     return lr
 
 
+def preferred_optimizer(model: nn.Module) -> str:
+    """The optimizer the model's variant was published with (``paper_optimizer``)."""
+    preferred = {cls.paper_optimizer for cls in _variants(model)} - {"adamw"}
+    return preferred.pop() if len(preferred) == 1 else "adamw"
+
+
 def adapter_report(model: nn.Module) -> dict[str, Any]:
     """Every variant's ``report`` over its layers, merged."""
     report: dict[str, Any] = {}

@@ -156,6 +156,8 @@ class QLoRALinear(LoRALinear):
             the compute dtype; saves memory, costs one more rounding of every weight.
     """
 
+    paper_optimizer = "paged_adamw_32bit"  # QLoRA §3, Paged Optimizers
+
     def __init__(
         self,
         base: nn.Linear,

@@ -1,0 +1,133 @@
+"""The optimizer and learning-rate schedule of a run.
+
+* AdamW over the parameters that train now, or bitsandbytes' paged AdamW on CUDA;
+  ``trainer.optimizer=auto`` takes what the variant's paper used (QLoRA: paged AdamW, 32-bit).
+* Weight decay on matrices only by default (``trainer.weight_decay_on=matrices``): biases,
+  LayerNorm weights and 1-D adapter tensors (DoRA's magnitude m, AdaLoRA's singular values λ)
+  are not decayed, as in the reference trainers (Hugging Face's ``Trainer`` excludes biases and
+  LayerNorm weights); decaying m or λ would shrink the learned weights themselves.
+* One warm-up/decay curve over the whole run: a variant that changes what trains (staged
+  training) gets a new optimizer, and its schedule resumes the same curve at the step it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_scheduler
+
+import variants
+from variants import ConfigError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit")
+# Schedules that need no arguments beyond warm-up and length.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+WEIGHT_DECAY_ON = ("matrices", "all")
+
+
+@dataclass
+class Optimization:
+    """An optimizer over the parameters that train now, its schedule and its peak rate."""
+
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    peak_lr: float
+    optimizer_name: str
+
+    def step(self, grad_clip: float | None) -> None:
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def covers(self, model: nn.Module) -> bool:
+        """Whether the parameters that train now are still exactly this optimizer's."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return len(trainable) == len(self.params) and all(a is b for a, b in zip(trainable, self.params))
+
+
+def build(cfg, model: nn.Module, total_steps: int, device: torch.device, done_steps: int = 0) -> Optimization:
+    """An optimizer over the parameters of ``model`` that train now, at the peak rate the
+    variants ask for now (``cfg`` is the ``trainer`` config group), and the run's schedule from
+    ``done_steps`` on. A fresh optimizer starts with empty state."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lr = variants.learning_rate(model, cfg.lr)
+    name = resolve_optimizer(cfg.get("optimizer", "auto"), model, device)
+    groups = param_groups(named, cfg.weight_decay, cfg.get("weight_decay_on", "matrices"))
+    optimizer = make_optimizer(name, groups, lr)
+    scheduler = continuous_schedule(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps,
+                                    done_steps)
+    log.info("optimizer %s from step %d: %d tensors (%d with weight decay %g), peak lr %g", name, done_steps,
+             len(named), len(groups[0]["params"]), cfg.weight_decay, lr)
+    return Optimization([p for _, p in named], optimizer, scheduler, lr, name)
+
+
+def param_groups(named: Sequence[tuple[str, nn.Parameter]], weight_decay: float, on: str) -> list[dict]:
+    """Two AdamW groups: the tensors weight decay applies to, and the rest (``param_names`` kept in
+    each group for inspection). ``on="matrices"``: decay only tensors with two or more
+    dimensions; ``on="all"``: every trainable tensor."""
+    if on not in WEIGHT_DECAY_ON:
+        raise ConfigError(f"trainer.weight_decay_on={on!r} is not supported; allowed: {', '.join(WEIGHT_DECAY_ON)}")
+    decayed = [(n, p) for n, p in named if on == "all" or p.ndim >= 2]
+    decayed_ids = {id(p) for _, p in decayed}
+    kept = [(n, p) for n, p in named if id(p) not in decayed_ids]
+    return [
+        {"params": [p for _, p in decayed], "param_names": [n for n, _ in decayed], "weight_decay": weight_decay},
+        {"params": [p for _, p in kept], "param_names": [n for n, _ in kept], "weight_decay": 0.0},
+    ]
+
+
+def resolve_optimizer(name: str, model: nn.Module, device: torch.device) -> str:
+    """``auto``: the variant's preferred optimizer on CUDA (QLoRA's paged AdamW), AdamW
+    elsewhere. A paged optimizer needs CUDA: asked for by name elsewhere, the run says so and
+    uses plain AdamW."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"trainer.optimizer={name!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
+    if name == "auto":
+        return variants.preferred_optimizer(model) if device.type == "cuda" else "adamw"
+    if name != "adamw" and device.type != "cuda":
+        log.warning("trainer.optimizer=%s needs CUDA; using plain AdamW on %s", name, device)
+        return "adamw"
+    return name
+
+
+def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged AdamW (32-bit or 8-bit states): paging moves optimizer
+    state to CPU memory under GPU memory pressure (QLoRA §3)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    import bitsandbytes as bnb
+
+    paged = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return paged(groups, lr=lr)
+
+
+def continuous_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                        done_steps: int = 0) -> LambdaLR:
+    """``name``'s warm-up/decay multiplier over ``total_steps``, from ``done_steps`` on.
+
+    transformers' schedules are ``LambdaLR``s, but ``get_scheduler`` drops ``last_epoch`` for
+    ``constant`` and ``constant_with_warmup`` (they would warm up again at a phase switch);
+    so the multiplier functions are taken from its schedule and restarted here at ``done_steps``."""
+    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    if not isinstance(schedule, LambdaLR):  # every name in SCHEDULERS gives one
+        raise ConfigError(f"trainer.scheduler={name!r} is not supported; allowed: {', '.join(SCHEDULERS)}")
+    if done_steps == 0:
+        return schedule
+    return LambdaLR(optimizer, schedule.lr_lambdas, last_epoch=done_steps - 1)
