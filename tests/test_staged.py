@@ -8,9 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from transformers import get_scheduler
 
 import variants
 from training.data import make_loader
+from training.optim import SCHEDULERS
 from training.smoke_task import generate
 from helpers.loop import train_in_process
 from variants import AdapterLayer, ConfigError, StagedLoRALinear, register_variant
@@ -44,7 +46,7 @@ def trainer_cfg(**overrides):
     })
 
 
-def run_staged(minilm, tmp_path, variant="test-recorded-staged", **kwargs):
+def run_staged(minilm, tmp_path, variant="test-recorded-staged", cfg=None, **kwargs):
     model, tokenizer = minilm
     variants.inject_adapters(model, variant, ["query", "value"], rank=4, alpha=8, exclude=["classifier"],
                              full_fraction=0.3, full_lr=1e-4, **kwargs)
@@ -52,7 +54,7 @@ def run_staged(minilm, tmp_path, variant="test-recorded-staged", **kwargs):
     train_set, eval_set = generate(160, 32)
     loader = make_loader(train_set, tokenizer, ["sentence"], 32, 16, shuffle=True, seed=0)
     eval_loader = make_loader(eval_set, tokenizer, ["sentence"], 32, 32, shuffle=False)
-    result = train_in_process(model, loader, eval_loader, trainer_cfg(), tmp_path)
+    result = train_in_process(model, loader, eval_loader, cfg or trainer_cfg(), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return model, result, records
 
@@ -88,6 +90,29 @@ def test_phases_switch_at_the_right_step_and_train_the_right_weights(minilm, tmp
     assert lrs[3:] == pytest.approx([1e-3 * (10 - s) / 10 for s in range(4, 11)])
     assert variants.count_parameters(model)[0] < 200_000  # LoRA phase: adapters and head only
     assert variants.adapter_report(model) == {"switch_step": 3, "full_fraction": 0.3, "full_lr": 1e-4}
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_the_schedule_is_one_curve_across_the_switch(minilm, tmp_path, scheduler):
+    """The switch at step 3 falls inside a 5-step warm-up: the new optimizer's schedule must go
+    on from step 3 of the same curve, at full_lr before the switch and lr after it. Reference:
+    transformers' own schedule over an optimizer of the same peak rate, stepped 10 times (the
+    polynomial schedule's multiplier depends on the peak rate)."""
+    cfg = trainer_cfg(scheduler=scheduler, warmup_ratio=0.5)
+    _, _, records = run_staged(minilm, tmp_path, variant="staged", cfg=cfg)
+
+    def unbroken(peak):
+        dummy = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=peak)
+        reference = get_scheduler(scheduler, dummy, num_warmup_steps=5, num_training_steps=10)
+        lrs = []
+        for _ in range(10):
+            dummy.step()
+            reference.step()
+            lrs.append(reference.get_last_lr()[0])
+        return lrs
+
+    expected = unbroken(1e-4)[:3] + unbroken(1e-3)[3:]
+    assert [r["train/lr"] for r in records if "train/lr" in r] == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 
 def test_save_load_reproduces_the_final_model(minilm, batch, tmp_path):
