@@ -54,8 +54,9 @@ class DoRALinear(LoRALinear):
         return weight * (self._merged_norm / self.magnitude).unsqueeze(1) - self.low_rank_weight()
 
     def direction(self) -> torch.Tensor:
-        """V = W0 + (α/r)·B·A: ``(d_out, d_in)``."""
-        return self.frozen_weight() + self.low_rank_weight()
+        """V = W0 + (α/r)·B·A: ``(d_out, d_in)``, in the adapter's dtype (fp32) also under autocast."""
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return self.frozen_weight() + self.low_rank_weight()
 
     def direction_norm(self) -> torch.Tensor:
         """‖V‖_c, one norm per output feature: ``(d_out,)``; detached if ``detach_norm``."""
@@ -67,18 +68,26 @@ class DoRALinear(LoRALinear):
         if self.merged:
             return result
         # W'x + b = result + (s − 1)·W0·x' + s·(α/r)·B·A·x', s = m/‖V‖ and x' the adapter input.
-        # Folding s into B (d_out × r) lets the last term accumulate into the rest in one GEMM.
-        scale = (self.magnitude / self.direction_norm()).to(result.dtype)
+        # s stays fp32, and so does every sum with it: a learned change of m is ~0.1%, while bf16's
+        # step near 1 is 0.4–0.8%, so rounding s, (s − 1)·W0·x or the sum to bf16 would lose it
+        # (peft keeps s in fp32 too). Under autocast the layer therefore returns fp32 (the next
+        # matmul casts it as autocast does); without autocast, the base layer's dtype.
+        scale = self.magnitude.float() / self.direction_norm().float()
         if self.training and isinstance(self.dropout, nn.Dropout):
             # Dropout on both adapter terms (as the paper's code): W0·x' needs its own GEMM.
             adapter_input = self.dropout(x)
-            rescaled = torch.addcmul(result, F.linear(adapter_input, self.base.weight), scale - 1)
+            rescaled = torch.addcmul(result.float(), F.linear(adapter_input, self.base.weight).float(), scale - 1)
         else:
             # x' = x: reuse W0·x from the base output, s·(W0·x) + b = s·result + (1 − s)·b.
             adapter_input = x
             bias = self.base.bias
-            rescaled = result * scale if bias is None else torch.addcmul((1 - scale) * bias.to(result.dtype), result, scale)
-        return self.add_up_projection(rescaled, self.down_projection(adapter_input), self.lora_B * scale.unsqueeze(1))
+            rescaled = result.float() * scale if bias is None else torch.addcmul((1 - scale) * bias.float(),
+                                                                                  result.float(), scale)
+        down = self.down_projection(adapter_input)
+        if torch.is_autocast_enabled(x.device.type):  # s stays out of the bf16 GEMM's operands
+            return torch.addcmul(rescaled, down @ self.lora_B.t(), scale)
+        # Folding s into B (d_out × r) lets the last term accumulate into the rest in one GEMM.
+        return self.add_up_projection(rescaled, down, self.lora_B * scale.unsqueeze(1)).to(result.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         """W' = m·V/‖V‖_c, exactly, with the norm not detached."""
