@@ -125,6 +125,53 @@ def test_only_adapters_train_and_save_load_round_trip(minilm, batch, tmp_path):
         torch.testing.assert_close(fresh.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
 
 
+def test_the_api_example_runs_for_qlora(minilm, batch):
+    """The README's Python API example with "qlora" and no exclude: the task head outside the
+    backbone is left in full precision, so it can train."""
+    model, _ = minilm
+    variants.inject_adapters(model, "qlora", ["query", "value"], rank=8, alpha=16, dropout=0.1)
+    variants.mark_trainable(model, bias="none", train_modules=["classifier"])
+    assert type(model.classifier) is nn.Linear and model.classifier.weight.dtype == torch.float32
+    assert isinstance(model.bert.encoder.layer[0].intermediate.dense, bnb.nn.Linear4bit)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    head = model.classifier.weight.detach().clone()
+    model.train()
+    model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    optimizer.step()
+    assert not torch.equal(model.classifier.weight, head)
+
+
+def test_a_quantized_train_module_is_one_clear_error(minilm):
+    model, _ = minilm
+    variants.inject_adapters(model, "qlora", ["query"], rank=4, alpha=8)
+    with pytest.raises(ConfigError) as failure:
+        variants.mark_trainable(model, train_modules=["key"])
+    message = str(failure.value)
+    assert "bert.encoder.layer.0.attention.self.key.weight is quantized, so it cannot train" in message
+    assert "pass exclude=['key'] to inject_adapters" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_trainable_biases_keep_fp32_master_weights_under_bf16_compute(minilm, batch, quant_type):
+    """bitsandbytes casts a layer's bias to the compute dtype in place at every forward; a bias
+    that trains must stay fp32, and a step smaller than bf16's resolution must still move it."""
+    model, _ = minilm
+    variants.inject_adapters(model, "qlora", ["query", "value"], rank=4, alpha=8, quant_type=quant_type,
+                             compute_dtype="bf16")
+    variants.mark_trainable(model, bias="all", train_modules=["classifier"])
+    biases = {n: p for n, p in model.named_parameters() if n.endswith(".bias") and "encoder" in n}
+    before = {n: p.detach().clone() for n, p in biases.items()}
+    optimizer = torch.optim.AdamW(list(biases.values()), lr=1e-6)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    optimizer.step()
+    assert {p.dtype for p in biases.values()} == {torch.float32}
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in biases.items())
+    assert 0 < moved < 1e-5  # one Adam step of 1e-6: far below bf16's step at these magnitudes
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"quant_type": "int4"}, "variant.quant_type='int4' is not supported; allowed: nf4, fp4, int8"),
     ({"blocksize": 100}, "variant.blocksize=100 is not supported"),

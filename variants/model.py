@@ -86,8 +86,20 @@ def mark_trainable(model: nn.Module, bias: str = "none", train_modules: Sequence
         if not matched:
             raise ConfigError(f"model.train_modules={list(train_modules)} matches no module")
         for module in matched:
+            _check_full_precision(model, module, train_modules)
             for p in module.parameters():
                 p.requires_grad_(True)
+
+
+def _check_full_precision(model: nn.Module, module: nn.Module, train_modules: Sequence[str]) -> None:
+    """A module that trains in full cannot have quantized (integer-coded) weights."""
+    for name, p in module.named_parameters():
+        if not p.is_floating_point():
+            where = next(n for n, m in model.named_modules() if m is module)
+            raise ConfigError(
+                f"train_modules={list(train_modules)}: {where}.{name} is quantized, so it cannot train; pass "
+                f"exclude={list(train_modules)} to inject_adapters so that the variant leaves it in full precision"
+            )
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -6,7 +6,8 @@ The frozen base weights are stored in 4-bit NormalFloat (NF4) in blocks of 64, e
 its absmax constant; with double quantization those constants are themselves quantized to 8
 bits in blocks of 256 (§3), about 0.5 + 8/64·(1/4)… ≈ 0.52 bytes per parameter in all. Every
 linear layer of the model is quantized, not only the adapted ones; embeddings, norms and the
-task head stay in their own precision. The LoRA factors train in fp32 (bf16 compute under the
+task head (what ``exclude`` names, and the modules outside a Hugging Face model's backbone,
+e.g. ``classifier``, ``lm_head``) stay in their own precision. The LoRA factors train in fp32 (bf16 compute under the
 trainer's autocast on GPUs). bitsandbytes does the quantization and the 4-bit matmul.
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from .base import AdapterLayer, ConfigError, register_variant
 from .lora import LoRALinear
-from .targets import replace_module, within
+from .targets import replace_module, task_head, within
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,18 +59,21 @@ def quantize_linear(
     compute_dtype: str = "auto",
 ) -> nn.Linear:
     """A bitsandbytes copy of ``linear``: ``Linear4bit`` (nf4/fp4) or ``Linear8bitLt`` (int8,
-    LLM.int8 with outlier threshold 6). The bias keeps its precision."""
+    LLM.int8 with outlier threshold 6). The bias keeps its precision, also in training
+    (``bnb_layers``: bitsandbytes' own layers would cast it to bf16 in place)."""
     check_quant_args(quant_type, blocksize, compute_dtype)
     bnb = _bnb()
+    from . import bnb_layers
+
     device = linear.weight.device
     weight = linear.weight.detach().to("cpu", torch.float32)
     has_bias = linear.bias is not None
     if quant_type == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+        layer = bnb_layers.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
                                     has_fp16_weights=False, threshold=6.0)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+        layer = bnb_layers.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
                                   compute_dtype=_compute_dtype(compute_dtype), compress_statistics=double_quant,
                                   quant_type=quant_type)
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant,
@@ -184,12 +188,13 @@ class QLoRALinear(LoRALinear):
         cls, model: nn.Module, targets: Sequence[str], exclude: Sequence[str], **variant_kwargs: Any
     ) -> None:
         """Quantize every ``nn.Linear`` that is neither a target (the layers quantize their own
-        base) nor excluded (the task head)."""
+        base), nor in ``exclude``, nor in the model's task head (``targets.task_head``: the new
+        head trains in full, so it must keep its precision)."""
         quant_args = {k: variant_kwargs[k] for k in ("quant_type", "double_quant", "blocksize", "compute_dtype")
                       if k in variant_kwargs}
-        skip = set(targets)
+        skip, keep = set(targets), [*exclude, *task_head(model)]
         for name, module in list(model.named_modules()):
-            if type(module) is not nn.Linear or name in skip or within(name, exclude):
+            if type(module) is not nn.Linear or name in skip or within(name, keep):
                 continue
             replace_module(model, name, quantize_linear(module, **quant_args))
 

@@ -31,6 +31,17 @@ def within(name: str, roots: Iterable[str]) -> bool:
     return any(f".{r}." in f".{name}." for r in roots)
 
 
+def task_head(model: nn.Module) -> list[str]:
+    """The top-level modules of a Hugging Face model outside its pretrained backbone (the one
+    ``base_model_prefix`` names), e.g. ``classifier`` or ``lm_head``: the task head, new and
+    trained in full. [] for a model without such a backbone attribute (a bare backbone)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not isinstance(getattr(model, prefix, None), nn.Module):
+        return []
+    return [name for name, child in model.named_children()
+            if name != prefix and any(True for _ in child.parameters())]
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule called ``name`` is."""
     parent_name, _, child_name = name.rpartition(".")
