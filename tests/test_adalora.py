@@ -51,18 +51,29 @@ def test_merge_unmerge_round_trip():
     torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=1e-6)
 
 
-def test_orthogonality_regulariser_is_eq4():
-    layer = make_layer(rank=3, orth_reg_weight=0.5)
+@pytest.mark.parametrize("form, expected", [
+    # ‖PᵀP − I‖_F = 3 and ‖QQᵀ − I‖_F = √3 in one module, 0 and 0 in the other.
+    ("mean_norm", 0.5 * (3 + 3 ** 0.5) / 4),   # official code / peft: γ · mean of the 4 norms
+    ("sum_squared", 0.5 * (9 + 3)),            # Eq. 4 as printed: γ · Σ squared norms
+])
+def test_orthogonality_regulariser_both_forms(form, expected):
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(12, 10))
+    variants.inject_adapters(model, "adalora", ["0", "1"], rank=3, alpha=8, orth_reg_weight=0.5, orth_reg_form=form)
+    first, second = model[0], model[1]
     with torch.no_grad():  # orthonormal P columns and Q rows: R = 0
-        layer.lora_P.copy_(torch.eye(10)[:, :3])
-        layer.lora_Q.copy_(torch.eye(12)[:3])
-    assert layer.extra_loss().item() == pytest.approx(0.0)
-    with torch.no_grad():  # PᵀP = diag(4, 1, 1) and QQᵀ = I + off-diagonal 1s between rows 0 and 1
-        layer.lora_P[0, 0] = 2.0
-        layer.lora_Q[0, 1] = 1.0
-    # ‖PᵀP − I‖² = 3² = 9; QQᵀ − I has (0,0) = 1, (0,1) = (1,0) = 1: ‖·‖² = 3.  γ·R = 0.5·12
-    assert layer.extra_loss().item() == pytest.approx(6.0)
-    assert make_layer(orth_reg_weight=0.0).extra_loss() is None
+        for layer in (first, second):
+            layer.lora_P.copy_(torch.eye(10)[:, :3])
+            layer.lora_Q.copy_(torch.eye(12)[:3])
+    assert variants.adapter_loss(model).item() == pytest.approx(0.0)
+    with torch.no_grad():  # PᵀP = diag(4, 1, 1); QQᵀ = I + 1s at (0,0), (0,1), (1,0)
+        first.lora_P[0, 0] = 2.0
+        first.lora_Q[0, 1] = 1.0
+    assert variants.adapter_loss(model).item() == pytest.approx(expected)
+    model = nn.Sequential(nn.Linear(12, 10))
+    variants.inject_adapters(model, "adalora", ["0"], rank=3, alpha=8, orth_reg_weight=0.0)
+    assert variants.adapter_loss(model) is None
+    with pytest.raises(ConfigError, match="variant.orth_reg_form='squared' is not supported; allowed: mean_norm"):
+        make_layer(orth_reg_form="squared")
 
 
 def test_sensitivity_importance_hand_checked():
@@ -191,7 +202,7 @@ def test_matches_peft_adalora(minilm, batch):
     model, _ = minilm
     config = peft.AdaLoraConfig(
         init_r=6, target_r=4, lora_alpha=12, lora_dropout=0.0, target_modules=["query", "value"],
-        task_type="SEQ_CLS", total_step=100,
+        task_type="SEQ_CLS", total_step=100, orth_reg_weight=0.1,
     )
     theirs = peft.get_peft_model(copy.deepcopy(model), config).eval()
     variants.inject_adapters(model, "adalora", ["query", "value"], rank=6, alpha=12)
@@ -214,3 +225,15 @@ def test_matches_peft_adalora(minilm, batch):
             torch.testing.assert_close(
                 layer.delta_weight(), peft_layers[name].get_delta_weight("default"), atol=1e-6, rtol=1e-4
             )
+
+    # The orthogonality term: peft adds γ · mean of the norms to the loss it returns; ours is
+    # variants.adapter_loss, which the trainer adds. Same value and same gradients for P and Q.
+    labels = torch.tensor([0, 1])
+    theirs_loss = theirs(**batch, labels=labels).loss
+    ours_loss = model(**batch, labels=labels).loss + variants.adapter_loss(model)
+    torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-6, rtol=1e-5)
+    ours_loss.backward()
+    theirs_loss.backward()
+    for name, layer in ours.items():
+        torch.testing.assert_close(layer.lora_P.grad, peft_layers[name].lora_B["default"].grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(layer.lora_Q.grad, peft_layers[name].lora_A["default"].grad, atol=1e-6, rtol=1e-4)

@@ -1,7 +1,17 @@
 """AdaLoRA: Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning".
 
     h = W0·x + (α/r)·P·Λ·Q·x                                              (Eq. 3)
-    L = C(P, Λ, Q) + γ·Σ_k R(P_k, Q_k),   R = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F    (Eq. 4)
+    L = C(P, Λ, Q) + γ·Σ_k R(P_k, Q_k),   R = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F    (Eq. 4, printed)
+
+The official code (and peft) regularise differently, and γ = 0.1 was tuned with their form:
+the mean over all 2n matrices of the unsquared Frobenius norms,
+
+    L = C + γ · (1/2n) · Σ_k (‖P_kᵀP_k − I‖_F + ‖Q_kQ_kᵀ − I‖_F)          (``mean_norm``, default)
+
+At initialisation (P, Q ~ N(0, 0.02²): PᵀP ≈ 0.3·I) the printed form is about 0.5·r per
+matrix, summed over all of them: on RoBERTa-base's 24 W_q/W_v at r = 8, γ·R = 18.4, larger than
+the task loss and its gradient above the usual clip, against 0.196 for the reference form
+(94×). ``orth_reg_form="sum_squared"`` gives Eq. 4 as printed.
 
 P: ``(d_out, r)``, Λ = diag(λ): ``(r,)``, Q: ``(r, d_in)``. Λ starts at zero, so the wrapped
 model starts as the base model. During training the budget of kept singular values shrinks
@@ -33,6 +43,7 @@ from torch import nn
 from .base import AdapterLayer, ConfigError, register_variant
 
 IMPORTANCES = ("sensitivity", "magnitude")
+ORTH_REG_FORMS = ("mean_norm", "sum_squared")
 
 
 def _steps(value: float | int, total_steps: int, key: str) -> int:
@@ -66,6 +77,8 @@ class AdaLoRALinear(AdapterLayer):
         target_rank: average rank per module left at the end (b(T) = target_rank × modules);
             None means round(2r/3), the paper's b(0) = 1.5·b(T).
         orth_reg_weight: γ of Eq. 4.
+        orth_reg_form: ``mean_norm`` (the official code's and peft's: γ times the mean of the
+            unsquared norms over all P and Q) or ``sum_squared`` (Eq. 4 as printed).
         importance: ``sensitivity`` (Eq. 6–10, the paper's) or ``magnitude``.
         beta1, beta2: EMA factors of the sensitivity and its uncertainty.
         t_init, t_final: steps at full budget at the start, and with the final allocation frozen
@@ -82,6 +95,7 @@ class AdaLoRALinear(AdapterLayer):
         dropout: float = 0.0,
         target_rank: float | None = None,
         orth_reg_weight: float = 0.1,
+        orth_reg_form: str = "mean_norm",
         importance: str = "sensitivity",
         beta1: float = 0.85,
         beta2: float = 0.85,
@@ -103,13 +117,17 @@ class AdaLoRALinear(AdapterLayer):
             raise ConfigError(f"variant.delta_t={delta_t!r} must be a positive integer")
         if orth_reg_weight < 0:
             raise ConfigError(f"variant.orth_reg_weight={orth_reg_weight!r} must be >= 0")
+        if orth_reg_form not in ORTH_REG_FORMS:
+            raise ConfigError(
+                f"variant.orth_reg_form={orth_reg_form!r} is not supported; allowed: {', '.join(ORTH_REG_FORMS)}"
+            )
         if not 0 <= dropout < 1:
             raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
         _steps(t_init, 1, "t_init"), _steps(t_final, 1, "t_final")
 
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.target_rank = target_rank
-        self.orth_reg_weight = orth_reg_weight
+        self.orth_reg_weight, self.orth_reg_form = orth_reg_weight, orth_reg_form
         self.importance = importance
         self.beta1, self.beta2 = beta1, beta2
         self.t_init, self.t_final, self.delta_t = t_init, t_final, delta_t
@@ -163,14 +181,22 @@ class AdaLoRALinear(AdapterLayer):
         kept = state["rank_mask"].bool()
         return state["lora_Q"][kept], (state["lora_P"] * state["lora_E"])[:, kept]
 
-    def extra_loss(self) -> torch.Tensor | None:
-        """γ·R(P, Q), Eq. 4."""
-        if self.orth_reg_weight == 0:
-            return None
+    def orthogonality_residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared."""
         eye = torch.eye(self.rank, dtype=self.lora_P.dtype, device=self.lora_P.device)
-        p_gram = self.lora_P.t() @ self.lora_P
-        q_gram = self.lora_Q @ self.lora_Q.t()
-        return self.orth_reg_weight * ((p_gram - eye).pow(2).sum() + (q_gram - eye).pow(2).sum())
+        return (torch.linalg.matrix_norm(self.lora_P.t() @ self.lora_P - eye),
+                torch.linalg.matrix_norm(self.lora_Q @ self.lora_Q.t() - eye))
+
+    @classmethod
+    def adapter_loss(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
+        """γ times the orthogonality regulariser over all modules: the mean of the norms
+        (``mean_norm``) or the sum of their squares (``sum_squared``, Eq. 4)."""
+        first = next(iter(layers.values()))
+        if first.orth_reg_weight == 0:
+            return None
+        norms = torch.stack([norm for layer in layers.values() for norm in layer.orthogonality_residuals()])
+        regulariser = norms.mean() if first.orth_reg_form == "mean_norm" else norms.pow(2).sum()
+        return first.orth_reg_weight * regulariser
 
     @torch.no_grad()
     def update_importance(self) -> None:
@@ -263,5 +289,5 @@ class AdaLoRALinear(AdapterLayer):
     def extra_repr(self) -> str:
         return (
             f"rank={self.rank}, kept={self.kept_rank}, target_rank={self.target_rank}, alpha={self.alpha}, "
-            f"importance={self.importance}, {super().extra_repr()}"
+            f"importance={self.importance}, orth_reg_form={self.orth_reg_form}, {super().extra_repr()}"
         )

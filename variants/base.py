@@ -18,10 +18,10 @@ never asks which variant it is running. There are two kinds:
   (full fine-tuning, BitFit, the task head alone).
 
 Model-wide hooks, on the class: ``inject`` (change the model), ``trainable_parameters`` (what
-trains), ``check_total_steps``, ``on_train_begin``, ``after_optimizer_step`` and
-``learning_rate`` (rank allocation, schedules, phases), ``state_to_save`` (what a saved run must
-carry besides the trainable parameters) and ``report`` (facts for the run's summary). The
-training hooks default to nothing.
+trains), ``check_total_steps``, ``on_train_begin``, ``adapter_loss``, ``after_optimizer_step`` and
+``learning_rate`` (regularisers, rank allocation, schedules, phases), ``state_to_save`` (what a
+saved run must carry besides the trainable parameters) and ``report`` (facts for the run's
+summary). The training hooks default to nothing.
 """
 
 from __future__ import annotations
@@ -90,6 +90,13 @@ class Variant:
         still populated (the trainer zeroes them afterwards), so gradient-based statistics can
         be accumulated here. Returns metrics to log."""
         return {}
+
+    @classmethod
+    def adapter_loss(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
+        """A term added to the training loss, or None: by default the sum of the layers'
+        ``extra_loss()`` (a variant whose term is not a sum over layers overrides this)."""
+        terms = [t for layer in layers.values() if (t := layer.extra_loss()) is not None]
+        return torch.stack(terms).sum() if terms else None
 
     @classmethod
     def learning_rate(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], lr: float) -> float:

@@ -135,8 +135,9 @@ def merge_and_unwrap(model: nn.Module) -> None:
 
 
 def adapter_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of every layer's ``extra_loss()``; None when no layer adds one."""
-    terms = [t for _, layer in adapter_layers(model) if (t := layer.extra_loss()) is not None]
+    """The variants' terms for the training loss (``Variant.adapter_loss``), summed; None when
+    no variant adds one."""
+    terms = [t for cls, layers in _variants(model).items() if (t := cls.adapter_loss(model, layers)) is not None]
     return torch.stack(terms).sum() if terms else None
 
 
