@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 import variants
 from training.data import make_loader
 from training.smoke_task import generate
+from training import optim
 from training.device import peak_memory_mb, reset_peak_memory
 from training.trainer import check_trainer_config, plan_run
 from helpers.loop import train_in_process
@@ -79,6 +80,7 @@ def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
     ("epochs", 0, "trainer.epochs=0 must be null or a number > 0"),
     ("scheduler", "step", "trainer.scheduler='step' must be one of linear, cosine"),
     ("checkpoint_every", 0, "trainer.checkpoint_every=0 must be null or a positive integer"),
+    ("weight_decay_on", "some", "trainer.weight_decay_on='some' must be one of matrices, all"),
     ("optimizer", "sgd", "trainer.optimizer='sgd' must be one of auto, adamw, paged_adamw_32bit, paged_adamw_8bit"),
 ])
 def test_trainer_config_errors_name_the_key(key, value, message):
@@ -105,3 +107,34 @@ def test_peak_memory_restarts_with_each_run():
         pytest.skip("this OS cannot reset a process's peak RSS")
     after, kind = peak_memory_mb(cpu)
     assert kind == "process_max_rss" and after < before - 150
+
+
+def decay_groups(model, on="matrices"):
+    cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.1, "weight_decay_on": on, "scheduler": "linear",
+                            "warmup_ratio": 0.0, "optimizer": "auto"})
+    decayed, kept = optim.build(cfg, model, 10, torch.device("cpu")).optimizer.param_groups
+    assert (decayed["weight_decay"], kept["weight_decay"]) == (0.1, 0.0)
+    return set(decayed["param_names"]), set(kept["param_names"])
+
+
+@pytest.mark.parametrize("variant, kwargs, bias", [
+    ("dora", {"rank": 4, "alpha": 8}, "all"), ("adalora", {"rank": 4, "alpha": 8}, "none"), ("full", {}, "none"),
+])
+def test_weight_decay_applies_to_matrices_only(minilm, variant, kwargs, bias):
+    """The reference trainers' rule: no decay on biases and LayerNorm weights; here also none on
+    1-D adapter tensors (DoRA's magnitude, AdaLoRA's lambda), which are the weights' own scale."""
+    model, _ = minilm
+    targets = None if variant == "full" else ["query", "value"]
+    variants.inject_adapters(model, variant, targets, exclude=["classifier"], **kwargs)
+    variants.mark_trainable(model, bias=bias, train_modules=["classifier"])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decayed, kept = decay_groups(model)
+    assert decayed | kept == set(trainable) and not decayed & kept
+    assert decayed == {n for n, p in trainable.items() if p.ndim == 2}
+    assert {n for n in kept if n.endswith((".magnitude", ".lora_E"))} == {
+        n for n in trainable if n.endswith((".magnitude", ".lora_E"))}
+    assert all(n.endswith((".bias", "LayerNorm.weight", ".magnitude", ".lora_E")) for n in kept)
+    if variant == "full":
+        assert "bert.embeddings.word_embeddings.weight" in decayed and "bert.embeddings.LayerNorm.weight" in kept
+    decayed_all, kept_all = decay_groups(model, on="all")
+    assert decayed_all == set(trainable) and not kept_all
