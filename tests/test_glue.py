@@ -164,11 +164,19 @@ def test_metrics_against_hand_computed_values():
 def test_paper_experiment_config_takes_each_tasks_hyperparameters():
     from hydra import compose, initialize_config_dir
 
+    from training.experiment import variant_kwargs
+
     with initialize_config_dir(config_dir=str(CONF.parent), version_base=None):
         for task, (batch, epochs, lr) in {"rte": (32, 80, 5e-4), "mrpc": (16, 30, 4e-4), "stsb": (16, 40, 4e-4)}.items():
             cfg = compose("config", overrides=["+experiment=lora_paper_roberta_base", f"task={task}", "variant=dora"])
             trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
             assert (trainer["batch_size"], trainer["epochs"], trainer["lr"]) == (batch, epochs, lr)
             assert (trainer["warmup_ratio"], trainer["scheduler"], trainer["eval_every"]) == (0.06, "linear", "epoch")
-            assert (cfg.rank, cfg.alpha, cfg.model.name_or_path, cfg.model.max_length) == (8, 8, "roberta-base", 512)
+            # alpha 16 and no adapter dropout, fp32, decay 0.1 on matrices: the official scripts
+            assert (cfg.rank, cfg.alpha, cfg.model.name_or_path, cfg.model.max_length) == (8, 16, "roberta-base", 512)
             assert cfg.variant.name == "dora" and list(cfg.variant.targets) == ["query", "value"]
+            assert cfg.variant.dropout == 0.0 and trainer["precision"] == "fp32"
+            assert (trainer["weight_decay"], trainer["weight_decay_on"]) == (0.1, "matrices")
+        # The same experiment for a baseline, which has no adapter dropout to set.
+        cfg = compose("config", overrides=["+experiment=lora_paper_roberta_base", "task=rte", "variant=full"])
+        assert "dropout" not in variant_kwargs(cfg.variant)

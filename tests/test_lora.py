@@ -208,3 +208,33 @@ def test_all_linear_excludes_everything_inside_a_two_layer_head():
     head.add_module("out_proj", nn.Linear(8, 2))
     model.add_module("classifier", head)
     assert variants.find_target_modules(model, "all-linear", exclude=["classifier"]) == ["encoder"]
+
+
+def test_init_from_loads_the_adapter_tensors_and_nothing_else(minilm, tmp_path):
+    """The LoRA paper's warm start: adapters from another task's run; the head stays new."""
+    model, _ = minilm
+    source, other, dora = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    variants.inject_adapters(source, "lora", ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
+    variants.mark_trainable(source, train_modules=["classifier"])
+    with torch.no_grad():
+        for _, layer in variants.adapter_layers(source):
+            layer.lora_B.normal_(std=0.02)
+        source.classifier.weight.add_(1.0)
+    variants.save_adapter(source, tmp_path / "mnli.safetensors")
+
+    variants.inject_adapters(model, "lora", ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
+    head = model.classifier.weight.detach().clone()
+    loaded = variants.init_adapters_from(model, tmp_path / "mnli.safetensors")
+    assert len(loaded) == 24 and all(n.endswith(("lora_A", "lora_B")) for n in loaded)
+    ours, theirs = dict(variants.adapter_layers(model)), dict(variants.adapter_layers(source))
+    for name, layer in ours.items():
+        assert torch.equal(layer.lora_A, theirs[name].lora_A) and torch.equal(layer.lora_B, theirs[name].lora_B)
+    assert torch.equal(model.classifier.weight, head)
+
+    variants.inject_adapters(other, "lora", ["query", "value"], rank=8, alpha=16, exclude=["classifier"])
+    with pytest.raises(ConfigError, match=r"'bert.encoder.layer.0.attention.self.query.lora_A' is of shape \(4, 384\), "
+                                          r"this run needs shape \(8, 384\)"):
+        variants.init_adapters_from(other, tmp_path / "mnli.safetensors")
+    variants.inject_adapters(dora, "dora", ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
+    with pytest.raises(ConfigError, match="holds a 'lora' adapter; this run's variant is 'dora'"):
+        variants.init_adapters_from(dora, tmp_path / "mnli.safetensors")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from test_data import write_sst2
 from training import run_experiment
@@ -161,6 +162,20 @@ def test_mnli_and_stsb_from_glue_folders(tmp_path):
             assert set(summary["eval"]) == {"loss", "pearson", "spearman"}
         assert summary["eval_best"]["step"] == 2  # eval_every=epoch: 2 examples, batch 1 → after step 2
 
+    # The LoRA paper's warm start: STS-B's adapters start as MNLI's (its 3-class head is not
+    # loaded into the 1-output regression head). At lr 1e-12 they end where they started.
+    run_dir = tmp_path / "stsb_from_mnli"
+    result = run_py("trainer.max_steps=2", "trainer.batch_size=1", "trainer.lr=1e-12", "task=stsb",
+                    f"task.data_dir={tmp_path / 'stsb'}", f"init_from={tmp_path / 'run_mnli'}",
+                    "tracking.mode=disabled", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["init_from"] == str(tmp_path / "run_mnli")
+    mnli, stsb = load_file(tmp_path / "run_mnli" / "adapter.safetensors"), load_file(run_dir / "adapter.safetensors")
+    lora = [k for k in mnli if "lora_" in k]
+    assert len(lora) == 24 and max((stsb[k] - mnli[k]).abs().max().item() for k in lora) < 1e-8
+    assert mnli["bert.encoder.layer.0.attention.self.query.lora_B"].abs().max() > 0  # MNLI's trained B
+    assert stsb["classifier.weight"].shape == (1, 384) and mnli["classifier.weight"].shape == (3, 384)
+
 
 def test_local_glue_folder_and_model_path(tmp_path):
     """Real-data path offline: SST-2 from a GLUE-format folder, model from a local folder."""
@@ -216,6 +231,7 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
         ("variant=full variant.train_embeddings=maybe", "variant.train_embeddings='maybe' must be true or false"),
         ("variant=bitfit variant.targets=[LayerNorm.weight]", "variant.targets=['LayerNorm.weight'] names no module with a bias"),
         ("variant=head variant.targets=[q_proj]", "variant.targets=['q_proj'] names no module with parameters"),
+        ("init_from=/no/such/run", "init_from='/no/such/run' does not exist; allowed: a finished run dir or its"),
     ],
 )
 def test_bad_config_values_fail_before_anything_is_written(tmp_path, override, message):

@@ -110,6 +110,9 @@ def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrain
         model, cfg.variant.name, targets, rank=cfg.rank, alpha=cfg.alpha, exclude=head, **variant_kwargs(cfg.variant),
     )
     variants.mark_trainable(model, bias=cfg.variant.get("bias", "none"), train_modules=head)
+    if cfg.get("init_from"):
+        loaded = variants.init_adapters_from(model, adapter_file(cfg.init_from))
+        log.info("init_from %s: %d adapter tensors", cfg.init_from, len(loaded))
     trainable, total = variants.count_parameters(model)
     log.info("%s on %d modules: %d / %d parameters trainable (%.3f%%)", cfg.variant.name, len(adapted), trainable,
              total, 100 * trainable / total)
@@ -127,6 +130,16 @@ def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examp
         for name, examples in eval_sets.items()
     }
     return train_loader, eval_loaders
+
+
+def adapter_file(path: str) -> Path:
+    """``init_from``: a run dir (its adapter.safetensors) or an adapter file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / rundir.ADAPTER
+    if not path.is_file():
+        raise ConfigError(f"init_from={str(path)!r} does not exist; allowed: a finished run dir or its {rundir.ADAPTER}")
+    return path
 
 
 def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> dict[str, Any] | None:
@@ -196,6 +209,7 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
         "wandb_group": cfg.tracking.group or group,
         "adapter_report": variants.adapter_report(model),
+        "init_from": cfg.get("init_from"),
     }
     if replica_difference is not None:
         summary["replica_max_abs_diff"] = replica_difference  # 0.0: every process holds rank 0's weights

@@ -257,6 +257,35 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return config
 
 
+def init_adapters_from(model: nn.Module, path: str | Path) -> list[str]:
+    """Start the model's adapters from another run's (the LoRA paper's warm start: its MRPC,
+    RTE and STS-B adapters began as the MNLI one). Loads exactly the adapter layers' own tensors
+    (A, B, DoRA's m, AdaLoRA's P, λ, Q and mask), never the task head or trained biases, which
+    belong to the other task. Every adapter tensor of the model must be in the file with the
+    same shape, and the file must come from the same variant. Returns the names loaded."""
+    config = read_adapter_config(path)
+    ours = adapter_config(model).get("variant")
+    if config.get("variant") != ours:
+        raise ConfigError(f"init_from={str(path)!r} holds a {config.get('variant')!r} adapter; this run's variant "
+                          f"is {ours!r}")
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"init_from={str(path)!r} is not a readable safetensors file ({err})") from None
+    own = dict(_adapter_tensors(model))
+    if not own:
+        raise ConfigError(f"init_from={str(path)!r}: variant {ours!r} has no adapter tensors to start from a file")
+    for name, tensor in own.items():
+        if name not in saved or saved[name].shape != tensor.shape:
+            found = "missing" if name not in saved else f"of shape {tuple(saved[name].shape)}"
+            raise ConfigError(f"init_from={str(path)!r}: {name!r} is {found}, this run needs shape "
+                              f"{tuple(tensor.shape)} (same variant, rank and targets)")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(saved[name])
+    return list(own)
+
+
 def _adapter_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers of the adapter layers, outside the wrapped base layer."""
     for layer_name, layer in adapter_layers(model):
