@@ -98,7 +98,9 @@ def test_qlora_and_staged_runs(tmp_path):
                     f"hydra.run.dir={qlora_dir}")
     assert result.returncode == 0, result.stderr
     assert "paged_adamw_8bit needs CUDA; using plain AdamW on cpu" in (qlora_dir / "run.log").read_text()
-    quantization = assert_run_dir(qlora_dir)["adapter_report"]["quantization"]
+    summary = assert_run_dir(qlora_dir)
+    assert summary["optimizer"] == "adamw" and len(summary["adapted_modules"]) == 37  # all-linear but the head
+    quantization = summary["adapter_report"]["quantization"]
     assert quantization["quant_type"] == "nf4" and quantization["double_quant"] is True
     assert quantization["quantized_linears"] == 37 and 0.51 < quantization["bytes_per_param"] < 0.53
 

@@ -1,5 +1,6 @@
 """The trainer reaches variants only through the hooks: train begin, extra loss, after-optimizer-step."""
 
+import copy
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -138,3 +139,18 @@ def test_weight_decay_applies_to_matrices_only(minilm, variant, kwargs, bias):
         assert "bert.embeddings.word_embeddings.weight" in decayed and "bert.embeddings.LayerNorm.weight" in kept
     decayed_all, kept_all = decay_groups(model, on="all")
     assert decayed_all == set(trainable) and not kept_all
+
+
+def test_auto_optimizer_is_the_variants_papers_on_cuda(minilm):
+    """trainer.optimizer=auto: QLoRA's paged AdamW on CUDA (QLoRA §3), AdamW elsewhere and for
+    the other variants. Only the device object is used: no GPU needed."""
+    from training.optim import resolve_optimizer
+
+    qlora, lora = minilm[0], copy.deepcopy(minilm[0])
+    variants.inject_adapters(qlora, "qlora", "all-linear", rank=4, alpha=8, exclude=["classifier"])
+    variants.inject_adapters(lora, "lora", ["query"], rank=4, alpha=8)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_optimizer("auto", qlora, cuda) == "paged_adamw_32bit"
+    assert resolve_optimizer("auto", qlora, cpu) == "adamw"
+    assert resolve_optimizer("auto", lora, cuda) == "adamw"
+    assert resolve_optimizer("paged_adamw_8bit", lora, cuda) == "paged_adamw_8bit"

@@ -52,7 +52,7 @@ class DataPosition:
 class TrainState:
     step: int = 0
     phase: int = 1  # counts the trainable sets: a variant that switches what trains starts phase 2
-    phases: list[dict[str, Any]] = field(default_factory=list)  # {"phase", "start_step", "peak_lr"} each
+    phases: list[dict[str, Any]] = field(default_factory=list)  # {"phase", "start_step", "peak_lr", "optimizer"}
     data: DataPosition = field(default_factory=DataPosition)
     # Since the last logged record; device tensors, so that a step does not wait for the GPU.
     loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
@@ -90,11 +90,11 @@ class TrainState:
         else:
             self.extra_eval_metrics[name] = metrics
 
-    def begin_phase(self, peak_lr: float) -> None:
+    def begin_phase(self, peak_lr: float, optimizer: str) -> None:
         """A new optimizer over a new trainable set (phase 1 at the start)."""
         if self.phases:
             self.phase += 1
-        self.phases.append({"phase": self.phase, "start_step": self.step, "peak_lr": peak_lr})
+        self.phases.append({"phase": self.phase, "start_step": self.step, "peak_lr": peak_lr, "optimizer": optimizer})
 
     @property
     def median_step_time_s(self) -> float:

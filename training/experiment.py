@@ -189,6 +189,7 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "eval_extra": state.extra_eval_metrics,
         "eval_best": best_eval(state.eval_history, cfg.task.main_metric),
         "peak_lr": state.phases[0]["peak_lr"],
+        "optimizer": state.phases[0]["optimizer"],
         "phases": state.phases,
         "trainable_params": trainable,
         "total_params": total,

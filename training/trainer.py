@@ -127,7 +127,7 @@ def train(
 
     if resume is None:
         state, opt = TrainState.start(runtime.device), new_optimization(0)
-        state.begin_phase(opt.peak_lr)
+        state.begin_phase(opt.peak_lr, opt.optimizer_name)
     else:
         state, opt = checkpoint.restore(resume, raw_model, new_optimization, runtime.device)
     model = distributed.wrap(raw_model, runtime.context)
@@ -155,7 +155,7 @@ def train(
             if not last and not opt.covers(raw_model):  # a variant changed what trains (staged's switch)
                 opt = new_optimization(state.step)
                 model = distributed.wrap(raw_model, runtime.context)  # DDP must know the new set
-                state.begin_phase(opt.peak_lr)
+                state.begin_phase(opt.peak_lr, opt.optimizer_name)
                 progress.write(f"after step {state.step}: the trainable parameters changed, phase {state.phase} starts")
             if checkpoint_path is not None and cfg.get("checkpoint_every") and not last and (
                 state.step % cfg.checkpoint_every == 0
