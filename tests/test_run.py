@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -113,6 +114,16 @@ def test_qlora_and_staged_runs(tmp_path):
     assert [r["phase"] for r in records if "train/loss" in r] == [1, 2]
     with safe_open(str(staged_dir / "adapter.safetensors"), "pt") as f:  # the fully fine-tuned weights too
         assert "bert.embeddings.word_embeddings.weight" in f.keys()
+
+
+def test_a_bf16_checkpoint_trains_fp32_adapters(tmp_path):
+    run_dir = tmp_path / "bf16"
+    result = run_py(*TINY, "variant=dora", "model.dtype=bfloat16", "tracking.mode=disabled", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    saved = load_file(run_dir / "adapter.safetensors")
+    adapter = {k: v.dtype for k, v in saved.items() if k.endswith(("lora_A", "lora_B", "magnitude"))}
+    assert len(adapter) == 36 and set(adapter.values()) == {torch.float32}
+    assert saved["classifier.weight"].dtype == torch.bfloat16  # the head trains in the model's dtype
 
 
 def test_baselines_run_as_variants_in_one_sweep(tmp_path, capsys):
@@ -233,6 +244,7 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
         ("variant=full variant.train_embeddings=maybe", "variant.train_embeddings='maybe' must be true or false"),
         ("variant=bitfit variant.targets=[LayerNorm.weight]", "variant.targets=['LayerNorm.weight'] names no module with a bias"),
         ("variant=head variant.targets=[q_proj]", "variant.targets=['q_proj'] names no module with parameters"),
+        ("model.dtype=double", "model.dtype='double' is not supported; allowed: float32, bfloat16, float16, auto"),
         ("init_from=/no/such/run", "init_from='/no/such/run' does not exist; allowed: a finished run dir or its"),
     ],
 )

@@ -99,7 +99,7 @@ def variant_kwargs(variant_cfg: DictConfig) -> dict[str, Any]:
 def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
     """The pretrained model with the variant applied and its trainable set chosen, on the
     device; the tokenizer; the adapted module names."""
-    model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels)
+    model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels, cfg.model.get("dtype", "float32"))
     if cfg.model.get("dropout") is not None:
         set_dropout(model, cfg.model.dropout)
     head = list(cfg.model.train_modules)

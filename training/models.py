@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -27,15 +28,22 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, num_labels: int) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_model(name_or_path: str, num_labels: int, dtype: str = "float32") -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """A sequence-classification model (``num_labels == 1`` means regression) and its tokenizer.
 
-    The encoder comes pretrained; the classification head is new and must be trained.
+    The encoder comes pretrained; the classification head is new and must be trained. ``dtype``
+    is the weights' dtype (``model.dtype``): ``float32`` (default), ``bfloat16``, ``float16``,
+    or ``auto`` (as the checkpoint stores them). Adapters train in fp32 whatever it is.
     """
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     source = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, register_variant
+from .base import AdapterLayer, ConfigError, adapter_dtype, register_variant
 
 IMPORTANCES = ("sensitivity", "magnitude")
 ORTH_REG_FORMS = ("mean_norm", "sum_squared")
@@ -131,7 +131,7 @@ class AdaLoRALinear(AdapterLayer):
         self.importance = importance
         self.beta1, self.beta2 = beta1, beta2
         self.t_init, self.t_final, self.delta_t = t_init, t_final, delta_t
-        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        dtype = adapter_dtype(base)
         device = base.weight.device
         self.lora_P = nn.Parameter(torch.randn(self.out_features, rank, dtype=dtype, device=device) * init_std)
         self.lora_E = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))  # λ, the diagonal of Λ

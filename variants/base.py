@@ -117,6 +117,14 @@ class Variant:
         return {}
 
 
+def adapter_dtype(base: nn.Linear) -> torch.dtype:
+    """The dtype adapter parameters train in: fp32 over a bf16, fp16 or quantized base (low-
+    precision master weights would round away small updates; peft casts its adapters the same
+    way), else the base's own (fp32, fp64)."""
+    dtype = base.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class AdapterLayer(Variant, nn.Module):
     """Base class for adapter variants wrapping a frozen ``nn.Linear``.
 

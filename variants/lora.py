@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, register_variant
+from .base import AdapterLayer, ConfigError, adapter_dtype, register_variant
 
 A_INITS = ("kaiming", "gaussian")
 
@@ -47,7 +47,7 @@ class LoRALinear(AdapterLayer):
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
-        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        dtype = adapter_dtype(base)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
