@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from training import rundir
+
 COLUMNS = ("variant", "rank", "alpha", "seed", "task", "metric", "value", "trainable_params",
            "step_time_s", "peak_memory_mb", "run_dir")
 
@@ -33,23 +35,39 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def summary_row(summary: dict, evaluation: str = "eval") -> dict:
+    """The fields of one completed run's summary that tables use. ``evaluation``: ``eval`` (the
+    last evaluation) or ``eval_best`` (the best one); ``extra`` holds the other eval sets' main
+    metric at the same evaluation (MNLI mismatched). ``method_params`` is what the method trains
+    without the task head (runs from before it was recorded: all trainable parameters)."""
+    metric = summary["main_metric"]
+    extra_key = "eval_extra_best" if evaluation == "eval_best" else "eval_extra"
+    return {
+        **{k: summary.get(k) for k in ("variant", "rank", "alpha", "seed", "task", "trainable_params")},
+        "method_params": summary.get("method_params", summary.get("trainable_params")),
+        "head_params": summary.get("head_params"),
+        "metric": metric,
+        "value": summary.get(evaluation, summary["eval"])[metric],
+        "extra": {name: sets[metric] for name, sets in (summary.get(extra_key) or {}).items() if metric in sets},
+    }
+
+
 def collect(roots: list[Path], evaluation: str = "eval") -> list[dict]:
-    """One row per completed run's summary.json below ``roots`` (failed runs are skipped);
-    ``evaluation`` picks the summary's ``eval`` (the last evaluation) or ``eval_best`` (the best
-    one). Baselines have rank and alpha None. ``config`` holds the run's resolved config.yaml,
-    flattened, so tables can tell apart runs that differ in more than the seed."""
+    """One row per completed run's summary.json below ``roots`` (failed runs are skipped), with
+    ``summary_row``'s fields. Baselines have rank and alpha None. ``config`` holds the run's
+    resolved config.yaml, flattened, so tables can tell apart runs that differ in more than the
+    seed."""
     rows = []
     for root in roots:
-        for path in sorted(root.rglob("summary.json")):
+        for path in sorted(root.rglob(rundir.SUMMARY)):
             summary = json.loads(path.read_text())
             if summary.get("status") != "completed":
                 continue
-            config_path = path.parent / "config.yaml"
-            metric = summary["main_metric"]
+            config_path = path.parent / rundir.CONFIG
+            row = summary_row(summary, evaluation)
             rows.append({
-                **{k: summary[k] for k in ("variant", "rank", "alpha", "seed", "task", "trainable_params")},
-                "metric": metric,
-                "value": round(summary.get(evaluation, summary["eval"])[metric], 4),
+                **row,
+                "value": round(row["value"], 4),
                 "step_time_s": round(summary["step_time_s"], 4),
                 "peak_memory_mb": round(summary["peak_memory_mb"]),
                 "run_dir": str(path.parent),
@@ -75,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = collect(args.roots)
     if not rows:
-        print(f"error: no summary.json below {', '.join(map(str, args.roots))}", file=sys.stderr)
+        print(f"error: no {rundir.SUMMARY} below {', '.join(map(str, args.roots))}", file=sys.stderr)
         return 2
     print(markdown(rows))
     if args.csv:

@@ -79,10 +79,11 @@ def test_glue_table_mean_std_over_seeds_in_paper_order(tmp_path, capsys):
     assert lora["avg"] == pytest.approx((86.0 + 72.0) / 2)
     assert glue_table.main([str(tmp_path), "--csv", str(tmp_path / "t.csv")]) == 0
     out = capsys.readouterr().out
-    assert "| lora | 0.008M | 86.0 ± 0.0 (n=1) | 72.0 ± 2.8 (n=2) | 79.0 |" in out
-    assert "| dora | 0.008M | – | 75.0 ± 0.0 (n=1) | 75.0 |" in out
+    assert "| lora | 0.008M | – | 86.0 ± 0.0 (n=1) | 72.0 ± 2.8 (n=2) | 79.0 |" in out  # no head count recorded
+    assert "| dora | 0.008M | – | – | 75.0 ± 0.0 (n=1) | 75.0 |" in out
+    assert "Cells: mean ± std over seeds of each run's last evaluation" in out
     assert (tmp_path / "t.csv").read_text().splitlines()[0] == (
-        "method,trainable_params,mnli_mean,mnli_std,mnli_n,rte_mean,rte_std,rte_n,avg")
+        "method,method_params,head_params,mnli_mean,mnli_std,mnli_n,rte_mean,rte_std,rte_n,avg")
     run("e", "lora", "rte", 2, 0.72, rank=64)  # two ranks of one variant: one row each
     _, table = glue_table.aggregate(glue_table.collect([tmp_path]))
     assert {row["method"] for row in table} == {"dora", "lora r=8", "lora r=64"}
@@ -107,3 +108,30 @@ def test_glue_table_mean_std_over_seeds_in_paper_order(tmp_path, capsys):
         "full train_embeddings=true trainer.lr=5e-05", "full train_embeddings=true trainer.lr=0.0001",
         "full train_embeddings=false trainer.lr=5e-05", "full train_embeddings=false trainer.lr=0.0001"}
     assert glue_table.main([]) == 2
+
+
+def test_glue_table_paper_convention_mnli_both_sets_and_head_apart(tmp_path, capsys):
+    """--paper: the median over seeds of each run's best evaluation; MNLI's mismatched set in its
+    own column (at the best matched step); the method's parameters apart from the head's."""
+    from analysis import glue_table
+
+    for seed, (last, best, mm_last, mm_best) in enumerate([(0.80, 0.86, 0.79, 0.85), (0.82, 0.84, 0.81, 0.83),
+                                                           (0.70, 0.88, 0.69, 0.87)]):
+        folder = tmp_path / f"mnli{seed}"
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps({
+            "status": "completed", "variant": "lora", "rank": 8, "alpha": 16, "seed": seed, "task": "mnli",
+            "trainable_params": 297_219, "method_params": 294_912, "head_params": 2_307, "main_metric": "accuracy",
+            "eval": {"accuracy": last}, "eval_best": {"step": 3, "accuracy": best},
+            "eval_extra": {"mismatched": {"accuracy": mm_last}},
+            "eval_extra_best": {"mismatched": {"accuracy": mm_best}}, "step_time_s": 0.1, "peak_memory_mb": 1,
+        }))
+    assert glue_table.main([str(tmp_path), "--paper", "--csv", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "| method | # params | # head | mnli | mnli-mm | avg |" in out
+    assert "| lora | 0.295M | 0.002M | 86.0 (84.0–88.0) | 85.0 (83.0–87.0) | 86.0 |" in out  # avg: main sets only
+    assert "median (min–max) over seeds of each run's best evaluation on the dev set (best epoch" in out
+    assert (tmp_path / "t.csv").read_text().splitlines()[0].startswith(
+        "method,method_params,head_params,mnli_median,mnli_min,mnli_max,mnli_n,mnli-mm_median")
+    tasks, table = glue_table.aggregate(glue_table.collect([tmp_path]), stat="mean")  # last evaluations
+    assert tasks == ["mnli", "mnli-mm"] and table[0]["mnli"][0] == pytest.approx(77.333333)

@@ -145,10 +145,13 @@ def test_baselines_run_as_variants_in_one_sweep(tmp_path, capsys):
     assert all(k.endswith(".bias") or k.startswith("classifier.") for k in saved["bitfit"])
     assert head["trainable_params"] < bitfit["trainable_params"] < full["trainable_params"] == full["total_params"]
     assert full["peak_lr"] == 5e-5 and bitfit["peak_lr"] == 1e-3  # full's own rate; bitfit takes trainer.lr
+    assert (head["method_params"], head["head_params"]) == (0, 770)  # the paper tables count the method alone
+    assert full["method_params"] == full["total_params"] - 770 and bitfit["head_params"] == 770
     assert saved["head"] < saved["bitfit"] < saved["full"] and "bert.embeddings.word_embeddings.weight" in saved["full"]
     capsys.readouterr()
     assert glue_table.main([str(sweep_dir)]) == 0
-    rows = [line.split(" | ")[0].lstrip("| ") for line in capsys.readouterr().out.splitlines()[2:]]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table[1:]]
     assert rows == ["bitfit", "full", "head"]
 
 
@@ -171,6 +174,7 @@ def test_mnli_and_stsb_from_glue_folders(tmp_path):
         if task == "mnli":
             assert set(summary["eval_extra"]) == {"mismatched"} and "accuracy" in summary["eval_extra"]["mismatched"]
             assert any("eval_mismatched/accuracy" in r for r in records)
+            assert set(summary["eval_extra_best"]) == {"mismatched"}  # at the best matched evaluation
         else:
             assert set(summary["eval"]) == {"loss", "pearson", "spearman"}
         assert summary["eval_best"]["step"] == 2  # eval_every=epoch: 2 examples, batch 1 → after step 2

@@ -63,6 +63,7 @@ class TrainState:
     eval_metrics: dict[str, float] = field(default_factory=dict)  # the main eval set, last evaluation
     extra_eval_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # other eval sets, last
     eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, main metrics)
+    extra_eval_history: dict[str, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)  # same, per set
     train_time_s: float = 0.0  # up to the last checkpoint or the end
 
     @classmethod
@@ -89,6 +90,7 @@ class TrainState:
             self.eval_history.append((self.step, metrics))
         else:
             self.extra_eval_metrics[name] = metrics
+            self.extra_eval_history.setdefault(name, []).append((self.step, metrics))
 
     def begin_phase(self, peak_lr: float, optimizer: str) -> None:
         """A new optimizer over a new trainable set (phase 1 at the start)."""
@@ -110,6 +112,8 @@ class TrainState:
             "step_times_s": list(self.step_times_s), "eval_metrics": self.eval_metrics,
             "extra_eval_metrics": self.extra_eval_metrics,
             "eval_history": [[step, metrics] for step, metrics in self.eval_history],
+            "extra_eval_history": {name: [[step, metrics] for step, metrics in history]
+                                   for name, history in self.extra_eval_history.items()},
             "train_time_s": self.train_time_s,
         }
 
@@ -123,6 +127,8 @@ class TrainState:
             step_times_s=list(saved["step_times_s"]), eval_metrics=saved["eval_metrics"],
             extra_eval_metrics=saved["extra_eval_metrics"],
             eval_history=[(step, metrics) for step, metrics in saved["eval_history"]],
+            extra_eval_history={name: [(step, metrics) for step, metrics in history]
+                                for name, history in saved["extra_eval_history"].items()},
             train_time_s=saved["train_time_s"],
         )
 

@@ -175,6 +175,7 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
     """What ``summary.json`` records about a completed run."""
     adapter_config = variants.adapter_config(model)
     trainable, total = variants.count_parameters(model)
+    head_params = variants.count_trainable_in(model, list(cfg.model.train_modules))
     memory_mb, memory_kind = peak_memory_mb(runtime.device)
     summary = {
         "status": "completed",
@@ -188,10 +189,13 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "eval": state.eval_metrics,
         "eval_extra": state.extra_eval_metrics,
         "eval_best": best_eval(state.eval_history, cfg.task.main_metric),
+        "eval_extra_best": {},  # the other sets at eval_best's step (MNLI mismatched, as the paper's best epoch)
         "peak_lr": state.phases[0]["peak_lr"],
         "optimizer": state.phases[0]["optimizer"],
         "phases": state.phases,
         "trainable_params": trainable,
+        "head_params": head_params,  # the task head's share (model.train_modules)
+        "method_params": trainable - head_params,  # what the method itself trains: the paper tables' column
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "adapted_modules": adapted,
@@ -212,6 +216,8 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "adapter_report": variants.adapter_report(model),
         "init_from": cfg.get("init_from"),
     }
+    best_step = summary["eval_best"]["step"]
+    summary["eval_extra_best"] = {name: dict(history)[best_step] for name, history in state.extra_eval_history.items()}
     if replica_difference is not None:
         summary["replica_max_abs_diff"] = replica_difference  # 0.0: every process holds rank 0's weights
     return summary

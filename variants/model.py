@@ -109,6 +109,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def count_trainable_in(model: nn.Module, names: Sequence[str]) -> int:
+    """Trainable parameters inside the modules ``names`` selects (e.g. the task head), each
+    counted once."""
+    params = {id(p): p for m in modules_named(model, names) for p in m.parameters() if p.requires_grad}
+    return sum(_numel(p) for p in params.values())
+
+
 def _numel(p: torch.Tensor) -> int:
     # bitsandbytes packs two 4-bit values per byte; the original shape is in its quant_state.
     quant_state = getattr(p, "quant_state", None)
