@@ -17,7 +17,9 @@ the full fine-tuning phase):
 The paper finds ΔW's directions are not W's top ones but directions W barely uses (the "ΔW"
 column far below the "W" column, close to "random"), amplified by a large factor (≈ 21.5 for
 r = 4 on GPT-3's W_q at layer 48). Needs the base model (the run's ``model.name_or_path``).
-Prints a Markdown table; ``--csv`` writes it, ``--plot`` draws amplification per layer.
+Prints a Markdown table, then a note for a variant whose numbers are not comparable with
+LoRA's (DoRA: its ΔW includes a full-rank magnitude rescaling); ``--csv`` writes the table,
+``--plot`` draws amplification per layer.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import variants  # noqa: E402
+from analysis.collect_runs import caveats  # noqa: E402
+from training import rundir  # noqa: E402
 
 COLUMNS = ("run", "module", "rank", "delta_norm", "on_delta_dirs", "on_w_dirs", "on_random_dirs", "amplification")
 
@@ -77,9 +81,9 @@ def load_run(run_dir: Path):
     """The run's base model with its adapter loaded."""
     from training.models import load_model
 
-    path = run_dir / "adapter.safetensors"
+    path = run_dir / rundir.ADAPTER
     if not path.is_file():
-        raise variants.ConfigError(f"{run_dir} has no adapter.safetensors (is it a finished run dir?)")
+        raise variants.ConfigError(f"{run_dir} has no {rundir.ADAPTER} (is it a finished run dir?)")
     config = variants.read_adapter_config(path)
     if "model" not in config:
         raise variants.ConfigError(f"{path} does not name its base model in its metadata")
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerows(rows)
     if args.plot:
         plot(rows, args.plot)
+    for name, why in caveats(*args.runs, analysis="amplification").items():
+        print(f"note ({name}): {why}")
     return 0
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+import variants
+
 from training import rundir
 
 COLUMNS = ("variant", "rank", "alpha", "seed", "task", "metric", "value", "trainable_params",
@@ -74,6 +76,17 @@ def collect(roots: list[Path], evaluation: str = "eval") -> list[dict]:
                 "config": flatten(OmegaConf.to_container(OmegaConf.load(config_path)) or {}) if config_path.is_file() else {},
             })
     return rows
+
+
+def caveats(*run_dirs: Path, analysis: str) -> dict[str, str]:
+    """{variant: why} for the runs' variants whose numbers in ``analysis`` are not comparable
+    with LoRA's (``Variant.analysis_caveats``)."""
+    notes = {}
+    for run_dir in run_dirs:
+        name = variants.read_adapter_config(run_dir / rundir.ADAPTER).get("variant")
+        if name in variants.VARIANTS and analysis in variants.get_variant(name).analysis_caveats:
+            notes[name] = variants.get_variant(name).analysis_caveats[analysis]
+    return notes
 
 
 def markdown(rows: list[dict]) -> str:

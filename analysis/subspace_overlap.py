@@ -22,7 +22,8 @@ Outputs in --out (default: RUN_2/subspace_vs_<RUN_1 name>/):
   phi.csv                  module, i, j, phi (+ phi_random with --random-baseline)
   subspace_overlap.png     one heatmap per module, i down, j across, as in the paper
   subspace_overlap_zoom.png   the same for i, j ≤ --zoom (default 8)
-and a table of φ(1, 1), the top directions' overlap, on stdout.
+and a table of φ(1, 1), the top directions' overlap, on stdout, followed by a note for a variant
+whose φ is not comparable with LoRA's (AdaLoRA's near-orthonormal Q has no meaningful order).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import variants  # noqa: E402
+from analysis.collect_runs import caveats  # noqa: E402
+from training import rundir  # noqa: E402
 
 SIDES = ("down", "up")
 
@@ -54,9 +57,9 @@ class Incompatible(ValueError):
 def load_factors(run_dir: Path, side: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """The run's adapter config and, per adapted module, its basis matrix: rows span the
     subspace (down: A as is, ``(r, d_in)``; up: Bᵀ, ``(r, d_out)``)."""
-    path = run_dir / "adapter.safetensors"
+    path = run_dir / rundir.ADAPTER
     if not path.is_file():
-        raise Incompatible(f"{run_dir} has no adapter.safetensors (is it a finished run dir?)")
+        raise Incompatible(f"{run_dir} has no {rundir.ADAPTER} (is it a finished run dir?)")
     config = variants.read_adapter_config(path)
     if not config.get("modules"):
         raise Incompatible(f"{path} has no adapted modules in its metadata (variant {config.get('variant')!r}); "
@@ -104,7 +107,7 @@ def compare(
             f"{sorted(factors_1)[:3]}… vs {sorted(factors_2)[:3]}…"
         )
     generator = torch.Generator().manual_seed(seed)
-    results = {}
+    results: dict[str, dict] = {}
     for module in common:
         a_1, a_2 = factors_1[module], factors_2[module]
         if a_1.shape[1] != a_2.shape[1]:
@@ -169,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or args.run_2 / f"subspace_vs_{args.run_1.name}"
     out.mkdir(parents=True, exist_ok=True)
+    notes = caveats(args.run_1, args.run_2, analysis="subspace_overlap")
     (out / "phi.json").write_text(json.dumps(
-        {"run_1": str(args.run_1), "run_2": str(args.run_2), "side": args.side, "modules": results}))
+        {"run_1": str(args.run_1), "run_2": str(args.run_2), "side": args.side, "modules": results, "notes": notes}))
     with (out / "phi.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["module", "i", "j", "phi", *(["phi_random"] if args.random_baseline else [])])
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.random_baseline:
             line += f" {entry['phi_random'][0][0]:.3f} |"
         print(line)
+    for name, why in notes.items():
+        print(f"note ({name}): {why}")
     print(f"outputs: {out}")
     return 0
 

@@ -151,6 +151,19 @@ def test_amplification_of_a_real_adapter(minilm, tmp_path, capsys):
     assert delta_norm == pytest.approx(float(torch.linalg.matrix_norm(layer.delta_weight().detach())), rel=1e-5)
 
 
+def test_amplification_says_dora_is_not_comparable(minilm, tmp_path, capsys):
+    import variants
+
+    model, _ = minilm
+    variants.inject_adapters(model, "dora", ["query"], rank=4, alpha=8, exclude=["classifier"])
+    run = tmp_path / "dora"
+    run.mkdir()
+    variants.save_adapter(model, run / "adapter.safetensors", extra_metadata={"model": "minilm"})
+    assert amplification.main([str(run), "--modules", r"layer\.0\."]) == 0
+    out = capsys.readouterr().out
+    assert "note (dora): DoRA's dW = W' - W0 includes the magnitude rescaling" in out
+
+
 def test_a_module_pruned_to_rank_zero_has_no_subspace(tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -162,4 +175,10 @@ def test_a_module_pruned_to_rank_zero_has_no_subspace(tmp_path, capsys):
     other = fake_run(tmp_path / "lora", MODULES, 8)
     assert compare(run, other)[MODULES[0]]["phi"] == []
     assert subspace_overlap.main([str(run), str(other), "--out", str(tmp_path / "out")]) == 0
-    assert f"| {MODULES[0]} | 0 | 8 | – | – |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"| {MODULES[0]} | 0 | 8 | – | – |" in out
+    # AdaLoRA's near-orthonormal Q has no meaningful direction order: the output says so, once.
+    assert out.count("note (adalora): AdaLoRA keeps Q's rows near-orthonormal") == 1
+    assert "adalora" in json.loads((tmp_path / "out" / "phi.json").read_text())["notes"]
+    assert subspace_overlap.main([str(other), str(other), "--out", str(tmp_path / "out2")]) == 0
+    assert "note (" not in capsys.readouterr().out  # LoRA's numbers need no note

@@ -87,6 +87,15 @@ class AdaLoRALinear(AdapterLayer):
         init_std: standard deviation of the Gaussian initialisation of P and Q.
     """
 
+    analysis_caveats = {
+        "subspace_overlap": (
+            "AdaLoRA keeps Q's rows near-orthonormal (the orthogonality term), so Q's singular values are "
+            "nearly equal and the order of its singular directions is arbitrary: phi(i, j) for small i, j is "
+            "not comparable with LoRA's A, whose singular values fall off. --side up compares P*Lambda, whose "
+            "directions are ordered by |lambda|; phi(r1, r2) of the whole kept subspaces is comparable."
+        ),
+    }
+
     def __init__(
         self,
         base: nn.Linear,

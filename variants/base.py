@@ -52,6 +52,9 @@ class Variant:
     # The optimizer the method's paper trained with; the trainer takes it on CUDA when
     # trainer.optimizer=auto (QLoRA: bitsandbytes' paged AdamW).
     paper_optimizer: ClassVar[str] = "adamw"
+    # Where an analysis's number for this variant does not mean what it means for LoRA:
+    # {analysis script name: why}; the script prints it beside its results.
+    analysis_caveats: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def inject(

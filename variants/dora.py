@@ -30,6 +30,15 @@ class DoRALinear(LoRALinear):
     Adds ``magnitude``: ``(d_out,)``.
     """
 
+    analysis_caveats = {
+        "amplification": (
+            "DoRA's dW = W' - W0 includes the magnitude rescaling (m/||V||_c - 1)*W0, which is full rank and "
+            "lies along W0's own directions, so its top-r directions, ||dW|| and the amplification factor "
+            "are not comparable with LoRA's rank-r dW; the direction update's A and B are compared by "
+            "subspace_overlap."
+        ),
+    }
+
     def __init__(
         self,
         base: nn.Linear,
