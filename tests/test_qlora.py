@@ -214,3 +214,23 @@ def test_merged_model_dequantized_for_export(minilm, batch, tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_readmes_qlora_api_example_runs(batch, capsys):
+    """The README's QLoRA snippet, as written, on the offline MiniLM instead of roberta-base."""
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification
+
+    from training.models import resolve_model_path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = readme[readme.index("QLoRA goes through the same calls."):]
+    snippet = after[after.index("```python") + len("```python"):after.index("```", after.index("```python") + 9)]
+    snippet = snippet.replace('"roberta-base"', repr(resolve_model_path("minilm")))
+    namespace = {"variants": variants, "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
+                 "batch": {**batch, "labels": torch.tensor([0, 1])}}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert model.classifier.weight.grad is not None and isinstance(model.bert.pooler.dense, QLoRALinear)
+    assert "4.1" in capsys.readouterr().out

@@ -49,14 +49,14 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     train_examples, eval_sets = load_task(cfg.task)
     model, tokenizer, adapted = _setup_model(cfg, runtime)
     train_loader, eval_loaders = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
-    plan = plan_run(cfg.trainer, len(train_loader))
+    plan = plan_run(cfg.trainer, len(train_loader), list(cfg.task.metrics))
     variants.check_total_steps(model, plan.steps)  # a schedule longer than the run fails here, before writing
     resume = _load_checkpoint(cfg, run_dir, runtime)
 
     main = runtime.context.is_main
     tracker = _open_run_dir(cfg, run_dir, group, run_name, resume) if main else NullTracker()
     try:
-        state = train(model, train_loader, eval_loaders, plan, cfg.trainer, list(cfg.task.metrics), tracker, runtime,
+        state = train(model, train_loader, eval_loaders, plan, cfg.trainer, tracker, runtime,
                       checkpoint_path=run_dir / rundir.CHECKPOINT if main else None, resume=resume)
         replica_difference = distributed.max_replica_difference(model, runtime.context)
         summary = _summary(cfg, model, adapted, state, runtime, tracker, group,

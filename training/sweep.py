@@ -10,6 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from . import rundir
+
 log = logging.getLogger(__name__)
 
 
@@ -18,8 +20,7 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
     for job in sorted(jobs, key=lambda p: int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 0):
-        path = job / "summary.json"
-        summary = json.loads(path.read_text()) if path.is_file() else {}
+        summary = rundir.read_summary(job) or {}
         status = summary.get("status", "missing")  # missing: the job died without writing one
         metric = summary.get("main_metric")
         rows.append({

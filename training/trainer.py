@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +42,17 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass(frozen=True)
 class Plan:
-    """How long the run trains and when it evaluates, computed once from the config."""
+    """How long the run trains, when it evaluates and what it measures, computed once."""
 
     steps: int
     steps_per_epoch: int
     eval_every: int
+    metric_names: tuple[str, ...] = ("accuracy",)
 
 
-def plan_run(cfg: DictConfig, steps_per_epoch: int) -> Plan:
+def plan_run(cfg: DictConfig, steps_per_epoch: int, metric_names: Sequence[str] = ("accuracy",)) -> Plan:
     """``trainer.epochs`` (when set) or ``trainer.max_steps``, and ``trainer.eval_every`` (steps
-    or ``epoch``), for a loader of ``steps_per_epoch`` batches."""
+    or ``epoch``), for a loader of ``steps_per_epoch`` batches; ``metric_names``: the task's."""
     if cfg.get("epochs"):
         steps = int(math.ceil(cfg.epochs * steps_per_epoch))
     elif isinstance(cfg.max_steps, int) and not isinstance(cfg.max_steps, bool) and cfg.max_steps >= 1:
@@ -64,7 +65,7 @@ def plan_run(cfg: DictConfig, steps_per_epoch: int) -> Plan:
         eval_every = cfg.eval_every
     else:
         raise ConfigError(f"trainer.eval_every={cfg.eval_every!r} must be a positive integer or 'epoch'")
-    return Plan(steps=steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every)
+    return Plan(steps=steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every, metric_names=tuple(metric_names))
 
 
 def _number(value: Any) -> bool:
@@ -106,7 +107,6 @@ def train(
     eval_loaders: Mapping[str, DataLoader],
     plan: Plan,
     cfg: DictConfig,
-    metric_names: list[str],
     tracker: Tracker,
     runtime: Runtime,
     checkpoint_path: Path | None = None,
@@ -151,7 +151,7 @@ def train(
             if state.step % cfg.log_every == 0 or last:
                 _log_training(tracker, state, opt.lr, plan, adapter_loss is not None, runtime, progress)
             if state.step % plan.eval_every == 0 or last:
-                _evaluate_and_log(raw_model, eval_loaders, metric_names, runtime, state, tracker, progress)
+                _evaluate_and_log(raw_model, eval_loaders, plan.metric_names, runtime, state, tracker, progress)
             if not last and not opt.covers(raw_model):  # a variant changed what trains (staged's switch)
                 opt = new_optimization(state.step)
                 model = distributed.wrap(raw_model, runtime.context)  # DDP must know the new set
@@ -226,7 +226,7 @@ def _log_training(tracker: Tracker, state: TrainState, lr: float, plan: Plan, ha
     state.clear_running()
 
 
-def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoader], metric_names: list[str],
+def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoader], metric_names: Sequence[str],
                       runtime: Runtime, state: TrainState, tracker: Tracker, progress: tqdm) -> None:
     record: dict[str, Any] = {"step": state.step, "phase": state.phase}
     for name, loader in eval_loaders.items():
@@ -240,7 +240,7 @@ def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoade
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, metric_names: list[str], runtime: Runtime) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: DataLoader, metric_names: Sequence[str], runtime: Runtime) -> dict[str, float]:
     """Mean loss and ``metric_names`` over ``loader``; the model's train/eval mode is kept."""
     was_training = model.training
     model.eval()
@@ -257,5 +257,5 @@ def evaluate(model: nn.Module, loader: DataLoader, metric_names: list[str], runt
     pred = torch.cat(predictions).cpu().numpy()
     gold = torch.cat(labels).cpu().numpy()
     result = {"loss": float(torch.stack(losses).sum() / len(gold))}
-    result.update(compute_metrics(metric_names, pred, gold))
+    result.update(compute_metrics(list(metric_names), pred, gold))
     return result

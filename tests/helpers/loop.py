@@ -12,8 +12,7 @@ def train_in_process(model, loader, eval_loader, trainer_cfg: DictConfig, run_di
                      tracking: str = "disabled"):
     """Train on CPU in fp32 with ``trainer_cfg``; metrics.jsonl goes to ``run_dir``. Returns the TrainState."""
     tracker = Tracker(run_dir, {}, mode=tracking)
-    plan = plan_run(trainer_cfg, len(loader))
-    state = train(model, loader, {"main": eval_loader}, plan, trainer_cfg, list(metrics), tracker,
-                  Runtime(torch.device("cpu")))
+    plan = plan_run(trainer_cfg, len(loader), metrics)
+    state = train(model, loader, {"main": eval_loader}, plan, trainer_cfg, tracker, Runtime(torch.device("cpu")))
     tracker.finish()
     return state
