@@ -55,12 +55,14 @@ def from_wandb(path: str, evaluation: str = "eval") -> list[dict]:
 
 def method(row: dict, by: Sequence[str] = ()) -> tuple[str, tuple[tuple[str, str], ...]]:
     """What makes a table row: the variant, its rank and alpha, every ``variant.*`` knob of the
-    run's config, and the config keys in ``by``. Runs that share all of these are seeds of one
+    run's config, whether it started from another run's adapters (``init_from``), and the config
+    keys in ``by``. Runs that share all of these are seeds of one
     method; the task's own settings (the paper's per-task learning rate) do not split a row."""
     config = row.get("config", {})
     parts = [("r", row["rank"]), ("alpha", row["alpha"])]
     parts += sorted((k.removeprefix("variant."), v) for k, v in config.items()
                     if k.startswith("variant.") and k != "variant.name")
+    parts += [("warm_start", bool(config.get("init_from")))]  # init_from: started from another run's adapters
     parts += [(k, config.get(k)) for k in by]
     return row["variant"], tuple((k, json.dumps(v)) for k, v in parts)
 

@@ -135,3 +135,21 @@ def test_glue_table_paper_convention_mnli_both_sets_and_head_apart(tmp_path, cap
         "method,method_params,head_params,mnli_median,mnli_min,mnli_max,mnli_n,mnli-mm_median")
     tasks, table = glue_table.aggregate(glue_table.collect([tmp_path]), stat="mean")  # last evaluations
     assert tasks == ["mnli", "mnli-mm"] and table[0]["mnli"][0] == pytest.approx(77.333333)
+
+
+def test_warm_and_cold_starts_are_different_methods(tmp_path):
+    """init_from (the MNLI warm start) changes the method: its runs are not seeds of a cold start's."""
+    from analysis import glue_table
+
+    for name, init_from, value in [("cold", "null", 0.70), ("warm", "runs/mnli", 0.80)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(f"variant:\n  name: lora\ninit_from: {init_from}\n")
+        (folder / "summary.json").write_text(json.dumps({
+            "status": "completed", "variant": "lora", "rank": 8, "alpha": 16, "seed": 0, "task": "rte",
+            "trainable_params": 1, "main_metric": "accuracy", "eval": {"accuracy": value}, "step_time_s": 0.1,
+            "peak_memory_mb": 1,
+        }))
+    _, table = glue_table.aggregate(glue_table.collect([tmp_path]))
+    assert {row["method"]: row["rte"][0] for row in table} == {"lora warm_start=false": 70.0,
+                                                               "lora warm_start=true": 80.0}

@@ -87,11 +87,13 @@ def test_dropout_applies_to_both_direction_terms():
 
 
 def magnitude_effect(layer: DoRALinear, x: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """How the output changes when m grows by 0.1%, a typical learned change."""
+    """How the output changes when m grows by 0.1%, a typical learned change (the same dropout
+    mask in every call, so that a training-mode layer is compared with itself)."""
     outputs = []
     for factor in (1.0, 1.001):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             layer.magnitude.mul_(factor)
+            torch.manual_seed(1)
             outputs.append(layer(x).float())
             layer.magnitude.div_(factor)
     return outputs[1] - outputs[0]
@@ -102,21 +104,20 @@ def test_a_small_magnitude_change_survives_bf16_autocast(dropout):
     """bf16's step near 1 is 0.4-0.8%: rounding s = m/||V|| (or the sum it scales) to bf16 would
     move no output, or move a whole feature by a step. Per output feature, the least-squares
     slope of the bf16 change on the fp32 change must be 1 (within 5%); the old code gave slope 0
-    for most features and 7.9 for a few."""
+    for most features and 7.9 for a few. With dropout the layer is in training mode: the path
+    that computes W0·x' for the dropped-out input x' separately."""
     torch.manual_seed(0)
-    layer = DoRALinear(nn.Linear(384, 384), rank=8, alpha=16, dropout=dropout).eval()  # eval: no dropout mask
+    layer = DoRALinear(nn.Linear(384, 384), rank=8, alpha=16, dropout=dropout)
+    layer.train(dropout > 0)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.02)
     x = torch.randn(512, 384)
     expected, got = magnitude_effect(layer, x, bf16=False), magnitude_effect(layer, x, bf16=True)
     slope = (got * expected).sum(0) / expected.pow(2).sum(0)
     assert ((slope - 1).abs() < 0.05).all(), (slope.min().item(), slope.max().item())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(x).dtype == torch.float32  # the sum is not rounded to bf16 either
-    layer.train()  # the dropout path keeps s in fp32 too (dropout masks differ between calls: no slope)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.float32  # the sum is not rounded to bf16 either
     out.sum().backward()
     assert layer.magnitude.grad.dtype == torch.float32 and layer.magnitude.grad.abs().sum() > 0
 

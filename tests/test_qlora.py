@@ -141,6 +141,15 @@ def test_the_api_example_runs_for_qlora(minilm, batch):
     assert not torch.equal(model.classifier.weight, head)
 
 
+@pytest.mark.parametrize("variant", ["qlora", "lora"])
+def test_all_linear_leaves_the_task_head_alone_without_exclude(minilm, variant):
+    model, _ = minilm
+    names = variants.inject_adapters(model, variant, "all-linear", rank=8, alpha=16)
+    assert "classifier" not in names and len(names) == 37 and type(model.classifier) is nn.Linear
+    variants.mark_trainable(model, train_modules=["classifier"])
+    assert model.classifier.weight.requires_grad and model.classifier.weight.dtype == torch.float32
+
+
 def test_a_quantized_train_module_is_one_clear_error(minilm):
     model, _ = minilm
     variants.inject_adapters(model, "qlora", ["query"], rank=4, alpha=8)

@@ -44,16 +44,19 @@ def kill_after_checkpoint(proc, checkpoint, min_step):
 
 
 VARIANT_SETTINGS = {
-    "lora": [],
-    "adalora": ["rank=6", "variant.t_init=5", "variant.t_final=10", "variant.delta_t=5"],
-    "staged": ["variant.full_fraction=0.6"],  # the switch (step 18) comes after the kill point
+    "lora": ["variant=lora"],
+    "adalora": ["variant=adalora", "rank=6", "variant.t_init=5", "variant.t_final=10", "variant.delta_t=5"],
+    "staged": ["variant=staged", "variant.full_fraction=0.6"],  # the switch (step 18) comes after the kill point
+    # The switch (step 6) comes before the kill: the resumed run restores phase 2's optimizer, its
+    # schedule from the switch, and the phase record.
+    "staged_switched": ["variant=staged", "variant.full_fraction=0.2"],
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANT_SETTINGS))
 def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     """Mid-epoch kill (7 batches per epoch, checkpoints every 5 steps), then resume=<run dir>."""
-    extra = [f"variant={variant}", *VARIANT_SETTINGS[variant]]
+    extra = VARIANT_SETTINGS[variant]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     result = run_py(*RUN, *extra, f"hydra.run.dir={whole}")
     assert result.returncode == 0, result.stderr
@@ -68,7 +71,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     expected = json.loads((whole / "summary.json").read_text())
     got = json.loads((broken / "summary.json").read_text())
     assert got["eval"] == expected["eval"]  # bit-identical on CPU
-    assert got["adapter_report"] == expected["adapter_report"]
+    assert got["adapter_report"] == expected["adapter_report"] and got["phases"] == expected["phases"]
     assert records(broken) == records(whole)  # every loss, lr and eval record, rewritten after the kill
     assert killed_at >= 10
 

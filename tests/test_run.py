@@ -123,7 +123,9 @@ def test_a_bf16_checkpoint_trains_fp32_adapters(tmp_path):
     saved = load_file(run_dir / "adapter.safetensors")
     adapter = {k: v.dtype for k, v in saved.items() if k.endswith(("lora_A", "lora_B", "magnitude"))}
     assert len(adapter) == 36 and set(adapter.values()) == {torch.float32}
-    assert saved["classifier.weight"].dtype == torch.bfloat16  # the head trains in the model's dtype
+    assert saved["classifier.weight"].dtype == torch.float32  # the head too: fp32 master weights
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["precision"] == "bf16"  # over bf16 frozen weights, under autocast
 
 
 def test_baselines_run_as_variants_in_one_sweep(tmp_path, capsys):
@@ -249,6 +251,8 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
         ("variant=bitfit variant.targets=[LayerNorm.weight]", "variant.targets=['LayerNorm.weight'] names no module with a bias"),
         ("variant=head variant.targets=[q_proj]", "variant.targets=['q_proj'] names no module with parameters"),
         ("model.dtype=double", "model.dtype='double' is not supported; allowed: float32, bfloat16, float16, auto"),
+        ("model.dtype=float16", "model.dtype: the weights load as float16, and training in fp16 needs loss scaling"),
+        ("model.dtype=bfloat16 trainer.precision=fp32", "trainer.precision=fp32 cannot train bfloat16 weights"),
         ("init_from=/no/such/run", "init_from='/no/such/run' does not exist; allowed: a finished run dir or its"),
     ],
 )

@@ -154,3 +154,9 @@ def test_auto_optimizer_is_the_variants_papers_on_cuda(minilm):
     assert resolve_optimizer("auto", qlora, cpu) == "adamw"
     assert resolve_optimizer("auto", lora, cuda) == "adamw"
     assert resolve_optimizer("paged_adamw_8bit", lora, cuda) == "paged_adamw_8bit"
+    # What the trainer builds for a QLoRA run on CUDA (the object only: stepping it needs a GPU).
+    cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "scheduler": "linear", "warmup_ratio": 0.0,
+                            "optimizer": "auto"})
+    variants.mark_trainable(qlora, train_modules=["classifier"])
+    assert type(optim.build(cfg, qlora, 10, cuda).optimizer).__name__ == "PagedAdamW32bit"
+    assert type(optim.build(cfg, qlora, 10, cpu).optimizer) is torch.optim.AdamW

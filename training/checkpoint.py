@@ -12,7 +12,8 @@ A checkpoint (``checkpoint.pt`` in the run dir) holds, under named keys:
                   train, and each adapter layer's training state (AdaLoRA's importance averages)
     optimizer     optimizer.state_dict()
     scheduler     scheduler.state_dict()
-    rng           torch (CPU and CUDA), Python and NumPy generator states
+    rng           per process (rank order): torch CPU, the run's CUDA device, Python and NumPy
+                  generator states (each process of a torchrun job draws its own dropout masks)
     wandb_run_id  so that a resumed run continues its W&B run
 
 It is written to a temporary file and renamed, so a kill during the write leaves the previous
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 import variants
+from variants import ConfigError
 
 WARMUP_STEPS_EXCLUDED = 3  # first steps pay for lazy initialisation; kept out of the median step time
 
@@ -133,47 +135,59 @@ class TrainState:
         )
 
 
-def save(path: Path, model: nn.Module, optimization: Any, state: TrainState, wandb_run_id: str | None) -> None:
-    """Write a checkpoint (``optimization``: anything with ``optimizer`` and ``scheduler``)."""
+def save(path: Path, model: nn.Module, optimization: Any, state: TrainState, wandb_run_id: str | None,
+         rng_states: list[dict[str, Any]]) -> None:
+    """Write a checkpoint (``optimization``: anything with ``optimizer`` and ``scheduler``;
+    ``rng_states``: every process's ``rng_state``, in rank order)."""
     write(path, {
         "step": state.step,
         "train_state": state.state_dict(),
         "model": model_state(model),
         "optimizer": optimization.optimizer.state_dict(),
         "scheduler": optimization.scheduler.state_dict(),
-        "rng": rng_state(),
+        "rng": rng_states,
         "wandb_run_id": wandb_run_id,
     })
 
 
+def check_format(saved: dict[str, Any], processes: int) -> None:
+    """A checkpoint this version can continue, written by as many processes as resume it."""
+    if "train_state" not in saved:
+        raise ConfigError("resume=true: this checkpoint.pt was written by an older version of the trainer and cannot "
+                          "be continued; start the run again")
+    if len(saved["rng"]) != processes:
+        raise ConfigError(f"resume=true: the checkpoint was written by {len(saved['rng'])} process(es); resume it "
+                          f"with the same number (now {processes})")
+
+
 def restore(saved: dict[str, Any], model: nn.Module, build_optimization: Callable[[int], Any],
-            device: torch.device) -> tuple[TrainState, Any]:
+            device: torch.device, rank: int = 0) -> tuple[TrainState, Any]:
     """Put a loaded checkpoint back: the model's tensors and trainable set, a new optimization
-    (``build_optimization(done_steps)``) with the saved optimizer and scheduler states, the
-    RNG states; returns the training state and the optimization."""
+    (``build_optimization(done_steps)``) with the saved optimizer and scheduler states, this
+    process's RNG states; returns the training state and the optimization."""
     load_model_state(model, saved["model"])
     state = TrainState.from_state_dict(saved["train_state"], device)
     optimization = build_optimization(state.step)
     optimization.optimizer.load_state_dict(saved["optimizer"])
     optimization.scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"][rank], device)
     return state, optimization
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
     numpy_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "python": random.getstate(),
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
     version, *rest = state["python"]
     random.setstate((version, tuple(rest[0]), rest[1]))
     kind, keys, *rest = state["numpy"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,24 @@ def runtime_for(device: str, precision: str) -> Runtime:
     """The runtime of this process: joins the ``torchrun`` group if there is one, and each
     process of a multi-GPU job takes the GPU of its local rank."""
     dev, autocast_dtype = pick_device(device, precision)
-    context = distributed.context_from_env()
+    context = distributed.context_from_env(dev)
     return Runtime(distributed.device_for(context, dev), autocast_dtype, context)
+
+
+def for_weights(runtime: Runtime, weights: torch.dtype, precision: str) -> Runtime:
+    """The runtime for a model whose weights load in ``weights`` (``model.dtype``). bf16 weights
+    train under bf16 autocast whatever the device, since what trains is kept in fp32 (the
+    optimizer builds fp32 master weights) while the frozen weights stay bf16; fp16 would need
+    loss scaling, which this trainer does not do."""
+    if weights == torch.float16:
+        raise ConfigError("model.dtype: the weights load as float16, and training in fp16 needs loss scaling, which "
+                          "this trainer does not do; allowed: float32, bfloat16")
+    if weights != torch.bfloat16:
+        return runtime
+    if precision == "fp32":
+        raise ConfigError("trainer.precision=fp32 cannot train bfloat16 weights (model.dtype): the trained tensors are "
+                          "fp32 over bf16 frozen weights, which needs autocast; allowed: auto, bf16")
+    return replace(runtime, autocast_dtype=torch.bfloat16)
 
 
 _PROC_STATUS, _PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")

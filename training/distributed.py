@@ -11,9 +11,11 @@ evaluates the full dev set.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,13 +40,14 @@ class Context:
         return self.world_size > 1
 
 
-def context_from_env() -> Context:
-    """The process's place in a ``torchrun`` job (or a single process), joining the group."""
+def context_from_env(device: torch.device) -> Context:
+    """The process's place in a ``torchrun`` job (or a single process), joining the group:
+    NCCL when the run trains on CUDA, gloo otherwise (also on a GPU machine with device=cpu)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Context()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Context(rank=dist.get_rank(), world_size=world_size)
 
 
@@ -78,6 +81,30 @@ class ShardedBatches:
     def __len__(self) -> int:
         full, rest = divmod(len(self.batches.sampler), self.batches.batch_size)
         return full + (1 if rest and rest % self.context.world_size == 0 else 0)
+
+
+def all_true(flag: bool, context: Context) -> bool:
+    """Whether ``flag`` holds on every process (a collective: every process must call it)."""
+    if not context.enabled:
+        return flag
+    value = torch.tensor(int(flag), device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def gather_to_main(obj: Any, context: Context) -> list[Any] | None:
+    """Every process's ``obj`` (tensors and plain containers), in rank order, on rank 0 (None
+    elsewhere); a collective. Sent as ``torch.save`` bytes: ``gather_object``'s own pickling of
+    CPU tensors fails on this torch version."""
+    if not context.enabled:
+        return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    gathered = [None] * context.world_size if context.is_main else None
+    dist.gather_object(buffer.getvalue(), gathered, dst=0)
+    if gathered is None:
+        return None
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
 
 
 def mean_over_ranks(value: torch.Tensor, context: Context) -> torch.Tensor:

@@ -25,10 +25,10 @@ from variants import ConfigError
 from . import checkpoint, distributed, rundir
 from .checkpoint import TrainState
 from .data import load_task, make_loader
-from .device import Runtime, peak_memory_mb, reset_peak_memory, runtime_for
+from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .metrics import check_metric_names
 from .models import load_model
-from .tracking import NullTracker, Tracker
+from .tracking import WANDB_MODES, NullTracker, Tracker
 from .trainer import Plan, check_trainer_config, plan_run, train
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     set_seed(cfg.seed)
 
     train_examples, eval_sets = load_task(cfg.task)
-    model, tokenizer, adapted = _setup_model(cfg, runtime)
+    model, tokenizer, adapted, runtime = _setup_model(cfg, runtime)
     train_loader, eval_loaders = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
     plan = plan_run(cfg.trainer, len(train_loader), list(cfg.task.metrics))
     variants.check_total_steps(model, plan.steps)  # a schedule longer than the run fails here, before writing
@@ -87,6 +87,8 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
     variants.get_variant(cfg.variant.name)
     check_trainer_config(cfg.trainer)
+    if cfg.tracking.mode not in WANDB_MODES:  # before torchrun's processes part ways: rank 0 alone opens the tracker
+        raise ConfigError(f"tracking.mode={cfg.tracking.mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
     check_metric_names(list(cfg.task.metrics))
     if cfg.task.main_metric not in cfg.task.metrics:
         raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
@@ -96,10 +98,11 @@ def variant_kwargs(variant_cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(variant_cfg, resolve=True).items() if k not in VARIANT_RUNNER_KEYS}
 
 
-def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
+def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str], Runtime]:
     """The pretrained model with the variant applied and its trainable set chosen, on the
-    device; the tokenizer; the adapted module names."""
+    device; the tokenizer; the adapted module names; the runtime its weights' dtype asks for."""
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels, cfg.model.get("dtype", "float32"))
+    runtime = for_weights(runtime, next(model.parameters()).dtype, cfg.trainer.precision)
     if cfg.model.get("dropout") is not None:
         set_dropout(model, cfg.model.dropout)
     head = list(cfg.model.train_modules)
@@ -116,7 +119,7 @@ def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrain
     trainable, total = variants.count_parameters(model)
     log.info("%s on %d modules: %d / %d parameters trainable (%.3f%%)", cfg.variant.name, len(adapted), trainable,
              total, 100 * trainable / total)
-    return model.to(runtime.device), tokenizer, adapted
+    return model.to(runtime.device), tokenizer, adapted, runtime
 
 
 def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
@@ -150,6 +153,7 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> dict[s
     if not path.is_file():
         raise ConfigError(f"resume=true but {str(run_dir)!r} has no {rundir.CHECKPOINT} to resume from")
     saved = checkpoint.load(path)
+    checkpoint.check_format(saved, runtime.context.world_size)
     if runtime.context.is_main:
         rundir.truncate_metrics(run_dir, saved["step"])
     log.info("resuming %s from step %d", run_dir, saved["step"])

@@ -67,6 +67,7 @@ def build(cfg, model: nn.Module, total_steps: int, device: torch.device, done_st
     variants ask for now (``cfg`` is the ``trainer`` config group), and the run's schedule from
     ``done_steps`` on. A fresh optimizer starts with empty state."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fp32_masters([p for _, p in named])
     lr = variants.learning_rate(model, cfg.lr)
     name = resolve_optimizer(cfg.get("optimizer", "auto"), model, device)
     groups = param_groups(named, cfg.weight_decay, cfg.get("weight_decay_on", "matrices"))
@@ -76,6 +77,16 @@ def build(cfg, model: nn.Module, total_steps: int, device: torch.device, done_st
     log.info("optimizer %s from step %d: %d tensors (%d with weight decay %g), peak lr %g", name, done_steps,
              len(named), len(groups[0]["params"]), cfg.weight_decay, lr)
     return Optimization([p for _, p in named], optimizer, scheduler, lr, name)
+
+
+@torch.no_grad()
+def fp32_masters(params: Sequence[nn.Parameter]) -> None:
+    """Give every bf16/fp16 parameter that trains fp32 storage, in place: its updates would be
+    rounded away in 16 bits (a step of 1e-4 is below bf16's resolution for values above 0.03).
+    A model with low-precision weights therefore trains under autocast (``device.for_weights``)."""
+    for p in params:
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
 
 
 def param_groups(named: Sequence[tuple[str, nn.Parameter]], weight_decay: float, on: str) -> list[dict]:

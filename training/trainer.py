@@ -129,12 +129,12 @@ def train(
         state, opt = TrainState.start(runtime.device), new_optimization(0)
         state.begin_phase(opt.peak_lr, opt.optimizer_name)
     else:
-        state, opt = checkpoint.restore(resume, raw_model, new_optimization, runtime.device)
+        state, opt = checkpoint.restore(resume, raw_model, new_optimization, runtime.device, runtime.context.rank)
     model = distributed.wrap(raw_model, runtime.context)
     raw_model.train()
     clock = time.perf_counter() - state.train_time_s
-    progress = tqdm(total=plan.steps, initial=state.step, desc="train", dynamic_ncols=True,
-                    disable=not runtime.context.is_main)
+    main = runtime.context.is_main
+    progress = tqdm(total=plan.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not main)
     try:
         for batch in _batches(train_loader, state.data):
             started = time.perf_counter()
@@ -156,13 +156,14 @@ def train(
                 opt = new_optimization(state.step)
                 model = distributed.wrap(raw_model, runtime.context)  # DDP must know the new set
                 state.begin_phase(opt.peak_lr, opt.optimizer_name)
-                progress.write(f"after step {state.step}: the trainable parameters changed, phase {state.phase} starts")
-            if checkpoint_path is not None and cfg.get("checkpoint_every") and not last and (
-                state.step % cfg.checkpoint_every == 0
-            ):
+                if main:
+                    progress.write(f"after step {state.step}: the trainable parameters changed, phase {state.phase} starts")
+            if cfg.get("checkpoint_every") and not last and state.step % cfg.checkpoint_every == 0:
                 state.train_time_s = time.perf_counter() - clock
-                wandb_id = tracker.wandb_run.id if tracker.wandb_run is not None else None
-                checkpoint.save(checkpoint_path, raw_model, opt, state, wandb_id)
+                rng_states = distributed.gather_to_main(checkpoint.rng_state(runtime.device), runtime.context)
+                if checkpoint_path is not None:  # rank 0
+                    wandb_id = tracker.wandb_run.id if tracker.wandb_run is not None else None
+                    checkpoint.save(checkpoint_path, raw_model, opt, state, wandb_id, rng_states)
             if last:
                 break
     finally:
@@ -198,9 +199,11 @@ def _forward_backward(
         loss = model(**batch).loss
         adapter_loss = variants.adapter_loss(raw_model)
     total = loss if adapter_loss is None else loss + adapter_loss
-    if not torch.isfinite(total.detach()):
+    finite = bool(torch.isfinite(total.detach()))
+    if not distributed.all_true(finite, runtime.context):  # every process stops, so rank 0 records why
+        value = float(total) if not finite else "not finite in another process"
         raise NonFiniteLoss(
-            f"the training loss is {float(total)} at step {step + 1}; the run stops "
+            f"the training loss is {value} at step {step + 1}; the run stops "
             "(the last checkpoint, if any, is kept): lower trainer.lr or turn on trainer.grad_clip"
         )
     total.backward()
@@ -235,8 +238,9 @@ def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoade
         record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         state.record_eval(name, metrics)
     tracker.log(record)
-    progress.write(f"step {state.step}: " + ", ".join(
-        f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "phase")))
+    if runtime.context.is_main:  # tqdm.write prints whatever the bar's disable says
+        progress.write(f"step {state.step}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "phase")))
 
 
 @torch.no_grad()

@@ -191,10 +191,12 @@ class AdaLoRALinear(AdapterLayer):
         return state["lora_Q"][kept], (state["lora_P"] * state["lora_E"])[:, kept]
 
     def orthogonality_residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared."""
+        """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared, in the factors' fp32 also under autocast (a
+        bf16 Gram matrix would be rounded by ~4e-3 near 1 before I is subtracted)."""
         eye = torch.eye(self.rank, dtype=self.lora_P.dtype, device=self.lora_P.device)
-        return (torch.linalg.matrix_norm(self.lora_P.t() @ self.lora_P - eye),
-                torch.linalg.matrix_norm(self.lora_Q @ self.lora_Q.t() - eye))
+        with torch.autocast(self.lora_P.device.type, enabled=False):
+            return (torch.linalg.matrix_norm(self.lora_P.t() @ self.lora_P - eye),
+                    torch.linalg.matrix_norm(self.lora_Q @ self.lora_Q.t() - eye))
 
     @classmethod
     def adapter_loss(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:

@@ -32,6 +32,14 @@ class StagedLoRALinear(LoRALinear):
         full_lr: peak learning rate of the full phase; None uses the configured one for both.
     """
 
+    analysis_caveats = {
+        "amplification": (
+            "staged's dW is the LoRA phase's (alpha/r)*B*A over W1, the weights after the full fine-tuning phase: "
+            "W and dW are W1 and the update to it, and the full phase's own change W1 - W0 is not part of dW, "
+            "so the numbers are not comparable with LoRA's dW over the pretrained W0."
+        ),
+    }
+
     def __init__(
         self,
         base: nn.Linear,

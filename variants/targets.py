@@ -51,8 +51,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def find_target_modules(model: nn.Module, targets: Targets, exclude: Sequence[str] = ()) -> list[str]:
     """Names of the ``nn.Linear`` modules that ``targets`` selects.
 
-    ``targets`` is ``"all-linear"`` (every linear layer except those in or inside ``exclude``,
-    normally the task head), a regular expression matched against the full module name, or a list of names,
+    ``targets`` is ``"all-linear"`` (every linear layer except those in or inside ``exclude``
+    and the model's task head, ``task_head``), a regular expression matched against the full module name, or a list of names,
     each matching a module whose qualified name equals it or ends with ``"." + name``.
     """
     linears = [
@@ -61,8 +61,8 @@ def find_target_modules(model: nn.Module, targets: Targets, exclude: Sequence[st
         if isinstance(module, nn.Linear) and not name.endswith(".base")
     ]
     if isinstance(targets, str):
-        if targets == ALL_LINEAR:
-            return [n for n in linears if not within(n, exclude)]
+        if targets == ALL_LINEAR:  # as peft's: never the output layer (the task head)
+            return [n for n in linears if not within(n, [*exclude, *task_head(model)])]
         try:
             pattern = re.compile(targets)
         except re.error as err:
