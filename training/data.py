@@ -1,21 +1,26 @@
 """Task data: the built-in smoke task, or GLUE from the hub or a local GLUE-format folder.
 
 A task yields a training list and named evaluation lists (``main`` first; MNLI adds
-``mismatched``) of examples: dicts of the task's text fields plus ``label``. ``make_loader``
+``mismatched``) of examples: dicts of the task's text fields plus ``label``. With
+``task.val_fraction`` a seeded, stratified ``val`` set is carved out of the training set for
+model selection, and ``main`` (GLUE's dev set) is then only reported, as a test set. ``make_loader``
 tokenizes them once (sentence pairs as pairs) and pads each batch only to its own longest
-sequence.
+sequence; evaluation loaders sort by length (and say how, so predictions come back in order).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from sklearn.model_selection import train_test_split
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from variants import ConfigError
@@ -30,9 +35,10 @@ SOURCES = ("smoke", "glue")
 Splits = tuple[list[Example], dict[str, list[Example]]]
 
 
-def load_task(task: DictConfig) -> Splits:
-    """(train, {eval name: examples}) for the task config, ``main`` evaluation first, each
-    truncated to ``max_*_examples`` if set."""
+def load_task(task: DictConfig, seed: int = 0) -> Splits:
+    """(train, {eval name: examples}) for the task config, ``main`` evaluation first, then
+    ``val`` when ``task.val_fraction`` is set (carved out with ``seed``), each truncated to
+    ``max_*_examples`` if set."""
     if task.source == "smoke":
         train, main = smoke_task.generate(task.train_size, task.eval_size)
         evaluations = {"main": main}
@@ -40,11 +46,38 @@ def load_task(task: DictConfig) -> Splits:
         train, evaluations = _load_glue_folder(task) if task.get("data_dir") else _load_glue_hub(task)
     else:
         raise ConfigError(f"task.source={task.source!r} is not supported; allowed: {', '.join(SOURCES)}")
+    if task.get("val_fraction") is not None:
+        train, evaluations["val"] = split_validation(train, task.val_fraction, seed, task.num_labels)
     if task.get("max_train_examples"):
         train = train[: task.max_train_examples]
     if task.get("max_eval_examples"):
         evaluations = {name: examples[: task.max_eval_examples] for name, examples in evaluations.items()}
     return train, evaluations
+
+
+def split_validation(train: list[Example], fraction: Any, seed: int, num_labels: int
+                     ) -> tuple[list[Example], list[Example]]:
+    """(what trains, validation): ``fraction`` of ``train`` held out, stratified by class (by
+    label quintile for regression) and drawn with ``seed``; the two are disjoint and keep the
+    file's order."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
+        raise ConfigError(f"task.val_fraction={fraction!r} must be null or a number in (0, 0.5]")
+    labels = np.array([ex["label"] for ex in train])
+    strata = labels if num_labels > 1 else np.digitize(labels, np.quantile(labels, [0.2, 0.4, 0.6, 0.8]))
+    classes, counts = np.unique(strata, return_counts=True)
+    n_val = int(math.ceil(fraction * len(train)))
+    if len(classes) > n_val or (counts < 2).any() or n_val >= len(train):
+        raise ConfigError(
+            f"task.val_fraction={fraction} would leave a class empty on one side (classes {classes.tolist()} have "
+            f"{counts.tolist()} of {len(train)} training examples, {n_val} to hold out); allowed: a fraction that "
+            "leaves every class at least one example in both splits"
+        )
+    kept, held_out = train_test_split(np.arange(len(train)), test_size=n_val, random_state=seed, stratify=strata)
+    for side, name in ((kept, "training"), (held_out, "validation")):
+        if len(np.unique(strata[side])) < len(classes):
+            raise ConfigError(f"task.val_fraction={fraction} leaves a class out of the {name} split; "
+                              "allowed: a fraction that keeps every class on both sides")
+    return [train[i] for i in sorted(kept)], [train[i] for i in sorted(held_out)]
 
 
 def _label(value: Any, task: DictConfig, where: str) -> int | float:
@@ -99,7 +132,7 @@ def _read_tsv(path: Path, task: DictConfig) -> list[Example]:
     text_columns = list(layout.get("text_columns") or task.text_fields)
     label_column = layout.get("label_column") or task.label_field
     csv.field_size_limit(sys.maxsize)
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # GLUE's MRPC files begin with a byte-order mark
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = list(layout.columns) if layout.get("columns") else next(reader, [])
         first_line = 1 if layout.get("columns") else 2
@@ -143,9 +176,15 @@ def make_loader(
         {**{key: values[i] for key, values in encoded.items()}, "labels": ex["label"]}
         for i, ex in enumerate(examples)
     ]
+    order = None
+    if not shuffle:  # evaluation: batches of similar length pad little; ``example_order`` undoes the sort
+        order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
+        features = [features[i] for i in order]
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(features, generator=generator) if shuffle else SequentialSampler(features)
     batches = BatchSampler(sampler, batch_size, drop_last=False)
     if shard is not None and shard.enabled:
         batches = ShardedBatches(batches, shard)
-    return DataLoader(features, batch_sampler=batches, generator=generator, collate_fn=DataCollatorWithPadding(tokenizer))
+    loader = DataLoader(features, batch_sampler=batches, generator=generator, collate_fn=DataCollatorWithPadding(tokenizer))
+    loader.example_order = order  # position in ``examples`` of each example the loader yields (None: as given)
+    return loader

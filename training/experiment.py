@@ -29,12 +29,14 @@ from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, run
 from .metrics import check_metric_names
 from .models import load_model
 from .tracking import WANDB_MODES, NullTracker, Tracker
+from variants.budget import rank_for_budget
+
 from .trainer import Plan, check_trainer_config, plan_run, train
 
 log = logging.getLogger(__name__)
 
 # Keys of the variant group that the runner consumes; all others go to the variant.
-VARIANT_RUNNER_KEYS = ("name", "targets", "bias")
+VARIANT_RUNNER_KEYS = ("name", "targets", "bias", "lr")
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
@@ -42,12 +44,13 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     only rank 0's is written)."""
     started = time.perf_counter()
     _check_top_level(cfg)
+    cfg = with_variant_lr(cfg)
     runtime = runtime_for(cfg.trainer.device, cfg.trainer.precision)
     reset_peak_memory(runtime.device)
     set_seed(cfg.seed)
 
-    train_examples, eval_sets = load_task(cfg.task)
-    model, tokenizer, adapted, runtime = _setup_model(cfg, runtime)
+    train_examples, eval_sets = load_task(cfg.task, cfg.seed)
+    model, tokenizer, adapted, runtime, budget = _setup_model(cfg, runtime)
     train_loader, eval_loaders = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
     plan = plan_run(cfg.trainer, len(train_loader), list(cfg.task.metrics))
     variants.check_total_steps(model, plan.steps)  # a schedule longer than the run fails here, before writing
@@ -62,9 +65,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
         summary = _summary(cfg, model, adapted, state, runtime, tracker, group,
                            examples=(len(train_examples), len(eval_sets["main"])),
                            wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
+        summary["budget"] = budget
         if main:
             variants.save_adapter(model, run_dir / rundir.ADAPTER,
                                   extra_metadata={"model": cfg.model.name_or_path, "task": cfg.task.name})
+            summary["adapter_mb"] = (run_dir / rundir.ADAPTER).stat().st_size / 2**20  # on disk, with metadata
             rundir.write_summary(run_dir, summary)
         tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
     except BaseException as err:
@@ -94,13 +99,28 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
 
 
+def with_variant_lr(cfg: DictConfig) -> DictConfig:
+    """The config with ``trainer.lr`` set to the variant's own peak rate (``variant.lr``, from
+    its YAML: each method's rate differs by orders of magnitude) unless that is null."""
+    lr = cfg.variant.get("lr")
+    if lr is None:
+        return cfg
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise ConfigError(f"variant.lr={lr!r} must be a number > 0 or null (null: trainer.lr)")
+    cfg = cfg.copy()
+    cfg.trainer.lr = float(lr)
+    return cfg
+
+
 def variant_kwargs(variant_cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(variant_cfg, resolve=True).items() if k not in VARIANT_RUNNER_KEYS}
 
 
-def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str], Runtime]:
+def _setup_model(cfg: DictConfig, runtime: Runtime
+                 ) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str], Runtime, dict[str, Any] | None]:
     """The pretrained model with the variant applied and its trainable set chosen, on the
-    device; the tokenizer; the adapted module names; the runtime its weights' dtype asks for."""
+    device; the tokenizer; the adapted module names; the runtime its weights' dtype asks for;
+    what ``budget`` chose (None without one)."""
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels, cfg.model.get("dtype", "float32"))
     runtime = for_weights(runtime, next(model.parameters()).dtype, cfg.trainer.precision)
     if cfg.model.get("dropout") is not None:
@@ -109,9 +129,16 @@ def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrain
     targets = cfg.variant.get("targets")  # baselines need none: full and bitfit select by kind
     if targets is not None and not isinstance(targets, str):
         targets = list(targets)
-    adapted = variants.inject_adapters(
-        model, cfg.variant.name, targets, rank=cfg.rank, alpha=cfg.alpha, exclude=head, **variant_kwargs(cfg.variant),
-    )
+    settings = {"rank": cfg.rank, **variant_kwargs(cfg.variant)}
+    budget = None
+    if cfg.get("budget") is not None:
+        choice = rank_for_budget(model, cfg.variant.name, targets, cfg.budget, head)
+        settings.update(choice.settings if choice else {})
+        budget = {"requested": cfg.budget, "rank": choice.rank if choice else None,
+                  "method_params": choice.method_params if choice else None}  # AdaLoRA: at its final rank
+        log.info("budget=%d: %s", cfg.budget, f"rank {choice.rank}, {choice.method_params} parameters" if choice
+                 else f"{cfg.variant.name} has no rank to choose; it trains what it trains")
+    adapted = variants.inject_adapters(model, cfg.variant.name, targets, alpha=cfg.alpha, exclude=head, **settings)
     variants.mark_trainable(model, bias=cfg.variant.get("bias", "none"), train_modules=head)
     if cfg.get("init_from"):
         loaded = variants.init_adapters_from(model, adapter_file(cfg.init_from))
@@ -119,7 +146,7 @@ def _setup_model(cfg: DictConfig, runtime: Runtime) -> tuple[nn.Module, PreTrain
     trainable, total = variants.count_parameters(model)
     log.info("%s on %d modules: %d / %d parameters trainable (%.3f%%)", cfg.variant.name, len(adapted), trainable,
              total, 100 * trainable / total)
-    return model.to(runtime.device), tokenizer, adapted, runtime
+    return model.to(runtime.device), tokenizer, adapted, runtime, budget
 
 
 def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
@@ -156,6 +183,7 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> dict[s
     checkpoint.check_format(saved, runtime.context.world_size)
     if runtime.context.is_main:
         rundir.truncate_metrics(run_dir, saved["step"])
+        rundir.truncate_predictions(run_dir, saved["step"])
     log.info("resuming %s from step %d", run_dir, saved["step"])
     return saved
 
@@ -192,7 +220,7 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "main_metric": cfg.task.main_metric,
         "eval": state.eval_metrics,
         "eval_extra": state.extra_eval_metrics,
-        "eval_best": best_eval(state.eval_history, cfg.task.main_metric),
+        "eval_best": best_eval(state.eval_history, cfg.task.main_metric),  # the paper's best dev epoch: peeks at main
         "eval_extra_best": {},  # the other sets at eval_best's step (MNLI mismatched, as the paper's best epoch)
         "peak_lr": state.phases[0]["peak_lr"],
         "optimizer": state.phases[0]["optimizer"],
@@ -220,6 +248,9 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "adapter_report": variants.adapter_report(model),
         "init_from": cfg.get("init_from"),
     }
+    summary["val_fraction"] = cfg.task.get("val_fraction")
+    if "val" in state.extra_eval_history:  # model selection on the held-out split, main reported as test
+        summary["eval_at_best_val"] = at_best_val(state, cfg.task.main_metric)
     best_step = summary["eval_best"]["step"]
     summary["eval_extra_best"] = {name: dict(history)[best_step] for name, history in state.extra_eval_history.items()}
     if replica_difference is not None:
@@ -232,6 +263,13 @@ def best_eval(history: list[tuple[int, dict[str, float]]], main_metric: str) -> 
     its step; ``eval`` in the summary stays the last one."""
     step, metrics = max(history, key=lambda item: item[1][main_metric])
     return {"step": step, **metrics}
+
+
+def at_best_val(state: TrainState, main_metric: str) -> dict[str, Any]:
+    """The step whose ``val`` main metric is highest, with the ``val`` and ``main`` (test)
+    metrics there: the honest counterpart of ``eval_best``, which picks on the reported set."""
+    step, val = max(state.extra_eval_history["val"], key=lambda item: item[1][main_metric])
+    return {"step": step, "val": val, "test": dict(state.eval_history)[step]}
 
 
 def weights_mb(model: nn.Module) -> float:

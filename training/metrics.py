@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
 from variants import ConfigError
+
+@dataclass(frozen=True)
+class Predictions:
+    """One evaluation's per-example outputs, in the eval set's order: ``labels`` (n,) and
+    ``scores``, the logits (n, classes) or the regression output (n,)."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """Class ids (argmax of the logits), or the regression output itself."""
+        return self.scores if self.scores.ndim == 1 else self.scores.argmax(-1)
+
+    def reordered(self, order: np.ndarray) -> Predictions:
+        """Row i of these belongs at position ``order[i]``: the predictions in that order."""
+        labels, scores = np.empty_like(self.labels), np.empty_like(self.scores)
+        labels[order], scores[order] = self.labels, self.scores
+        return Predictions(labels, scores)
+
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 

@@ -2,6 +2,7 @@
 
     config.yaml            the fully resolved config
     metrics.jsonl          one JSON record per log/eval step (the W&B keys)
+    predictions.npz        per-example labels and scores of every evaluated set at every evaluation
     summary.json           the run's results, or ``"status": "failed"`` and the error
     adapter.safetensors    what trained, with the metadata to rebuild the model
     checkpoint.pt          the training checkpoint while the run is unfinished
@@ -11,11 +12,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+PREDICTIONS = "predictions.npz"
 SUMMARY = "summary.json"
 ADAPTER = "adapter.safetensors"
 CHECKPOINT = "checkpoint.pt"
@@ -39,3 +45,34 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_predictions(run_dir: Path) -> dict[str, np.ndarray]:
+    """``predictions.npz`` as a dict: ``<set>.labels`` (n,) once per eval set, and
+    ``<set>.step<N>`` the scores at step N, logits (n, classes) or the regression output (n,)."""
+    path = run_dir / PREDICTIONS
+    if not path.is_file():
+        return {}
+    with np.load(path) as saved:
+        return {key: saved[key] for key in saved.files}
+
+
+def write_predictions(run_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Replace ``predictions.npz`` atomically (a run killed mid-write keeps the old file)."""
+    partial = run_dir / (PREDICTIONS + ".partial.npz")
+    np.savez(partial, **arrays)
+    os.replace(partial, run_dir / PREDICTIONS)
+
+
+def predictions_step(key: str) -> int | None:
+    """N of a ``<set>.step<N>`` key; None for ``<set>.labels``."""
+    match = re.fullmatch(r".+\.step(\d+)", key)
+    return int(match.group(1)) if match else None
+
+
+def truncate_predictions(run_dir: Path, step: int) -> None:
+    """Drop the evaluations after ``step`` (a resumed run makes them again)."""
+    arrays = read_predictions(run_dir)
+    kept = {k: v for k, v in arrays.items() if (predictions_step(k) or 0) <= step}
+    if kept != arrays:
+        write_predictions(run_dir, kept)

@@ -14,6 +14,8 @@ from typing import Any
 
 from variants import ConfigError
 
+from . import rundir
+from .metrics import Predictions
 from .rundir import METRICS
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ class Tracker:
         if mode not in WANDB_MODES:
             raise ConfigError(f"tracking.mode={mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
         self._metrics_file = (run_dir / METRICS).open("a", encoding="utf-8")
+        self._run_dir = run_dir
+        self._predictions = rundir.read_predictions(run_dir)  # a resumed run's, cut back to its checkpoint
         self.wandb_run = None
         if mode != "disabled":
             self._guard("init", lambda: self._init_wandb(run_dir, config, mode, project, entity, group, name, tags,
@@ -77,6 +81,12 @@ class Tracker:
             data = {k: v for k, v in record.items() if k != "step"}
             self._guard("log", lambda: run.log(data, step=record["step"]))
 
+    def log_predictions(self, step: int, eval_set: str, predictions: Predictions) -> None:
+        """Add one evaluation's per-example scores to ``predictions.npz`` (the run dir only)."""
+        self._predictions[f"{eval_set}.labels"] = predictions.labels
+        self._predictions[f"{eval_set}.step{step}"] = predictions.scores.astype("float32")
+        rundir.write_predictions(self._run_dir, self._predictions)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             run = self.wandb_run
@@ -96,6 +106,9 @@ class NullTracker:
     wandb_run = None
 
     def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def log_predictions(self, step: int, eval_set: str, predictions: Predictions) -> None:
         pass
 
     def summary(self, values: dict[str, Any]) -> None:

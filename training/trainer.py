@@ -30,7 +30,7 @@ from variants import ConfigError
 from . import checkpoint, distributed, optim
 from .checkpoint import DataPosition, TrainState
 from .device import Runtime
-from .metrics import compute_metrics
+from .metrics import Predictions, compute_metrics
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,8 @@ def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoade
                       runtime: Runtime, state: TrainState, tracker: Tracker, progress: tqdm) -> None:
     record: dict[str, Any] = {"step": state.step, "phase": state.phase}
     for name, loader in eval_loaders.items():
-        metrics = evaluate(raw_model, loader, metric_names, runtime)
+        metrics, predictions = evaluate_with_predictions(raw_model, loader, metric_names, runtime)
+        tracker.log_predictions(state.step, name, predictions)
         prefix = "eval" if name == "main" else f"eval_{name}"
         record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         state.record_eval(name, metrics)
@@ -246,20 +247,30 @@ def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoade
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, metric_names: Sequence[str], runtime: Runtime) -> dict[str, float]:
     """Mean loss and ``metric_names`` over ``loader``; the model's train/eval mode is kept."""
+    return evaluate_with_predictions(model, loader, metric_names, runtime)[0]
+
+
+@torch.no_grad()
+def evaluate_with_predictions(model: nn.Module, loader: DataLoader, metric_names: Sequence[str], runtime: Runtime
+                              ) -> tuple[dict[str, float], Predictions]:
+    """``evaluate``'s metrics, and the per-example labels and scores (logits ``(n, classes)``, or
+    the regression output ``(n,)``) in the loader's order."""
     was_training = model.training
     model.eval()
-    predictions, labels, losses = [], [], []
+    scores, labels, losses = [], [], []
     for batch in loader:
         batch = runtime.to_device(batch)
         with runtime.autocast():
             out = model(**batch)
         logits = out.logits.float()
-        predictions.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
+        scores.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits)
         labels.append(batch["labels"])
         losses.append(out.loss.float() * len(batch["labels"]))
     model.train(was_training)
-    pred = torch.cat(predictions).cpu().numpy()
-    gold = torch.cat(labels).cpu().numpy()
-    result = {"loss": float(torch.stack(losses).sum() / len(gold))}
-    result.update(compute_metrics(list(metric_names), pred, gold))
-    return result
+    predictions = Predictions(labels=torch.cat(labels).cpu().numpy(), scores=torch.cat(scores).cpu().numpy())
+    order = getattr(loader, "example_order", None)
+    if order is not None:  # back to the eval set's own order, so runs can be paired example by example
+        predictions = predictions.reordered(order)
+    result = {"loss": float(torch.stack(losses).sum() / len(predictions.labels))}
+    result.update(compute_metrics(list(metric_names), predictions.predicted, predictions.labels))
+    return result, predictions

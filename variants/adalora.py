@@ -34,6 +34,7 @@ the squared norm of the rank-1 component, λᵢ²·‖Pᵢ‖²·‖Qᵢ‖², f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -183,6 +184,16 @@ class AdaLoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         """(α/r)·P·Λ·Q: ``(d_out, d_in)``."""
         return (self.lora_P * self.lora_E) @ self.lora_Q * self.scaling
+
+    @classmethod
+    def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
+        """What ``rank`` kept triplets cost: P's column, Q's row and λ each (an equal budget
+        counts AdaLoRA at its final rank; it starts from 1.5x that, the paper's b(0) = 1.5 b(T))."""
+        return rank * (in_features + out_features + 1)
+
+    @classmethod
+    def settings_for_rank(cls, rank: int, max_rank: int) -> dict[str, Any]:
+        return {"rank": min(max_rank, math.ceil(1.5 * rank)), "target_rank": rank}
 
     @classmethod
     def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

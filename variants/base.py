@@ -181,6 +181,16 @@ class AdapterLayer(Variant, nn.Module):
     def trainable_parameters(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> list[nn.Parameter]:
         return [p for layer in layers.values() for p in layer.adapter_parameters()]
 
+    @classmethod
+    def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
+        """Parameters one adapted (d_in, d_out) layer trains at ``rank``: A (r, d_in) and B (d_out, r)."""
+        return rank * (in_features + out_features)
+
+    @classmethod
+    def settings_for_rank(cls, rank: int, max_rank: int) -> dict[str, Any]:
+        """The ``inject`` settings that give ``rank`` (the equal-budget resolver's choice)."""
+        return {"rank": rank}
+
     @property
     def in_features(self) -> int:
         return self.base.in_features
@@ -236,9 +246,7 @@ class AdapterLayer(Variant, nn.Module):
 
 
 class ParameterSubset(Variant):
-    """A baseline that adds no modules: it fine-tunes the parameters ``select`` returns, with the
-    setting ``lr`` (None: the configured one) as its peak learning rate, because full
-    fine-tuning wants a far smaller rate than the adapters it is compared with."""
+    """A baseline that adds no modules: it fine-tunes the parameters ``select`` returns."""
 
     @classmethod
     def select(cls, model: nn.Module, targets: Targets | None, **settings: Any) -> list[nn.Parameter]:
@@ -248,12 +256,10 @@ class ParameterSubset(Variant):
     @classmethod
     def inject(
         cls, model: nn.Module, targets: Targets | None, rank: int | None, alpha: float | None,
-        exclude: Sequence[str], lr: float | None = None, **settings: Any,
+        exclude: Sequence[str], **settings: Any,
     ) -> list[str]:
         """Check the settings and that they select something; the model is not changed
         (``inject_adapters`` records them, ``mark_trainable`` applies them)."""
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
-            raise ConfigError(f"variant.lr={lr!r} must be a number > 0 or null (null: trainer.lr)")
         if not cls.select(model, targets, **settings):
             raise ConfigError(f"variant={cls.variant_name!r} selects no parameter of this model")
         return []
@@ -261,13 +267,7 @@ class ParameterSubset(Variant):
     @classmethod
     def trainable_parameters(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> list[nn.Parameter]:
         config = adapter_config(model)
-        settings = {k: v for k, v in config["variant_kwargs"].items() if k != "lr"}
-        return cls.select(model, config["targets"], **settings)
-
-    @classmethod
-    def learning_rate(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], lr: float) -> float:
-        own = adapter_config(model)["variant_kwargs"].get("lr")
-        return lr if own is None else own
+        return cls.select(model, config["targets"], **config["variant_kwargs"])
 
 
 VARIANTS: dict[str, type[Variant]] = {}

@@ -54,6 +54,11 @@ class DoRALinear(LoRALinear):
         # ‖V‖_c at merge time: what unmerge needs to recover W0 from the merged weight.
         self.register_buffer("_merged_norm", None, persistent=False)
 
+    @classmethod
+    def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
+        """LoRA's A and B, plus the magnitude m ``(d_out,)``."""
+        return rank * (in_features + out_features) + out_features
+
     def frozen_weight(self) -> torch.Tensor:
         """W0, also while merged (then recovered as W'·‖V‖_c/m − (α/r)·B·A). Not detached: the
         direction's gradient flows through it to A and B."""

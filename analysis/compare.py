@@ -1,0 +1,482 @@
+#!/usr/bin/env python
+"""Compare fine-tuning methods the way a reviewer would want: the learning rate chosen on held-out
+validation data, several seeds, paired confidence intervals, and the cost of each method.
+
+    python analysis/compare.py runs/sweeps/<study> --out docs/results/glue_minilm
+    python analysis/compare.py runs/sweeps/<a> runs/sweeps/<b> --reference dora --at best_val
+    python analysis/compare.py --wandb ENTITY/PROJECT --out report/      # summaries only (no bootstrap)
+
+The protocol, per task:
+1. Runs are grouped by method: the variant with its rank, alpha and ``variant.*`` knobs, as
+   ``glue_table.method`` defines it, except the learning rate, which is what gets selected.
+   Runs that failed, or that have no ``val`` split (``task.val_fraction`` unset), are skipped
+   and listed with the reason.
+2. All runs of a task must share the task data (data_dir, val_fraction, example caps), the model,
+   max_length, batch size and number of steps; otherwise the comparison stops and says which key
+   differs (``--allow-mixed`` compares them anyway and says so in the report).
+3. For each method the learning rate with the highest **median over seeds of the validation
+   metric** is chosen; the test metric (the task's ``main`` set: GLUE's dev set) is then reported
+   for that learning rate's runs: median (min–max), mean ± std, n seeds. ``--at final`` (default)
+   uses each run's last evaluation, ``--at best_val`` the step with its best validation metric.
+4. Each method is compared with ``--reference`` (default lora) by a paired bootstrap over the
+   test examples from the saved predictions (``predictions.npz``): every resample draws the same
+   examples for both methods and all seeds they share, the statistic is the mean over those seeds
+   of (method − reference); the interval is the percentile interval (scipy.stats.bootstrap). It
+   covers test-set sampling; the seed spread is the min–max column.
+
+Writes ``report.md``, ``report.csv``, ``report.json`` and three plots (metric vs trainable
+parameters, metric vs step time, and each seed as a dot) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+from scipy import stats
+
+from analysis.collect_runs import flatten
+from analysis.glue_table import PAPER_ORDER, labels, method
+from training import rundir
+
+# What must be equal for two runs of a task to be compared (config keys, and the summary's steps).
+COMPARABLE_KEYS = ("model.name_or_path", "model.max_length", "task.data_dir", "task.val_fraction",
+                   "task.max_train_examples", "task.max_eval_examples", "trainer.batch_size", "steps")
+AT = ("final", "best_val")
+HIGHER_IS_BETTER = True  # every GLUE main metric (accuracy, F1, Matthews, Pearson)
+
+
+class CompareError(ValueError):
+    """Bad input: reported in one line, exit status 2."""
+
+
+@dataclass
+class Run:
+    run_dir: Path | None
+    task: str
+    method: tuple
+    lr: float
+    seed: int
+    metric: str
+    val: float
+    test: float
+    step: int               # the evaluation reported (last, or best on val)
+    summary: dict[str, Any]
+    config: dict[str, Any]
+
+    def test_predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(labels, predicted) on the test set at ``step``; None without predictions.npz."""
+        if self.run_dir is None:
+            return None
+        saved = rundir.read_predictions(self.run_dir)
+        scores = saved.get(f"main.step{self.step}")
+        if scores is None:
+            return None
+        return saved["main.labels"], scores if scores.ndim == 1 else scores.argmax(-1)
+
+
+@dataclass
+class Row:
+    """One method on one task at its chosen learning rate."""
+
+    task: str
+    method: tuple
+    name: str
+    lr: float
+    runs: list[Run]
+    grid: dict[float, float]  # lr -> median val metric over seeds
+    delta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tests(self) -> list[float]:
+        return [r.test for r in self.runs]
+
+
+# ---------------------------------------------------------------- loading
+
+def load_runs(roots: list[Path], at: str) -> tuple[list[Run], list[tuple[str, str]]]:
+    """(comparable runs, [(run dir, why skipped)]) below ``roots``."""
+    runs, skipped = [], []
+    for root in roots:
+        for path in sorted(root.rglob(rundir.SUMMARY)):
+            summary = json.loads(path.read_text())
+            config_path = path.parent / rundir.CONFIG
+            config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
+            run, why = _run(summary, config, at, path.parent)
+            if run is None:
+                skipped.append((str(path.parent), why))
+            else:
+                runs.append(run)
+    return runs, skipped
+
+
+def load_wandb(project: str, at: str) -> tuple[list[Run], list[tuple[str, str]]]:
+    """Runs from a W&B project's summaries and configs (no predictions: no bootstrap)."""
+    import wandb
+
+    runs, skipped = [], []
+    for wandb_run in wandb.Api().runs(project):
+        run, why = _run(dict(wandb_run.summary), flatten(dict(wandb_run.config)), at, None)
+        if run is None:
+            skipped.append((f"wandb:{wandb_run.id}", why))
+        else:
+            runs.append(run)
+    return runs, skipped
+
+
+def _run(summary: dict, config: dict, at: str, run_dir: Path | None) -> tuple[Run | None, str]:
+    if summary.get("status") != "completed":
+        return None, f"status {summary.get('status')!r}: {summary.get('error', '')}".strip()
+    if "val" not in (summary.get("eval_extra") or {}):
+        return None, "no val split (task.val_fraction unset): its learning rate could only be chosen on the test set"
+    metric = summary["main_metric"]
+    if at == "best_val":
+        chosen = summary["eval_at_best_val"]
+        val, test, step = chosen["val"][metric], chosen["test"][metric], chosen["step"]
+    else:
+        val, test, step = summary["eval_extra"]["val"][metric], summary["eval"][metric], summary["steps"]
+    key = method({"variant": summary["variant"], "rank": summary["rank"], "alpha": summary["alpha"],
+                  "config": {k: v for k, v in config.items() if k != "variant.lr"}})  # the lr is what is selected
+    run = Run(run_dir, summary["task"], key, float(summary["peak_lr"]), summary["seed"], metric, val, test, step,
+              summary, {**config, "steps": summary["steps"]})
+    return run, ""
+
+
+def check_comparable(runs: list[Run], allow_mixed: bool) -> list[str]:
+    """Notes on keys that differ within a task; raises unless ``allow_mixed``."""
+    notes = []
+    by_task = defaultdict(list)
+    for run in runs:
+        by_task[run.task].append(run)
+    for task, task_runs in by_task.items():
+        for key in COMPARABLE_KEYS:
+            values = sorted({json.dumps(r.config.get(key)) for r in task_runs})
+            if len(values) > 1:
+                note = f"task {task}: runs differ in {key} ({', '.join(values)})"
+                if not allow_mixed:
+                    raise CompareError(f"{note}; compare like with like, or pass --allow-mixed")
+                notes.append(note)
+    return notes
+
+
+# ---------------------------------------------------------------- selection and statistics
+
+def select(runs: list[Run]) -> list[Row]:
+    """Per task and method, the learning rate with the best median validation metric over seeds
+    (ties: the smaller rate); the test metric is never looked at here."""
+    groups: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        groups[(run.task, run.method)][run.lr].append(run)
+    names = labels({m for _, m in groups})
+    rows = []
+    for (task, key), by_lr in groups.items():
+        grid = {lr: statistics.median(r.val for r in lr_runs) for lr, lr_runs in sorted(by_lr.items())}
+        best = max(grid, key=lambda lr: (grid[lr], -lr))
+        rows.append(Row(task, key, names[key], best, sorted(by_lr[best], key=lambda r: r.seed), grid))
+    return sorted(rows, key=lambda row: (_task_order(row.task), row.name))
+
+
+def _task_order(task: str) -> tuple[int, str]:
+    return (PAPER_ORDER.index(task) if task in PAPER_ORDER else len(PAPER_ORDER), task)
+
+
+def batch_metric(name: str, predicted: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """``name`` over the last axis of (..., n) arrays, as training/metrics.py computes it for one."""
+    if name == "accuracy":
+        return (predicted == gold).mean(-1)
+    if name in ("f1", "matthews"):
+        p, g = predicted.astype(bool), gold.astype(bool)
+        tp, fp = (p & g).sum(-1, dtype=float), (p & ~g).sum(-1, dtype=float)
+        fn, tn = (~p & g).sum(-1, dtype=float), (~p & ~g).sum(-1, dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if name == "f1":
+                value = 2 * tp / (2 * tp + fp + fn)
+            else:
+                value = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        return np.nan_to_num(value)  # sklearn's convention: 0 where undefined
+    if name in ("pearson", "spearman"):
+        if name == "spearman":
+            predicted, gold = stats.rankdata(predicted, axis=-1), stats.rankdata(gold, axis=-1)
+        x = predicted - predicted.mean(-1, keepdims=True)
+        y = gold - gold.mean(-1, keepdims=True)
+        return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+    raise CompareError(f"metric {name!r} has no bootstrap form; allowed: accuracy, f1, matthews, pearson, spearman")
+
+
+def paired_bootstrap(metric: str, gold: np.ndarray, method_preds: list[np.ndarray], reference_preds: list[np.ndarray],
+                     resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Mean over seed pairs of metric(method) − metric(reference) on the test set, and its
+    percentile bootstrap interval over test examples (the same resampled examples for every
+    prediction array). ``method_preds[i]`` and ``reference_preds[i]`` come from the same seed."""
+    pairs = len(method_preds)
+
+    def statistic(gold, *preds, axis=-1):
+        diffs = [batch_metric(metric, preds[i], gold) - batch_metric(metric, preds[pairs + i], gold)
+                 for i in range(pairs)]
+        return np.mean(diffs, axis=0)
+
+    data = (gold, *method_preds, *reference_preds)
+    observed = float(statistic(*data))
+    result = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
+                             confidence_level=confidence, method="percentile", batch=100,
+                             rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    low, high = (observed, observed) if np.isnan(low) else (float(low), float(high))  # every resample equal
+    return {"difference": observed, "low": low, "high": high, "confidence": confidence, "seeds": pairs,
+            "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def compare_with_reference(rows: list[Row], reference: str, resamples: int, confidence: float) -> None:
+    """Fill each row's ``delta`` against the reference method's row of its task."""
+    for task in {row.task for row in rows}:
+        task_rows = [row for row in rows if row.task == task]
+        refs = [row for row in task_rows if row.name == reference]
+        for row in task_rows:
+            row.delta = _delta(row, refs[0] if refs else None, reference, resamples, confidence)
+
+
+def _delta(row: Row, ref: Row | None, reference: str, resamples: int, confidence: float) -> dict[str, Any]:
+    if ref is None:
+        return {"note": f"no {reference!r} row for this task"}
+    if ref is row:
+        return {"note": "reference"}
+    shared = sorted({r.seed for r in row.runs} & {r.seed for r in ref.runs})
+    if not shared:
+        return {"note": "no seed in common with the reference"}
+    mine, theirs = {r.seed: r for r in row.runs}, {r.seed: r for r in ref.runs}
+    loaded = [(mine[s].test_predictions(), theirs[s].test_predictions()) for s in shared]
+    if any(a is None or b is None for a, b in loaded):
+        return {"note": "predictions.npz missing (or not at the reported step)"}
+    gold = loaded[0][0][0]
+    if any(len(a[0]) != len(gold) or not np.array_equal(a[0], gold) or not np.array_equal(b[0], gold)
+           for a, b in loaded):
+        return {"note": "test labels differ between runs: not the same test set"}
+    return paired_bootstrap(row.runs[0].metric, gold, [a[1] for a, _ in loaded], [b[1] for _, b in loaded],
+                            resamples, confidence)
+
+
+# ---------------------------------------------------------------- report
+
+def costs(row: Row) -> dict[str, Any]:
+    """Trainable parameters (the method's, without the head, and % of the model), adapter size on
+    disk, median step time and peak memory over the row's runs."""
+    def median_of(key: str) -> float | None:
+        values = [r.summary.get(key) for r in row.runs if r.summary.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    summary = row.runs[0].summary
+    return {"method_params": summary.get("method_params"),
+            "method_percent": 100 * summary["method_params"] / summary["total_params"]
+            if summary.get("method_params") is not None else None,
+            "trainable_params": summary.get("trainable_params"), "adapter_mb": median_of("adapter_mb"),
+            "step_time_s": median_of("step_time_s"), "peak_memory_mb": median_of("peak_memory_mb"),
+            "peak_memory_kind": summary.get("peak_memory_kind")}
+
+
+def record(row: Row) -> dict[str, Any]:
+    tests = row.tests
+    return {"task": row.task, "method": row.name, "metric": row.runs[0].metric, "lr": row.lr,
+            "val_median": row.grid[row.lr], "test_median": statistics.median(tests), "test_min": min(tests),
+            "test_max": max(tests), "test_mean": statistics.mean(tests),
+            "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": [r.seed for r in row.runs],
+            "n": len(tests), "lr_grid": {f"{lr:g}": v for lr, v in row.grid.items()},
+            "runs": [str(r.run_dir) for r in row.runs if r.run_dir is not None],
+            **costs(row), "vs_reference": row.delta}
+
+
+def _delta_text(delta: dict[str, Any]) -> str:
+    if "note" in delta:
+        return delta["note"]
+    mark = " *" if delta["excludes_zero"] else ""
+    return f"{100 * delta['difference']:+.1f} [{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}]{mark}"
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[str], args: argparse.Namespace) -> str:
+    at = "each run's last evaluation" if args.at == "final" else "each run's step with the best validation metric"
+    level = int(round(100 * args.confidence))
+    lines = [
+        "# Method comparison", "",
+        f"Learning rate chosen per method and task by the median over seeds of the validation metric "
+        f"(held out of the training set); test = the task's reported set (GLUE dev), at {at}. Metric ×100: "
+        f"median (min–max) and mean ± std over seeds. Δ vs {args.reference}: mean over shared seeds of the "
+        f"paired difference, [{level}% paired bootstrap interval over test examples, {args.resamples} resamples]; "
+        "* = the interval excludes 0. Params: what the method trains without the task head.", "",
+    ]
+    lines += [f"Note: {note}" for note in notes]
+    tasks = sorted({r["task"] for r in records}, key=_task_order)
+    lines += headline(records, tasks) + [""]
+    for task in tasks:
+        rows = [r for r in records if r["task"] == task]
+        lines += [f"## {task} ({rows[0]['metric']})", "",
+                  "| method | lr | val | test median (min–max) | mean ± std | n | Δ vs " + args.reference
+                  + " | params (%) | adapter MB | step s | peak MB |", "|" + "---|" * 11]
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {r['lr']:g} | {100 * r['val_median']:.1f} | {100 * r['test_median']:.1f} "
+                f"({100 * r['test_min']:.1f}–{100 * r['test_max']:.1f}) | {100 * r['test_mean']:.1f} ± "
+                f"{100 * r['test_std']:.1f} | {r['n']} | {_delta_text(r['vs_reference'])} | "
+                f"{_params(r)} | {_number(r['adapter_mb'], '.2f')} | {_number(r['step_time_s'], '.3f')} | "
+                f"{_number(r['peak_memory_mb'], '.0f')} |")
+        lines += ["", "Validation median per learning rate (the selection; chosen in bold):", "",
+                  "| method | " + " | ".join(_grid_columns(rows)) + " |", "|" + "---|" * (1 + len(_grid_columns(rows)))]
+        for r in rows:
+            cells = [("**{:.1f}**" if lr == f"{r['lr']:g}" else "{:.1f}").format(100 * r["lr_grid"][lr])
+                     if lr in r["lr_grid"] else "–" for lr in _grid_columns(rows)]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if skipped:
+        lines += ["## Skipped runs", ""] + [f"- `{where}`: {why}" for where, why in skipped] + [""]
+    return "\n".join(lines)
+
+
+def headline(records: list[dict], tasks: list[str]) -> list[str]:
+    """Methods × tasks: test median (min–max) at the chosen learning rate, and the average."""
+    methods = sorted({r["method"] for r in records})
+    cell = {(r["method"], r["task"]): r for r in records}
+    lines = ["| method | " + " | ".join(tasks) + " | avg |", "|" + "---|" * (len(tasks) + 2)]
+    for name in methods:
+        found = [cell.get((name, t)) for t in tasks]
+        texts = ["–" if r is None else f"{100 * r['test_median']:.1f} ({100 * r['test_min']:.1f}–{100 * r['test_max']:.1f})"
+                 for r in found]
+        medians = [100 * r["test_median"] for r in found if r is not None]
+        average = f"{statistics.mean(medians):.1f}" if len(medians) == len(tasks) else "–"
+        lines.append(f"| {name} | " + " | ".join(texts) + f" | {average} |")
+    return lines
+
+
+def _grid_columns(rows: list[dict]) -> list[str]:
+    return sorted({lr for r in rows for lr in r["lr_grid"]}, key=float)
+
+
+def _params(r: dict) -> str:
+    if r["method_params"] is None:
+        return "–"
+    return f"{r['method_params'] / 1e6:.3f}M ({r['method_percent']:.2f}%)"
+
+
+def write_csv(path: Path, records: list[dict]) -> None:
+    columns = ["task", "method", "metric", "lr", "val_median", "test_median", "test_min", "test_max", "test_mean",
+               "test_std", "n", "delta", "delta_low", "delta_high", "method_params", "method_percent", "adapter_mb",
+               "step_time_s", "peak_memory_mb"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in records:
+            delta = r["vs_reference"]
+            writer.writerow({**r, "delta": delta.get("difference"), "delta_low": delta.get("low"),
+                             "delta_high": delta.get("high")})
+
+
+def plot(records: list[dict], runs: list[Run], rows: list[Row], out: Path) -> list[Path]:
+    """metric vs trainable parameters, metric vs step time (median, min–max bars), and each seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in records}, key=_task_order)
+    written = []
+    for name, x_key, x_label in (("pareto_params.png", "method_params", "trainable parameters (without head)"),
+                                 ("pareto_step_time.png", "step_time_s", "median step time (s)")):
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for r in (r for r in records if r["task"] == task and r[x_key]):
+                y = 100 * r["test_median"]
+                ax.errorbar(r[x_key], y, yerr=[[y - 100 * r["test_min"]], [100 * r["test_max"] - y]], fmt="o", capsize=3)
+                ax.annotate(r["method"], (r[x_key], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xscale("log")
+            ax.set_xlabel(x_label)
+            ax.set_title(f"{task} ({records[0]['metric'] if len(tasks) == 1 else _metric(records, task)})")
+        axes[0][0].set_ylabel("test metric ×100 (median, min–max over seeds)")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        task_rows = [row for row in rows if row.task == task]
+        for i, row in enumerate(task_rows):
+            ax.scatter([i] * len(row.runs), [100 * t for t in row.tests], s=14)
+            ax.hlines(100 * statistics.median(row.tests), i - 0.3, i + 0.3, color="black")
+        ax.set_xticks(range(len(task_rows)), [row.name for row in task_rows], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{task} ({_metric(records, task)}): each seed, chosen lr")
+    axes[0][0].set_ylabel("test metric ×100")
+    fig.tight_layout()
+    fig.savefig(out / "seeds.png", dpi=120)
+    plt.close(fig)
+    return written + [out / "seeds.png"]
+
+
+def _metric(records: list[dict], task: str) -> str:
+    return next(r["metric"] for r in records if r["task"] == task)
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("roots", nargs="*", type=Path, help="sweep or run directories")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read finished runs from W&B instead (online)")
+    parser.add_argument("--out", type=Path, default=Path("comparison"), help="where the report goes")
+    parser.add_argument("--reference", default="lora", help="the method every other is compared with (a row name)")
+    parser.add_argument("--at", choices=AT, default="final", help="final: last evaluation; best_val: best on val")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--confidence", type=float, default=0.95, help="interval level")
+    parser.add_argument("--allow-mixed", action="store_true", help="compare runs that differ in data, model or steps")
+    args = parser.parse_args(argv)
+    try:
+        report = run(args)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+def run(args: argparse.Namespace) -> str:
+    if bool(args.roots) == bool(args.wandb):
+        raise CompareError("give run folders or --wandb ENTITY/PROJECT (one of the two)")
+    if not 0 < args.confidence < 1 or args.resamples < 1:
+        raise CompareError(f"--confidence={args.confidence} must be in (0, 1) and --resamples={args.resamples} >= 1")
+    missing = [str(r) for r in args.roots if not r.is_dir()]
+    if missing:
+        raise CompareError(f"roots: not a directory: {', '.join(missing)}")
+    runs, skipped = load_wandb(args.wandb, args.at) if args.wandb else load_runs(args.roots, args.at)
+    if not runs:
+        where = args.wandb or ", ".join(map(str, args.roots))
+        raise CompareError(f"roots: no completed run with a val split below {where} "
+                           f"({len(skipped)} skipped); allowed: sweep or run dirs of runs with task.val_fraction set")
+    notes = check_comparable(runs, args.allow_mixed)
+    rows = select(runs)
+    if args.reference not in {row.name for row in rows}:
+        raise CompareError(f"--reference={args.reference!r} is not a method here; allowed: "
+                           f"{', '.join(sorted({row.name for row in rows}))}")
+    compare_with_reference(rows, args.reference, args.resamples, args.confidence)
+    records = [record(row) for row in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = markdown(records, skipped, notes, args)
+    (args.out / "report.md").write_text(text + "\n")
+    write_csv(args.out / "report.csv", records)
+    (args.out / "report.json").write_text(json.dumps(
+        {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                      if k != "roots"} | {"roots": [str(r) for r in args.roots]},
+         "notes": notes, "skipped": [{"run": w, "why": y} for w, y in skipped], "rows": records}, indent=2) + "\n")
+    plot(records, runs, rows, args.out)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

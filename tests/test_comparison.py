@@ -1,0 +1,263 @@
+"""The honest comparison: real GLUE files, the validation split, learning-rate selection on it,
+per-example predictions, the paired bootstrap, equal budgets, and analysis/compare.py end to end.
+
+Real GLUE TSVs are found through $GLUE_DIR (default ../shared/glue beside the repository); the
+tests that need them skip, saying why, when they are absent.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from scipy import stats
+from sklearn import metrics as skm
+
+import variants
+from analysis import compare
+from test_run import ROOT, run_py
+from training.data import load_task, split_validation
+from training.models import load_model
+from variants import ConfigError
+from variants.budget import rank_for_budget
+
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", ROOT.parent / "shared" / "glue"))
+needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"no GLUE data at {GLUE_DIR} (set GLUE_DIR)")
+# Rows of each file, from ../shared/glue/SOURCES.md (header excluded).
+GLUE_ROWS = {"mrpc": ("MRPC", 3668, 408), "stsb": ("STS-B", 5749, 1500), "cola": ("CoLA", 8551, 1043),
+             "rte": ("RTE", 2490, 277)}
+
+
+def glue_task(name: str, **overrides):
+    task = OmegaConf.load(ROOT / "conf" / "task" / f"{name}.yaml")
+    task.data_dir = str(GLUE_DIR / task.glue_folder)
+    return OmegaConf.merge(task, overrides)
+
+
+# ---------------------------------------------------------------- real files
+
+@needs_glue
+@pytest.mark.parametrize("name", sorted(GLUE_ROWS))
+def test_real_glue_files_load_whole(name):
+    """Every row of the distributed files, MRPC's byte-order mark included."""
+    folder, n_train, n_dev = GLUE_ROWS[name]
+    train, evaluations = load_task(glue_task(name))
+    assert (len(train), len(evaluations["main"])) == (n_train, n_dev)
+    labels = {ex["label"] for ex in train}
+    assert labels == ({0, 1} if name != "stsb" else labels) and all(isinstance(x, float) for x in labels) == (name == "stsb")
+
+
+# ---------------------------------------------------------------- validation split
+
+def examples(n_per_class: dict[int, int]):
+    return [{"sentence": f"{label}-{i}", "label": label} for label, n in n_per_class.items() for i in range(n)]
+
+
+def test_val_split_is_seeded_stratified_and_disjoint():
+    data = examples({0: 300, 1: 100})
+    kept, val = split_validation(data, 0.1, seed=3, num_labels=2)
+    again, val_again = split_validation(data, 0.1, seed=3, num_labels=2)
+    _, other = split_validation(data, 0.1, seed=4, num_labels=2)
+    texts = lambda rows: [r["sentence"] for r in rows]  # noqa: E731
+    assert texts(val) == texts(val_again) and texts(kept) == texts(again)
+    assert texts(val) != texts(other)
+    assert not set(texts(val)) & set(texts(kept)) and len(val) + len(kept) == len(data) and len(val) == 40
+    assert sum(r["label"] for r in val) == 10  # 25% positives, as in the whole
+
+
+def test_val_split_regression_is_stratified_by_quantile():
+    data = [{"sentence": str(i), "label": float(i % 50) / 10} for i in range(500)]
+    kept, val = split_validation(data, 0.2, seed=0, num_labels=1)
+    assert len(val) == 100 and abs(np.mean([r["label"] for r in val]) - np.mean([r["label"] for r in data])) < 0.1
+
+
+@pytest.mark.parametrize("fraction, message", [
+    (0.0, "task.val_fraction=0.0 must be null or a number in (0, 0.5]"),
+    (0.6, "task.val_fraction=0.6 must be null or a number in (0, 0.5]"),
+    (True, "task.val_fraction=True must be null or a number in (0, 0.5]"),
+])
+def test_val_fraction_out_of_range(fraction, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        split_validation(examples({0: 10, 1: 10}), fraction, seed=0, num_labels=2)
+
+
+def test_val_split_that_empties_a_class():
+    with pytest.raises(ConfigError, match="would leave a class empty on one side"):
+        split_validation(examples({0: 50, 1: 1}), 0.1, seed=0, num_labels=2)
+
+
+@needs_glue
+def test_val_split_of_real_rte_through_load_task():
+    train, evaluations = load_task(glue_task("rte", val_fraction=0.1), seed=0)
+    assert (len(train), len(evaluations["val"]), len(evaluations["main"])) == (2241, 249, 277)
+    assert list(evaluations) == ["main", "val"]
+
+
+# ---------------------------------------------------------------- bootstrap
+
+def test_bootstrap_of_identical_predictions_contains_zero():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 300)
+    preds = [np.where(rng.random(300) < 0.8, gold, 1 - gold) for _ in range(3)]
+    result = compare.paired_bootstrap("accuracy", gold, preds, [p.copy() for p in preds], resamples=500)
+    assert result["difference"] == 0 and result["low"] <= 0 <= result["high"] and not result["excludes_zero"]
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "f1", "matthews"])
+def test_bootstrap_excludes_zero_when_one_method_is_right_where_the_other_is_wrong(metric):
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 2, 200)
+    wrong = rng.random(200) < 0.3  # the reference's mistakes; the method gets every one of them right
+    reference = [np.where(wrong, 1 - gold, gold)] * 2
+    method = [gold.copy(), gold.copy()]
+    result = compare.paired_bootstrap(metric, gold, method, reference, resamples=500)
+    assert result["low"] > 0 and result["excludes_zero"]
+
+
+@pytest.mark.parametrize("metric, reference", [
+    ("accuracy", lambda p, g: skm.accuracy_score(g, p)), ("f1", lambda p, g: skm.f1_score(g, p)),
+    ("matthews", lambda p, g: skm.matthews_corrcoef(g, p)), ("pearson", lambda p, g: stats.pearsonr(p, g)[0]),
+    ("spearman", lambda p, g: stats.spearmanr(p, g)[0]),
+])
+def test_batched_metrics_match_the_trainers(metric, reference):
+    rng = np.random.default_rng(2)
+    if metric in ("pearson", "spearman"):
+        gold = rng.random((3, 50)) * 5
+        pred = gold + rng.normal(size=(3, 50))
+    else:
+        gold = rng.integers(0, 2, (3, 50))
+        pred = np.where(rng.random((3, 50)) < 0.7, gold, 1 - gold)
+    expected = [reference(p, g) for p, g in zip(pred, gold)]
+    assert np.allclose(compare.batch_metric(metric, pred, gold), expected)
+
+
+# ---------------------------------------------------------------- selection
+
+def fake_run(root: Path, name: str, variant: str, lr: float, seed: int, val: float, test: float, **config):
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    summary = {"status": "completed", "variant": variant, "rank": 8, "alpha": 16, "seed": seed, "task": "mrpc",
+               "main_metric": "accuracy", "eval": {"accuracy": test}, "eval_extra": {"val": {"accuracy": val}},
+               "peak_lr": lr, "steps": 10, "method_params": 100, "total_params": 1000, "trainable_params": 102,
+               "step_time_s": 0.1, "peak_memory_mb": 10}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    base = {"variant": {"name": variant, "lr": lr}, "model": {"name_or_path": "minilm"}, "trainer": {"lr": lr}}
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.merge(base, config)))
+    return run_dir
+
+
+def test_learning_rate_is_chosen_by_median_validation_never_by_test(tmp_path):
+    # lr 1e-3: best on val in two of three seeds (median 0.80) but worse on test;
+    # lr 3e-3: one great val seed (mean would win: 0.7933 < 0.80 median loses), best on test.
+    for seed, (val_a, test_a, val_b, test_b) in enumerate([(0.80, 0.60, 0.99, 0.90), (0.81, 0.61, 0.70, 0.91),
+                                                          (0.79, 0.62, 0.69, 0.92)]):
+        fake_run(tmp_path, f"a{seed}", "lora", 1e-3, seed, val_a, test_a)
+        fake_run(tmp_path, f"b{seed}", "lora", 3e-3, seed, val_b, test_b)
+    runs, skipped = compare.load_runs([tmp_path], "final")
+    (row,) = compare.select(runs)
+    assert row.lr == 1e-3 and sorted(row.tests) == [0.60, 0.61, 0.62] and not skipped
+    assert row.grid == {1e-3: 0.80, 3e-3: 0.70}
+
+
+def test_runs_without_val_split_or_failed_are_skipped_and_mixed_data_refused(tmp_path):
+    fake_run(tmp_path, "ok", "lora", 1e-3, 0, 0.8, 0.7)
+    no_val = fake_run(tmp_path, "noval", "lora", 1e-3, 1, 0.8, 0.7)
+    summary = json.loads((no_val / "summary.json").read_text())
+    summary["eval_extra"] = {}
+    (no_val / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "summary.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    runs, skipped = compare.load_runs([tmp_path], "final")
+    assert len(runs) == 1 and {Path(w).name for w, _ in skipped} == {"noval", "failed"}
+    fake_run(tmp_path, "other_data", "dora", 1e-3, 0, 0.8, 0.7, task={"max_train_examples": 100})
+    runs, _ = compare.load_runs([tmp_path], "final")
+    with pytest.raises(compare.CompareError, match=r"task mrpc: runs differ in task.max_train_examples"):
+        compare.check_comparable(runs, allow_mixed=False)
+    assert compare.check_comparable(runs, allow_mixed=True)
+
+
+def test_compare_cli_errors_are_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, message in [([str(empty)], "error: roots: no completed run with a val split below"),
+                          ([str(tmp_path / "nope")], "error: roots: not a directory"),
+                          ([str(empty), "--confidence", "2"], "error: --confidence=2.0 must be in (0, 1)")]:
+        result = compare_py(*argv, "--out", str(tmp_path / "out"))
+        last = result.stderr.strip().splitlines()[-1]  # (bitsandbytes may print a notice on import)
+        assert result.returncode == 2 and last.startswith(message) and "Traceback" not in result.stderr, argv
+
+
+def compare_py(*argv):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "analysis" / "compare.py"), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# ---------------------------------------------------------------- equal budget
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "adalora", "qlora", "staged"])
+def test_budget_rank_lands_within_one_rank_step_and_is_what_trains(variant):
+    model, _ = load_model("minilm", num_labels=2)
+    budget = 100_000
+    choice = rank_for_budget(model, variant, ["query", "value"], budget, ["classifier"])
+    per_rank = variants.get_variant(variant).parameters_at_rank(384, 384, 1) - \
+        variants.get_variant(variant).parameters_at_rank(384, 384, 0)
+    assert abs(choice.method_params - budget) <= 12 * per_rank / 2  # 12 adapted layers
+    settings = dict(choice.settings)
+    variants.inject_adapters(model, variant, ["query", "value"], alpha=16, exclude=["classifier"], **settings)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if variant == "adalora":  # P, Q, lambda start at 1.5x the final rank; the budget counts the final rank
+        layer = next(layer for _, layer in variants.adapter_layers(model))
+        assert layer.target_rank == choice.rank
+        assert trained == choice.method_params // choice.rank * settings["rank"]
+    else:
+        assert trained == choice.method_params
+
+
+def test_budget_below_one_rank_and_baselines():
+    model, _ = load_model("minilm", num_labels=2)
+    with pytest.raises(ConfigError, match=r"budget=1000 is below one rank of lora on the targeted layers; allowed: >= 9216"):
+        rank_for_budget(model, "lora", ["query", "value"], 1000, ["classifier"])
+    with pytest.raises(ConfigError, match="budget=0 must be null or a positive integer"):
+        rank_for_budget(model, "lora", ["query", "value"], 0, ["classifier"])
+    assert rank_for_budget(model, "full", None, 1000, ["classifier"]) is None
+
+
+# ---------------------------------------------------------------- end to end on real data
+
+@needs_glue
+def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_py(
+        "-m", "variant=lora,dora", "seed=0,1", "task=mrpc", f"task.data_dir={GLUE_DIR / 'MRPC'}",
+        "task.val_fraction=0.1", "task.max_train_examples=48", "model.max_length=48", "trainer.batch_size=8",
+        "trainer.max_steps=3", "trainer.eval_every=3", "trainer.eval_batch_size=64", "tracking.mode=disabled",
+        "budget=40000", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, evaluations = load_task(glue_task("mrpc"))
+    dev_labels = np.array([ex["label"] for ex in evaluations["main"]])
+    for run_dir in sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file()):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["budget"]["requested"] == 40000 and summary["rank"] == summary["budget"]["rank"]
+        assert summary["val_fraction"] == 0.1 and summary["eval_at_best_val"]["step"] == 3
+        saved = np.load(run_dir / "predictions.npz")
+        assert np.array_equal(saved["main.labels"], dev_labels)  # the dev file's order, though evaluated by length
+        predicted = saved["main.step3"].argmax(-1)
+        assert skm.accuracy_score(dev_labels, predicted) == pytest.approx(summary["eval"]["accuracy"])
+        assert len(saved["val.labels"]) == 367
+    out = tmp_path / "report"
+    result = compare_py(str(sweep), "--out", str(out), "--resamples", "200")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"lora", "dora"}
+    dora = rows["dora"]
+    assert dora["n"] == 2 and dora["seeds"] == [0, 1]
+    assert {"difference", "low", "high"} <= set(dora["vs_reference"])
+    for name in ("report.md", "report.csv", "pareto_params.png", "pareto_step_time.png", "seeds.png"):
+        assert (out / name).is_file(), name
