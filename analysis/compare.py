@@ -11,9 +11,10 @@ The protocol, per task:
    ``glue_table.method`` defines it, except the learning rate, which is what gets selected.
    Runs that failed, or that have no ``val`` split (``task.val_fraction`` unset), are skipped
    and listed with the reason.
-2. All runs of a task must share the task data (data_dir, val_fraction, example caps), the model,
-   max_length, batch size and number of steps; otherwise the comparison stops and says which key
-   differs (``--allow-mixed`` compares them anyway and says so in the report).
+2. All runs of a task must share every setting but the method's own (``MAY_DIFFER``): the task
+   data (data_dir, val_fraction, example caps), the model, batch size, steps, schedule, precision,
+   budget; otherwise the comparison stops and says which key differs (``--allow-mixed`` compares
+   them anyway and says so in the report). Two runs of one method, rate and seed are refused too.
 3. For each method the learning rate with the highest **median over seeds of the validation
    metric** is chosen; the test metric (the task's ``main`` set: GLUE's dev set) is then reported
    for that learning rate's runs: median (min–max), mean ± std, n seeds. ``--at final`` (default)
@@ -48,9 +49,12 @@ from analysis.collect_runs import flatten
 from analysis.glue_table import PAPER_ORDER, labels, method
 from training import rundir
 
-# What must be equal for two runs of a task to be compared (config keys, and the summary's steps).
-COMPARABLE_KEYS = ("model.name_or_path", "model.max_length", "task.data_dir", "task.val_fraction",
-                   "task.max_train_examples", "task.max_eval_examples", "trainer.batch_size", "steps")
+# Config keys that may differ between the runs of one comparison: the method and its rate, the seed,
+# and what does not change results. Every other key (data, model, steps, schedule, precision,
+# budget...) and the summary's number of steps must be equal within a task.
+MAY_DIFFER = ("variant.", "seed", "trainer.lr", "rank", "alpha", "adapter_dropout", "lr_point", "lr_grid.",
+              "init_from", "resume", "tracking.", "glue_dir", "trainer.log_every", "trainer.checkpoint_every",
+              "trainer.eval_batch_size")
 AT = ("final", "best_val")
 HIGHER_IS_BETTER = True  # every GLUE main metric (accuracy, F1, Matthews, Pearson)
 
@@ -158,7 +162,14 @@ def check_comparable(runs: list[Run], allow_mixed: bool) -> list[str]:
     for run in runs:
         by_task[run.task].append(run)
     for task, task_runs in by_task.items():
-        for key in COMPARABLE_KEYS:
+        seen: dict[tuple, Run] = {}
+        for run in task_runs:
+            twin = seen.setdefault((run.method, run.lr, run.seed), run)
+            if twin is not run:
+                raise CompareError(f"task {task}: {twin.run_dir} and {run.run_dir} are the same method, lr and seed; "
+                                   "pass each sweep once (or move the repeat aside)")
+        keys = sorted({k for r in task_runs for k in r.config if not k.startswith(MAY_DIFFER)})
+        for key in keys:
             values = sorted({json.dumps(r.config.get(key)) for r in task_runs})
             if len(values) > 1:
                 note = f"task {task}: runs differ in {key} ({', '.join(values)})"
@@ -229,10 +240,10 @@ def paired_bootstrap(metric: str, gold: np.ndarray, method_preds: list[np.ndarra
     result = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
                              confidence_level=confidence, method="percentile", batch=100,
                              rng=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    low, high = (observed, observed) if np.isnan(low) else (float(low), float(high))  # every resample equal
+    low, high = (float(bound) for bound in result.confidence_interval)
+    defined = not (np.isnan(low) or np.isnan(high))  # NaN: some resample's metric undefined (constant scores)
     return {"difference": observed, "low": low, "high": high, "confidence": confidence, "seeds": pairs,
-            "excludes_zero": bool(low > 0 or high < 0)}
+            "excludes_zero": bool(defined and (low > 0 or high < 0))}
 
 
 def compare_with_reference(rows: list[Row], reference: str, resamples: int, confidence: float) -> None:
@@ -274,9 +285,10 @@ def costs(row: Row) -> dict[str, Any]:
         return statistics.median(values) if values else None
 
     summary = row.runs[0].summary
-    return {"method_params": summary.get("method_params"),
-            "method_percent": 100 * summary["method_params"] / summary["total_params"]
-            if summary.get("method_params") is not None else None,
+    # AdaLoRA under a budget: its count at the final rank (what the budget equalises), not the start's 1.5x
+    params = (summary.get("budget") or {}).get("method_params") or summary.get("method_params")
+    return {"method_params": params,
+            "method_percent": 100 * params / summary["total_params"] if params is not None else None,
             "trainable_params": summary.get("trainable_params"), "adapter_mb": median_of("adapter_mb"),
             "step_time_s": median_of("step_time_s"), "peak_memory_mb": median_of("peak_memory_mb"),
             "peak_memory_kind": summary.get("peak_memory_kind")}
@@ -296,6 +308,8 @@ def record(row: Row) -> dict[str, Any]:
 def _delta_text(delta: dict[str, Any]) -> str:
     if "note" in delta:
         return delta["note"]
+    if np.isnan(delta["low"]):
+        return f"{100 * delta['difference']:+.1f} [interval undefined]"
     mark = " *" if delta["excludes_zero"] else ""
     return f"{100 * delta['difference']:+.1f} [{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}]{mark}"
 
@@ -313,7 +327,8 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
         f"(held out of the training set); test = the task's reported set (GLUE dev), at {at}. Metric ×100: "
         f"median (min–max) and mean ± std over seeds. Δ vs {args.reference}: mean over shared seeds of the "
         f"paired difference, [{level}% paired bootstrap interval over test examples, {args.resamples} resamples]; "
-        "* = the interval excludes 0. Params: what the method trains without the task head.", "",
+        "* = the interval excludes 0. Params: what the method trains without the task head (AdaLoRA under a "
+        "budget: at its final rank).", "",
     ]
     lines += [f"Note: {note}" for note in notes]
     tasks = sorted({r["task"] for r in records}, key=_task_order)
@@ -393,11 +408,11 @@ def plot(records: list[dict], runs: list[Run], rows: list[Row], out: Path) -> li
                                  ("pareto_step_time.png", "step_time_s", "median step time (s)")):
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            for r in (r for r in records if r["task"] == task and r[x_key]):
+            for r in (r for r in records if r["task"] == task and r[x_key] is not None):
                 y = 100 * r["test_median"]
                 ax.errorbar(r[x_key], y, yerr=[[y - 100 * r["test_min"]], [100 * r["test_max"] - y]], fmt="o", capsize=3)
                 ax.annotate(r["method"], (r[x_key], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            ax.set_xscale("log")
+            ax.set_xscale("symlog", linthresh=1) if x_key == "method_params" else ax.set_xscale("log")  # head: 0
             ax.set_xlabel(x_label)
             ax.set_title(f"{task} ({records[0]['metric'] if len(tasks) == 1 else _metric(records, task)})")
         axes[0][0].set_ylabel("test metric ×100 (median, min–max over seeds)")

@@ -12,7 +12,9 @@ where U are the right-singular vectors of A, ordered by singular value (a module
 pruned to rank 0 has no subspace: its row shows "–"). φ = 1 when the
 top-i directions of one lie in the span of the top-j of the other, 0 when orthogonal; two
 random subspaces of R^d give φ ≈ max(i, j)/d. Use a rank-8 and a rank-64 run to reproduce
-Fig. 3, two runs of the same rank with different seeds for Fig. 4.
+Fig. 3, two runs of the same rank with different seeds for Fig. 4. The two runs must have
+different seeds (else refused, see ``check_independent_init``): adapters drawn from one seed
+can start from the same random numbers, and the overlap would then be the shared start's.
 
 The matrices compared, per variant: LoRA, DoRA, QLoRA, staged: A (``--side up``: B, the
 column space of ΔW); AdaLoRA: Q restricted to the kept triplets (``up``: P·Λ).
@@ -89,12 +91,36 @@ def phi(basis_1: torch.Tensor, basis_2: torch.Tensor) -> torch.Tensor:
     return cumulative / torch.minimum(i, j)
 
 
+def check_independent_init(run_1: Path, run_2: Path) -> None:
+    """Refuse two runs whose adapters may have started from the same random draws: one seed at
+    one rank starts identical, and at two ranks the streams overlap whenever the draws before
+    A do not depend on the rank (here they happen to: the settings check builds a rank-sized
+    layer first, so measured at init, rank 8 vs 64 on MiniLM shares no row), so φ could measure
+    the shared start rather than what was learned."""
+    summaries = [rundir.read_summary(run) or {} for run in (run_1, run_2)]
+    seeds = [s.get("seed") for s in summaries]
+    starts = [s.get("init_from") for s in summaries]
+    if None in seeds:
+        raise Incompatible(f"{run_1 if seeds[0] is None else run_2} has no summary.json with its seed, so an "
+                           "identical start cannot be ruled out; pass --allow-shared-init to compare anyway")
+    if starts[0] and starts[0] == starts[1]:
+        raise Incompatible(f"both runs started from the adapters of {starts[0]} (init_from), so the overlap "
+                           "would reflect that shared start; pass --allow-shared-init to measure it anyway")
+    if seeds[0] == seeds[1] and not any(starts):
+        raise Incompatible(
+            f"both runs used seed={seeds[0]}: their adapters may start from the same random draws (at one rank "
+            "they start identical), so the overlap could reflect the shared initialisation; "
+            "compare runs with different seeds, or pass --allow-shared-init to measure it anyway")
+
+
 def compare(
     run_1: Path, run_2: Path, side: str = "down", modules: str | None = None, random_baseline: bool = False,
-    seed: int = 0,
+    seed: int = 0, allow_shared_init: bool = False,
 ) -> dict[str, dict]:
     config_1, factors_1 = load_factors(run_1, side)
     config_2, factors_2 = load_factors(run_2, side)
+    if not allow_shared_init and run_1.resolve() != run_2.resolve():
+        check_independent_init(run_1, run_2)
     model_1, model_2 = config_1.get("model"), config_2.get("model")
     if model_1 != model_2:
         raise Incompatible(f"the runs adapt different models: {model_1!r} vs {model_2!r}")
@@ -164,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compare Gaussian matrices of the same shapes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--allow-shared-init", action="store_true",
+                        help="compare runs of the same seed (their adapters start from the same random draws)")
     args = parser.parse_args(argv)
     try:
-        results = compare(args.run_1, args.run_2, args.side, args.modules, args.random_baseline, args.seed)
+        results = compare(args.run_1, args.run_2, args.side, args.modules, args.random_baseline, args.seed,
+                          args.allow_shared_init)
     except (Incompatible, variants.ConfigError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

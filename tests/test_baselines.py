@@ -2,6 +2,7 @@
 run reloads to the same outputs, and the trainer takes their learning rate through the hook."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from safetensors import safe_open
 
 import variants
 from training import optim
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HEAD = ["classifier"]
 EMBEDDING_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -89,23 +92,26 @@ def test_save_then_load_reproduces_eval_outputs(_minilm, batch, variant, setting
         assert not torch.equal(copy.deepcopy(pretrained).eval()(**batch).logits, model(**batch).logits)
 
 
-def test_the_trainer_takes_a_baselines_own_learning_rate(_minilm):
-    trainer_cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "scheduler": "constant", "warmup_ratio": 0.0})
-    model = copy.deepcopy(_minilm[0])
-    variants.inject_adapters(model, "full", lr=5e-5)
-    opt = optim.build(trainer_cfg, model, 10, torch.device("cpu"))
-    assert opt.optimizer.param_groups[0]["lr"] == 5e-5 and len(opt.params) == len(list(model.parameters()))
+@pytest.mark.parametrize("variant, expected", [("full", 5e-5), ("bitfit", 1e-3), ("lora", 1e-3)])
+def test_the_optimizer_takes_the_variants_own_learning_rate(_minilm, variant, expected):
+    """variant.lr (full's 5e-5 from its YAML) replaces trainer.lr; null keeps trainer.lr."""
+    from hydra import compose, initialize_config_dir
 
+    from training.experiment import with_variant_lr, variant_kwargs
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = with_variant_lr(compose("config", [f"variant={variant}", "trainer.lr=1e-3"]))
     model = copy.deepcopy(_minilm[0])
-    variants.inject_adapters(model, "bitfit", lr=None)  # null: the trainer's rate
-    opt = optim.build(trainer_cfg, model, 10, torch.device("cpu"))
-    assert opt.optimizer.param_groups[0]["lr"] == 1e-3
+    targets = cfg.variant.get("targets")
+    variants.inject_adapters(model, variant, list(targets) if targets is not None else None, rank=8, alpha=16,
+                             exclude=["classifier"], **variant_kwargs(cfg.variant))
+    opt = optim.build(cfg.trainer, model, 10, torch.device("cpu"))
+    assert opt.optimizer.param_groups[0]["lr"] == expected
 
 
 @pytest.mark.parametrize(
     "variant, settings, message",
     [
-        ("full", {"lr": 0}, "variant.lr=0 must be a number > 0 or null"),
         ("full", {"train_embeddings": "no"}, "variant.train_embeddings='no' must be true or false"),
         ("bitfit", {"targets": ["LayerNorm.weight"]}, "variant.targets=['LayerNorm.weight'] names no module with a bias"),
         ("head", {"targets": None}, "variant=head needs variant.targets"),

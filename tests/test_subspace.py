@@ -1,11 +1,13 @@
 """The paper's analyses: subspace similarity φ (§7.2), amplification (§7.3)."""
 
+import copy
 import json
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import variants
 from analysis import amplification, subspace_overlap
 from analysis.subspace_overlap import Incompatible, compare, phi, singular_basis
 
@@ -65,6 +67,7 @@ def fake_run(folder, modules, rank, d=48, model="minilm", variant="lora", seed=0
             tensors[f"{name}.lora_B"] = torch.randn(d, rank, generator=gen)
     meta = {"variant": variant, "rank": rank, "alpha": rank, "modules": modules, "model": model}
     save_file(tensors, str(folder / "adapter.safetensors"), metadata={"adapter_config": json.dumps(meta)})
+    (folder / "summary.json").write_text(json.dumps({"status": "completed", "seed": seed}))
     return folder
 
 
@@ -92,9 +95,9 @@ def test_adalora_uses_the_kept_rows_of_q(tmp_path):
 
 
 def test_incompatible_runs_are_clear_errors(tmp_path, capsys):
-    a = fake_run(tmp_path / "a", MODULES, 4)
-    b = fake_run(tmp_path / "b", MODULES, 4, model="roberta-base")
-    c = fake_run(tmp_path / "c", ["other.query"], 4)
+    a = fake_run(tmp_path / "a", MODULES, 4, seed=1)
+    b = fake_run(tmp_path / "b", MODULES, 4, model="roberta-base", seed=2)
+    c = fake_run(tmp_path / "c", ["other.query"], 4, seed=3)
     with pytest.raises(Incompatible, match="different models: 'minilm' vs 'roberta-base'"):
         compare(a, b)
     with pytest.raises(Incompatible, match="no module is adapted in both runs"):
@@ -172,7 +175,7 @@ def test_a_module_pruned_to_rank_zero_has_no_subspace(tmp_path, capsys):
     tensors[f"{MODULES[0]}.rank_mask"] = torch.zeros(8, dtype=torch.bool)
     meta = {"variant": "adalora", "rank": 8, "alpha": 8, "modules": MODULES, "model": "minilm"}
     save_file(tensors, str(run / "adapter.safetensors"), metadata={"adapter_config": json.dumps(meta)})
-    other = fake_run(tmp_path / "lora", MODULES, 8)
+    other = fake_run(tmp_path / "lora", MODULES, 8, seed=1)
     assert compare(run, other)[MODULES[0]]["phi"] == []
     assert subspace_overlap.main([str(run), str(other), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
@@ -182,3 +185,34 @@ def test_a_module_pruned_to_rank_zero_has_no_subspace(tmp_path, capsys):
     assert "adalora" in json.loads((tmp_path / "out" / "phi.json").read_text())["notes"]
     assert subspace_overlap.main([str(other), str(other), "--out", str(tmp_path / "out2")]) == 0
     assert "note (" not in capsys.readouterr().out  # LoRA's numbers need no note
+
+
+def test_the_documented_pairing_starts_at_the_random_level_and_one_seed_one_rank_starts_identical(minilm):
+    """Fig. 3 pairs rank 8 seed 0 with rank 64 seed 1: at step 0 their overlap is that of random
+    subspaces (so a trained overlap above it was learned); one seed at one rank starts identical."""
+    def start(rank, seed):
+        model = copy.deepcopy(minilm[0])
+        torch.manual_seed(seed)
+        variants.inject_adapters(model, "lora", ["query", "value"], rank=rank, alpha=16)
+        return dict(variants.adapter_layers(model))["bert.encoder.layer.0.attention.self.query"].lora_A.detach().double()
+
+    phi_start = phi(singular_basis(start(8, 0)), singular_basis(start(64, 1)))
+    assert phi_start[:, -1].mean() < 1.3 * 64 / 384 and phi_start[0, 0] < 0.05  # random: j/d, ~1/d
+
+
+def test_runs_of_one_seed_are_refused(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", MODULES, 8, seed=0)
+    b = fake_run(tmp_path / "b", MODULES, 16, seed=0)
+    assert subspace_overlap.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 2
+    assert "both runs used seed=0: their adapters may start from the same random draws" in capsys.readouterr().err
+    assert subspace_overlap.main([str(a), str(b), "--out", str(tmp_path / "out"), "--allow-shared-init"]) == 0
+    (b / "summary.json").write_text(json.dumps({"status": "completed", "seed": 1}))
+    assert subspace_overlap.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    for run in (a, b):  # warm-started from one file: the same start whatever the seeds
+        (run / "summary.json").write_text(json.dumps({"status": "completed", "seed": int(run is b),
+                                                      "init_from": "runs/mnli"}))
+    assert subspace_overlap.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 2
+    assert "both runs started from the adapters of runs/mnli" in capsys.readouterr().err
+    (b / "summary.json").unlink()
+    assert subspace_overlap.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 2
+    assert "has no summary.json with its seed" in capsys.readouterr().err

@@ -197,7 +197,7 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path, group: str | None, run_name: s
     return Tracker(
         run_dir, OmegaConf.to_container(cfg, resolve=True), mode=tracking.mode, project=tracking.project,
         entity=tracking.entity, group=tracking.group or group, name=run_name or run_dir.name, tags=list(tracking.tags),
-        resume_id=resume.get("wandb_run_id") if resume else None,
+        resume_id=resume.get("wandb_run_id") if resume else None, resumed=resume is not None,
     )
 
 

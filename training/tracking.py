@@ -35,12 +35,14 @@ class Tracker:
         name: str | None = None,
         tags: list[str] | None = None,
         resume_id: str | None = None,
+        resumed: bool = False,
     ) -> None:
         if mode not in WANDB_MODES:
             raise ConfigError(f"tracking.mode={mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
         self._metrics_file = (run_dir / METRICS).open("a", encoding="utf-8")
         self._run_dir = run_dir
-        self._predictions = rundir.read_predictions(run_dir)  # a resumed run's, cut back to its checkpoint
+        # a resumed run keeps its earlier evaluations (cut back to its checkpoint); a new one starts empty
+        self._predictions = rundir.read_predictions(run_dir) if resumed else {}
         self.wandb_run = None
         if mode != "disabled":
             self._guard("init", lambda: self._init_wandb(run_dir, config, mode, project, entity, group, name, tags,

@@ -238,9 +238,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """
     config = read_adapter_config(path)
     if not adapter_config(model) and config.get("variant"):
+        settings = dict(config.get("variant_kwargs", {}))
+        settings.pop("lr", None)  # files from before 2026-11-23 kept a baseline's learning rate here
         inject_adapters(
             model, config["variant"], config["modules"] or config.get("targets"), config["rank"], config["alpha"],
-            exclude=config.get("exclude", ()), **config.get("variant_kwargs", {}),
+            exclude=config.get("exclude", ()), **settings,
         )
     try:
         tensors = load_file(str(path))
