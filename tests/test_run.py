@@ -254,6 +254,11 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
         ("model.dtype=float16", "model.dtype: the weights load as float16, and training in fp16 needs loss scaling"),
         ("model.dtype=bfloat16 trainer.precision=fp32", "trainer.precision=fp32 cannot train bfloat16 weights"),
         ("init_from=/no/such/run", "init_from='/no/such/run' does not exist; allowed: a finished run dir or its"),
+        ("task.val_fraction=0.7", "task.val_fraction=0.7 must be null or a number in (0, 0.5]"),
+        ("task.val_fraction=0.001", "task.val_fraction=0.001 would leave a class empty on one side"),
+        ("budget=5000", "budget=5000 is below one rank of lora on the targeted layers; allowed: >= 9216"),
+        ("budget=99999999", "budget=99999999 needs rank 10851 of lora, above the largest possible (384); allowed: <= 3538944"),
+        ("variant=lora variant.lr=-1", "variant.lr=-1 must be a number > 0 or null (null: trainer.lr)"),
     ],
 )
 def test_bad_config_values_fail_before_anything_is_written(tmp_path, override, message):
