@@ -92,9 +92,11 @@ def test_save_then_load_reproduces_eval_outputs(_minilm, batch, variant, setting
         assert not torch.equal(copy.deepcopy(pretrained).eval()(**batch).logits, model(**batch).logits)
 
 
-@pytest.mark.parametrize("variant, expected", [("full", 5e-5), ("bitfit", 1e-3), ("lora", 1e-3)])
-def test_the_optimizer_takes_the_variants_own_learning_rate(_minilm, variant, expected):
-    """variant.lr (full's 5e-5 from its YAML) replaces trainer.lr; null keeps trainer.lr."""
+@pytest.mark.parametrize("variant", ["full", "bitfit", "head", "lora", "dora", "adalora"])
+def test_the_optimizer_takes_the_variants_own_learning_rate(_minilm, variant):
+    """variant.lr (from the variant's YAML) replaces trainer.lr; null keeps trainer.lr."""
+    own = OmegaConf.load(ROOT / "conf" / "variant" / f"{variant}.yaml").get("lr")
+    expected = 1e-3 if own is None else own
     from hydra import compose, initialize_config_dir
 
     from training.experiment import with_variant_lr, variant_kwargs
