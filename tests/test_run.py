@@ -146,7 +146,7 @@ def test_baselines_run_as_variants_in_one_sweep(tmp_path, capsys):
     assert head["trainable_params"] == 384 * 2 + 2 and saved["head"] == {"classifier.weight", "classifier.bias"}
     assert all(k.endswith(".bias") or k.startswith("classifier.") for k in saved["bitfit"])
     assert head["trainable_params"] < bitfit["trainable_params"] < full["trainable_params"] == full["total_params"]
-    assert full["peak_lr"] == 5e-5 and bitfit["peak_lr"] == 1e-3  # full's own rate; bitfit takes trainer.lr
+    assert full["peak_lr"] == 1e-4 and bitfit["peak_lr"] == 3e-3  # each variant's own rate, from its YAML
     assert (head["method_params"], head["head_params"]) == (0, 770)  # the paper tables count the method alone
     assert full["method_params"] == full["total_params"] - 770 and bitfit["head_params"] == 770
     assert saved["head"] < saved["bitfit"] < saved["full"] and "bert.embeddings.word_embeddings.weight" in saved["full"]
