@@ -127,14 +127,25 @@ def load_wandb(project: str, at: str) -> tuple[list[Run], list[tuple[str, str]]]
     """Runs from a W&B project's summaries and configs (no predictions: no bootstrap)."""
     import wandb
 
+    try:
+        found = [(r.id, _plain(r.summary), flatten(_plain(r.config))) for r in wandb.Api().runs(project)]
+    except Exception as err:  # no network, no login, no such project: say so in one line
+        raise CompareError(f"--wandb={project!r}: could not read its runs ({type(err).__name__}: {err})") from None
     runs, skipped = [], []
-    for wandb_run in wandb.Api().runs(project):
-        run, why = _run(dict(wandb_run.summary), flatten(dict(wandb_run.config)), at, None)
+    for run_id, summary, config in found:
+        run, why = _run(summary, config, at, None)
         if run is None:
-            skipped.append((f"wandb:{wandb_run.id}", why))
+            skipped.append((f"wandb:{run_id}", why))
         else:
             runs.append(run)
     return runs, skipped
+
+
+def _plain(mapping: Any) -> Any:
+    """W&B's summary and config (nested mapping objects) as plain dicts."""
+    if hasattr(mapping, "items"):
+        return {key: _plain(value) for key, value in mapping.items()}
+    return mapping
 
 
 def _run(summary: dict, config: dict, at: str, run_dir: Path | None) -> tuple[Run | None, str]:
@@ -265,6 +276,8 @@ def _delta(row: Row, ref: Row | None, reference: str, resamples: int, confidence
     if not shared:
         return {"note": "no seed in common with the reference"}
     mine, theirs = {r.seed: r for r in row.runs}, {r.seed: r for r in ref.runs}
+    if any(r.run_dir is None for r in (*row.runs, *ref.runs)):
+        return {"note": "no per-example predictions (W&B keeps summaries only; pass the run dirs)"}
     loaded = [(mine[s].test_predictions(), theirs[s].test_predictions()) for s in shared]
     if any(a is None or b is None for a, b in loaded):
         return {"note": "predictions.npz missing (or not at the reported step)"}

@@ -259,7 +259,7 @@ def test_budget_below_one_rank_and_baselines():
 # ---------------------------------------------------------------- end to end on real data
 
 @needs_glue
-def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path):
+def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
     result = run_py(
         "-m", "variant=lora,dora", "seed=0,1", "task=mrpc", f"task.data_dir={GLUE_DIR / 'MRPC'}",
@@ -289,3 +289,38 @@ def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path):
     assert {"difference", "low", "high"} <= set(dora["vs_reference"])
     for name in ("report.md", "report.csv", "pareto_params.png", "pareto_step_time.png", "seeds.png"):
         assert (out / name).is_file(), name
+
+    # The same runs as W&B serves them (summary and nested config per run): the same selection and
+    # numbers, without the bootstrap, which needs the predictions only the run dirs hold.
+    class FakeRun:
+        def __init__(self, run_dir):
+            self.id = run_dir.name
+            self.summary = json.loads((run_dir / "summary.json").read_text())
+            self.config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+
+    class FakeApi:
+        def runs(self, project):
+            assert project == "me/glue"
+            return [FakeRun(p) for p in sorted(sweep.iterdir()) if (p / "summary.json").is_file()]
+
+    import wandb
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    assert compare.main(["--wandb", "me/glue", "--out", str(tmp_path / "from_wandb")]) == 0
+    from_wandb = json.loads((tmp_path / "from_wandb" / "report.json").read_text())
+    for row in from_wandb["rows"]:
+        local = rows[row["method"]]
+        keys = ("lr", "val_median", "test_median", "test_min", "test_max", "seeds", "method_params")
+        assert {k: row[k] for k in keys} == {k: local[k] for k in keys}
+    assert rows["dora"]["vs_reference"].get("difference") is not None
+    assert {r["method"]: r for r in from_wandb["rows"]}["dora"]["vs_reference"] == {
+        "note": "no per-example predictions (W&B keeps summaries only; pass the run dirs)"}
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(wandb, "Api", offline)
+    capsys.readouterr()
+    assert compare.main(["--wandb", "me/glue", "--out", str(tmp_path / "offline")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --wandb='me/glue': could not read its runs (ConnectionError: no network)")
