@@ -347,6 +347,8 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
     lines += [f"Note: {note}" for note in notes]
     tasks = sorted({r["task"] for r in records}, key=_task_order)
     lines += headline(records, tasks) + [""]
+    if len(tasks) > 1:
+        lines += ["Learning rate chosen on validation, per method and task:", ""] + chosen_rates(records, tasks) + [""]
     for task in tasks:
         rows = [r for r in records if r["task"] == task]
         lines += [f"## {task} ({rows[0]['metric']})", "",
@@ -383,6 +385,16 @@ def headline(records: list[dict], tasks: list[str]) -> list[str]:
         medians = [100 * r["test_median"] for r in found if r is not None]
         average = f"{statistics.mean(medians):.1f}" if len(medians) == len(tasks) else "–"
         lines.append(f"| {name} | " + " | ".join(texts) + f" | {average} |")
+    return lines
+
+
+def chosen_rates(records: list[dict], tasks: list[str]) -> list[str]:
+    """Methods × tasks: the learning rate each task's validation median chose."""
+    cell = {(r["method"], r["task"]): r["lr"] for r in records}
+    lines = ["| method | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    for name in sorted({r["method"] for r in records}):
+        lines.append(f"| {name} | " + " | ".join(f"{cell[name, t]:g}" if (name, t) in cell else "–" for t in tasks)
+                     + " |")
     return lines
 
 

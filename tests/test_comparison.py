@@ -136,11 +136,12 @@ def test_batched_metrics_match_the_trainers(metric, reference):
 
 # ---------------------------------------------------------------- selection
 
-def fake_run(root: Path, name: str, variant: str, lr: float, seed: int, val: float, test: float, **config):
+def fake_run(root: Path, name: str, variant: str, lr: float, seed: int, val: float, test: float,
+             task_name: str = "mrpc", metric: str = "accuracy", **config):
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    summary = {"status": "completed", "variant": variant, "rank": 8, "alpha": 16, "seed": seed, "task": "mrpc",
-               "main_metric": "accuracy", "eval": {"accuracy": test}, "eval_extra": {"val": {"accuracy": val}},
+    summary = {"status": "completed", "variant": variant, "rank": 8, "alpha": 16, "seed": seed, "task": task_name,
+               "main_metric": metric, "eval": {metric: test}, "eval_extra": {"val": {metric: val}},
                "peak_lr": lr, "steps": 10, "method_params": 100, "total_params": 1000, "trainable_params": 102,
                "step_time_s": 0.1, "peak_memory_mb": 10}
     (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -177,6 +178,21 @@ def test_runs_without_val_split_or_failed_are_skipped_and_mixed_data_refused(tmp
     with pytest.raises(compare.CompareError, match=r"task mrpc: runs differ in task.max_train_examples"):
         compare.check_comparable(runs, allow_mixed=False)
     assert compare.check_comparable(runs, allow_mixed=True)
+
+
+def test_report_over_two_tasks_has_the_headline_and_each_tasks_chosen_rate(tmp_path):
+    # Each task chooses its own rate (by validation), and the headline averages the test medians.
+    for seed in range(3):
+        for lr, val, test in [(1e-3, 0.8, 0.70), (3e-3, 0.7, 0.90)]:
+            fake_run(tmp_path, f"mrpc_{lr}_{seed}", "lora", lr, seed, val, test)
+            fake_run(tmp_path, f"stsb_{lr}_{seed}", "lora", lr, seed, 1.5 - val, test - 0.1, task_name="stsb",
+                     metric="pearson")
+    out = tmp_path / "report"
+    assert compare.main([str(tmp_path), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| method | mrpc | stsb | avg |" in text  # the LoRA paper's order of tasks
+    assert "| lora | 70.0 (70.0–70.0) | 80.0 (80.0–80.0) | 75.0 |" in text
+    assert "| lora | 0.001 | 0.003 |" in text
 
 
 def test_a_repeated_run_is_refused(tmp_path):
