@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, adapter_dtype, register_variant
+from .base import AdapterLayer, AdapterVariant, ConfigError, adapter_dtype, layers_of, register_variant
 
 IMPORTANCES = ("sensitivity", "magnitude")
 ORTH_REG_FORMS = ("mean_norm", "sum_squared")
@@ -66,81 +66,20 @@ def budget_at(step: int, initial: int, target: int, t_init: int, t_final: int, t
     return target + round((initial - target) * (1 - progress) ** 3)
 
 
-@register_variant("adalora")
 class AdaLoRALinear(AdapterLayer):
-    """AdaLoRA around a frozen ``nn.Linear``.
+    """AdaLoRA's layer around a frozen ``nn.Linear``: the triplets and their importance.
 
     Args:
         base: the frozen layer, weight ``(d_out, d_in)``.
-        rank: r, the initial rank of P·Λ·Q (b(0) = r per module).
+        rank: r, the initial rank of P·Λ·Q.
         alpha: α; the update is scaled by α/r as in LoRA.
         dropout: dropout on the adapter path's input.
-        target_rank: average rank per module left at the end (b(T) = target_rank × modules);
-            None means round(2r/3), the paper's b(0) = 1.5·b(T).
-        orth_reg_weight: γ of Eq. 4.
-        orth_reg_form: ``mean_norm`` (the official code's and peft's: γ times the mean of the
-            unsquared norms over all P and Q) or ``sum_squared`` (Eq. 4 as printed).
-        importance: ``sensitivity`` (Eq. 6–10, the paper's) or ``magnitude``.
-        beta1, beta2: EMA factors of the sensitivity and its uncertainty.
-        t_init, t_final: steps at full budget at the start, and with the final allocation frozen
-            at the end; a float below 1 is a fraction of the training steps.
-        delta_t: steps between two pruning decisions.
         init_std: standard deviation of the Gaussian initialisation of P and Q.
     """
 
-    analysis_caveats = {
-        "subspace_overlap": (
-            "AdaLoRA keeps Q's rows near-orthonormal (the orthogonality term), so Q's singular values are "
-            "nearly equal and the order of its singular directions is arbitrary: phi(i, j) for small i, j is "
-            "not comparable with LoRA's A, whose singular values fall off. --side up compares P*Lambda, whose "
-            "directions are ordered by |lambda|; phi(r1, r2) of the whole kept subspaces is comparable."
-        ),
-    }
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        target_rank: float | None = None,
-        orth_reg_weight: float = 0.1,
-        orth_reg_form: str = "mean_norm",
-        importance: str = "sensitivity",
-        beta1: float = 0.85,
-        beta2: float = 0.85,
-        t_init: float = 0.1,
-        t_final: float = 0.4,
-        delta_t: int = 10,
-        init_std: float = 0.02,
-    ) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init_std: float = 0.02) -> None:
         super().__init__(base)
-        target_rank = round(2 * rank / 3) if target_rank is None else target_rank
-        if isinstance(target_rank, bool) or not isinstance(target_rank, (int, float)) or not 0 < target_rank <= rank:
-            raise ConfigError(f"variant.target_rank={target_rank!r} must be a number in (0, rank={rank}]")
-        if importance not in IMPORTANCES:
-            raise ConfigError(f"variant.importance={importance!r} is not supported; allowed: {', '.join(IMPORTANCES)}")
-        for key, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0 <= beta < 1:
-                raise ConfigError(f"variant.{key}={beta!r} must be in [0, 1)")
-        if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
-            raise ConfigError(f"variant.delta_t={delta_t!r} must be a positive integer")
-        if orth_reg_weight < 0:
-            raise ConfigError(f"variant.orth_reg_weight={orth_reg_weight!r} must be >= 0")
-        if orth_reg_form not in ORTH_REG_FORMS:
-            raise ConfigError(
-                f"variant.orth_reg_form={orth_reg_form!r} is not supported; allowed: {', '.join(ORTH_REG_FORMS)}"
-            )
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
-        _steps(t_init, 1, "t_init"), _steps(t_final, 1, "t_final")
-
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        self.target_rank = target_rank
-        self.orth_reg_weight, self.orth_reg_form = orth_reg_weight, orth_reg_form
-        self.importance = importance
-        self.beta1, self.beta2 = beta1, beta2
-        self.t_init, self.t_final, self.delta_t = t_init, t_final, delta_t
         dtype = adapter_dtype(base)
         device = base.weight.device
         self.lora_P = nn.Parameter(torch.randn(self.out_features, rank, dtype=dtype, device=device) * init_std)
@@ -175,7 +114,7 @@ class AdaLoRALinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:
+        if self.merged or not self.active:
             return result
         x = self.dropout(x).to(self.lora_Q.dtype)
         update = ((x @ self.lora_Q.t()) * self.lora_E) @ self.lora_P.t()
@@ -184,6 +123,117 @@ class AdaLoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         """(α/r)·P·Λ·Q: ``(d_out, d_in)``."""
         return (self.lora_P * self.lora_E) @ self.lora_Q * self.scaling
+
+    def orthogonality_residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared, in the factors' fp32 also under autocast (a
+        bf16 Gram matrix would be rounded by ~4e-3 near 1 before I is subtracted)."""
+        eye = torch.eye(self.rank, dtype=self.lora_P.dtype, device=self.lora_P.device)
+        with torch.autocast(self.lora_P.device.type, enabled=False):
+            return (torch.linalg.matrix_norm(self.lora_P.t() @ self.lora_P - eye),
+                    torch.linalg.matrix_norm(self.lora_Q @ self.lora_Q.t() - eye))
+
+    @torch.no_grad()
+    def reset_importance(self) -> None:
+        """Every triplet kept, the averages of Eq. 8–9 at zero, the rank history restarted."""
+        self.rank_mask.fill_(True)
+        self.rank_history = [(0, self.rank)]
+        for buffer in (self._ipt_P, self._ipt_E, self._ipt_Q, self._unc_P, self._unc_E, self._unc_Q):
+            buffer.zero_()
+
+    @torch.no_grad()
+    def update_importance(self, beta1: float, beta2: float) -> None:
+        """One step of Eq. 6, 8 and 9 from the live gradients."""
+        for name in ("P", "E", "Q"):
+            param = getattr(self, f"lora_{name}")
+            if param.grad is None:
+                continue
+            sensitivity = (param.float() * param.grad.float()).abs()
+            smoothed, uncertainty = getattr(self, f"_ipt_{name}"), getattr(self, f"_unc_{name}")
+            smoothed.mul_(beta1).add_(sensitivity, alpha=1 - beta1)
+            uncertainty.mul_(beta2).add_((sensitivity - smoothed).abs(), alpha=1 - beta2)
+
+    @torch.no_grad()
+    def triplet_scores(self, importance: str) -> torch.Tensor:
+        """S_i for every triplet (Pᵢ, λᵢ, Qᵢ): ``(r,)``, by ``sensitivity`` or ``magnitude``."""
+        if importance == "magnitude":
+            p_norm = self.lora_P.float().pow(2).sum(0)
+            q_norm = self.lora_Q.float().pow(2).sum(1)
+            return self.lora_E.float().pow(2) * p_norm * q_norm
+        score_p = self._ipt_P * self._unc_P
+        score_e = self._ipt_E * self._unc_E
+        score_q = self._ipt_Q * self._unc_Q
+        return score_e + score_p.mean(0) + score_q.mean(1)
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        self.lora_E.mul_(self.rank_mask.to(self.lora_E.dtype))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, kept={self.kept_rank}, alpha={self.alpha}, {super().extra_repr()}"
+
+
+@register_variant("adalora")
+class AdaLoRA(AdapterVariant):
+    """AdaLoRA on the targeted layers: ``AdaLoRALinear`` each, one global budget over them all.
+
+    Settings:
+        dropout, init_std: as ``AdaLoRALinear``.
+        target_rank: average rank per module left at the end (b(T) = target_rank × modules);
+            None means round(2r/3), the paper's b(0) = 1.5·b(T).
+        orth_reg_weight: γ of Eq. 4.
+        orth_reg_form: ``mean_norm`` (the official code's and peft's: γ times the mean of the
+            unsquared norms over all P and Q) or ``sum_squared`` (Eq. 4 as printed).
+        importance: ``sensitivity`` (Eq. 6–10, the paper's) or ``magnitude``.
+        beta1, beta2: EMA factors of the sensitivity and its uncertainty.
+        t_init, t_final: steps at full budget at the start, and with the final allocation frozen
+            at the end; a float below 1 is a fraction of the training steps.
+        delta_t: steps between two pruning decisions.
+    """
+
+    analysis_caveats = {
+        "subspace_overlap": (
+            "AdaLoRA keeps Q's rows near-orthonormal (the orthogonality term), so Q's singular values are "
+            "nearly equal and the order of its singular directions is arbitrary: phi(i, j) for small i, j is "
+            "not comparable with LoRA's A, whose singular values fall off. --side up compares P*Lambda, whose "
+            "directions are ordered by |lambda|; phi(r1, r2) of the whole kept subspaces is comparable."
+        ),
+    }
+
+    def __init__(
+        self, rank: int, alpha: float, dropout: float = 0.0, target_rank: float | None = None,
+        orth_reg_weight: float = 0.1, orth_reg_form: str = "mean_norm", importance: str = "sensitivity",
+        beta1: float = 0.85, beta2: float = 0.85, t_init: float = 0.1, t_final: float = 0.4, delta_t: int = 10,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__(rank, alpha)
+        target_rank = round(2 * rank / 3) if target_rank is None else target_rank
+        if isinstance(target_rank, bool) or not isinstance(target_rank, (int, float)) or not 0 < target_rank <= rank:
+            raise ConfigError(f"variant.target_rank={target_rank!r} must be a number in (0, rank={rank}]")
+        if importance not in IMPORTANCES:
+            raise ConfigError(f"variant.importance={importance!r} is not supported; allowed: {', '.join(IMPORTANCES)}")
+        for key, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= beta < 1:
+                raise ConfigError(f"variant.{key}={beta!r} must be in [0, 1)")
+        if isinstance(delta_t, bool) or not isinstance(delta_t, int) or delta_t < 1:
+            raise ConfigError(f"variant.delta_t={delta_t!r} must be a positive integer")
+        if orth_reg_weight < 0:
+            raise ConfigError(f"variant.orth_reg_weight={orth_reg_weight!r} must be >= 0")
+        if orth_reg_form not in ORTH_REG_FORMS:
+            raise ConfigError(
+                f"variant.orth_reg_form={orth_reg_form!r} is not supported; allowed: {', '.join(ORTH_REG_FORMS)}"
+            )
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
+        _steps(t_init, 1, "t_init"), _steps(t_final, 1, "t_final")
+        self.dropout, self.init_std = dropout, init_std
+        self.target_rank = target_rank
+        self.orth_reg_weight, self.orth_reg_form = orth_reg_weight, orth_reg_form
+        self.importance = importance
+        self.beta1, self.beta2 = beta1, beta2
+        self.t_init, self.t_final, self.delta_t = t_init, t_final, delta_t
+
+    def new_layer(self, base: nn.Linear) -> AdaLoRALinear:
+        return AdaLoRALinear(base, self.rank, self.alpha, dropout=self.dropout, init_std=self.init_std)
 
     @classmethod
     def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
@@ -201,93 +251,48 @@ class AdaLoRALinear(AdapterLayer):
         kept = state["rank_mask"].bool()
         return state["lora_Q"][kept], (state["lora_P"] * state["lora_E"])[:, kept]
 
-    def orthogonality_residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared, in the factors' fp32 also under autocast (a
-        bf16 Gram matrix would be rounded by ~4e-3 near 1 before I is subtracted)."""
-        eye = torch.eye(self.rank, dtype=self.lora_P.dtype, device=self.lora_P.device)
-        with torch.autocast(self.lora_P.device.type, enabled=False):
-            return (torch.linalg.matrix_norm(self.lora_P.t() @ self.lora_P - eye),
-                    torch.linalg.matrix_norm(self.lora_Q @ self.lora_Q.t() - eye))
-
-    @classmethod
-    def adapter_loss(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
+    def adapter_loss(self, model: nn.Module) -> torch.Tensor | None:
         """γ times the orthogonality regulariser over all modules: the mean of the norms
         (``mean_norm``) or the sum of their squares (``sum_squared``, Eq. 4)."""
-        first = next(iter(layers.values()))
-        if first.orth_reg_weight == 0:
+        if self.orth_reg_weight == 0:
             return None
-        norms = torch.stack([norm for layer in layers.values() for norm in layer.orthogonality_residuals()])
-        regulariser = norms.mean() if first.orth_reg_form == "mean_norm" else norms.pow(2).sum()
-        return first.orth_reg_weight * regulariser
+        norms = torch.stack([norm for layer in layers_of(model).values() for norm in layer.orthogonality_residuals()])
+        regulariser = norms.mean() if self.orth_reg_form == "mean_norm" else norms.pow(2).sum()
+        return self.orth_reg_weight * regulariser
 
-    @torch.no_grad()
-    def update_importance(self) -> None:
-        """One step of Eq. 6, 8 and 9 from the live gradients."""
-        for name in ("P", "E", "Q"):
-            param = getattr(self, f"lora_{name}")
-            if param.grad is None:
-                continue
-            sensitivity = (param.float() * param.grad.float()).abs()
-            smoothed, uncertainty = getattr(self, f"_ipt_{name}"), getattr(self, f"_unc_{name}")
-            smoothed.mul_(self.beta1).add_(sensitivity, alpha=1 - self.beta1)
-            uncertainty.mul_(self.beta2).add_((sensitivity - smoothed).abs(), alpha=1 - self.beta2)
+    def _schedule(self, total_steps: int) -> tuple[int, int]:
+        return _steps(self.t_init, total_steps, "t_init"), _steps(self.t_final, total_steps, "t_final")
 
-    @torch.no_grad()
-    def triplet_scores(self) -> torch.Tensor:
-        """S_i for every triplet (Pᵢ, λᵢ, Qᵢ): ``(r,)``."""
-        if self.importance == "magnitude":
-            p_norm = self.lora_P.float().pow(2).sum(0)
-            q_norm = self.lora_Q.float().pow(2).sum(1)
-            return self.lora_E.float().pow(2) * p_norm * q_norm
-        score_p = self._ipt_P * self._unc_P
-        score_e = self._ipt_E * self._unc_E
-        score_q = self._ipt_Q * self._unc_Q
-        return score_e + score_p.mean(0) + score_q.mean(1)
-
-    @torch.no_grad()
-    def apply_mask(self) -> None:
-        self.lora_E.mul_(self.rank_mask.to(self.lora_E.dtype))
-
-    @classmethod
-    def check_total_steps(cls, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
-        first = next(iter(layers.values()))
-        t_init = _steps(first.t_init, total_steps, "t_init")
-        t_final = _steps(first.t_final, total_steps, "t_final")
+    def check_total_steps(self, total_steps: int) -> None:
+        t_init, t_final = self._schedule(total_steps)
         if t_init + t_final > total_steps:
             raise ConfigError(
                 f"variant.t_init + variant.t_final = {t_init} + {t_final} steps exceeds the {total_steps} training steps"
             )
 
-    @classmethod
-    def on_train_begin(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
-        for layer in layers.values():
-            layer.rank_mask.fill_(True)
-            layer.rank_history = [(0, layer.rank)]
-            for buffer in (layer._ipt_P, layer._ipt_E, layer._ipt_Q, layer._unc_P, layer._unc_E, layer._unc_Q):
-                buffer.zero_()
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        for layer in layers_of(model).values():
+            layer.reset_importance()
 
-    @classmethod
     @torch.no_grad()
-    def after_optimizer_step(
-        cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int, total_steps: int
-    ) -> dict[str, float]:
-        first = next(iter(layers.values()))
-        t_init = _steps(first.t_init, total_steps, "t_init")
-        t_final = _steps(first.t_final, total_steps, "t_final")
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        layers = layers_of(model)
+        t_init, t_final = self._schedule(total_steps)
         final_phase_start = total_steps - t_final
         if step > final_phase_start:  # allocation frozen: keep the pruned λ at zero
             for layer in layers.values():
                 layer.apply_mask()
             return {}
         for layer in layers.values():
-            layer.update_importance()
-        if step != final_phase_start and (step <= t_init or step % first.delta_t != 0):
+            layer.update_importance(self.beta1, self.beta2)
+        if step != final_phase_start and (step <= t_init or step % self.delta_t != 0):
             return {}
+        return self._prune(layers, budget_at(step, sum(layer.rank for layer in layers.values()),
+                                             round(self.target_rank * len(layers)), t_init, t_final, total_steps), step)
 
-        initial = sum(layer.rank for layer in layers.values())
-        target = round(first.target_rank * len(layers))
-        budget = budget_at(step, initial, target, t_init, t_final, total_steps)
-        scores = torch.cat([layer.triplet_scores() for layer in layers.values()])
+    def _prune(self, layers: Mapping[str, AdaLoRALinear], budget: int, step: int) -> dict[str, float]:
+        """Keep the ``budget`` triplets with the highest scores over all layers; zero the others' λ."""
+        scores = torch.cat([layer.triplet_scores(self.importance) for layer in layers.values()])
         keep = torch.zeros_like(scores, dtype=torch.bool)
         keep[torch.topk(scores, budget).indices] = True
         metrics = {"adalora/budget": float(budget)}
@@ -298,18 +303,12 @@ class AdaLoRALinear(AdapterLayer):
             metrics[f"adalora/rank/{name}"] = float(layer.kept_rank)
         return metrics
 
-    @classmethod
-    def report(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+    def report(self, model: nn.Module) -> dict[str, Any]:
         """The final rank of every module and the trace of its rank at each pruning step."""
+        layers = layers_of(model)
         return {
             "rank_allocation": {name: layer.kept_rank for name, layer in layers.items()},
             "total_rank": sum(layer.kept_rank for layer in layers.values()),
             "initial_total_rank": sum(layer.rank for layer in layers.values()),
             "rank_trace": {name: layer.rank_history for name, layer in layers.items()},
         }
-
-    def extra_repr(self) -> str:
-        return (
-            f"rank={self.rank}, kept={self.kept_rank}, target_rank={self.target_rank}, alpha={self.alpha}, "
-            f"importance={self.importance}, orth_reg_form={self.orth_reg_form}, {super().extra_repr()}"
-        )

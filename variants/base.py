@@ -1,32 +1,46 @@
 """The variant contract, and the registry that names variants.
 
-A variant is a fine-tuning method. The trainer reaches it only through the class-level hooks of
-``Variant``, which receive the model and the variant's adapter layers in it, so the trainer
-never asks which variant it is running. There are two kinds:
+A variant is a fine-tuning method, and one instance of it belongs to one model. It is built once
+from the run's settings (``variant.*``), checks them once, and holds what is model-wide:
+AdaLoRA's budget schedule, staged training's phases, QLoRA's quantization settings, LoRA+'s rate
+ratio. Layers hold only per-layer math. The trainer reaches the method through the model-level
+functions of ``variants.model`` (``on_train_begin(model, …)`` and the rest), which call the
+model's variant, so it never asks which variant it runs.
 
-* ``AdapterLayer`` wraps frozen base ``nn.Linear`` layers (weight W0: ``(d_out, d_in)``) and adds
-  a learned update: LoRA and its kin. Per layer:
+Two kinds:
+
+* ``AdapterVariant`` wraps frozen base ``nn.Linear`` layers (weight W0: ``(d_out, d_in)``) in
+  ``AdapterLayer``s that add a learned update: LoRA and its kin. Per layer:
 
   - ``forward(x)``: ``(..., d_in) -> (..., d_out)``, the adapted layer.
   - ``delta_weight()``: ΔW, ``(d_out, d_in)``, scaling included, so that the adapted layer
     equals ``x @ (W0 + ΔW).T + bias``.
   - ``merge()`` / ``unmerge()``: fold ΔW into the base weight for inference and take it out.
-  - ``adapter_parameters()``: the parameters the variant adds (the base's are not among them).
-  - ``extra_loss()``: a term for the training loss (a regulariser).
+  - ``adapter_parameters()``: the parameters the layer adds (the base's are not among them).
 
 * ``ParameterSubset`` adds nothing and trains some of the model's own parameters: the baselines
   (full fine-tuning, BitFit, the task head alone).
 
-Model-wide hooks, on the class: ``inject`` (change the model), ``trainable_parameters`` (what
-trains), ``check_total_steps``, ``on_train_begin``, ``adapter_loss``, ``after_optimizer_step`` and
-``learning_rate`` (regularisers, rank allocation, schedules, phases), ``state_to_save`` (what a
-saved run must carry besides the trainable parameters) and ``report`` (facts for the run's
-summary). The training hooks default to nothing.
+The hooks of a variant, in the order a run meets them (all but ``inject`` and
+``trainable_parameters`` default to nothing):
+
+    inject, trainable_parameters      apply the method; say what trains
+    check_total_steps                 refuse settings that do not fit the run's length
+    initialize                        data-driven initialisation, once, before the first step
+    on_train_begin                    reset schedules
+    learning_rate, learning_rate_scale   the peak rate of each optimizer, and per parameter
+    adapter_loss                      a term for the training loss
+    transform_gradients               after backward, before the optimizer step
+    after_optimizer_step              schedules, rank allocation, phases
+    training_state, load_training_state   what a checkpoint must carry to resume exactly
+    state_to_save, report             what a saved run carries; facts for its summary
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -35,20 +49,37 @@ from torch import nn
 from .errors import ConfigError
 from .targets import Targets, find_target_modules, replace_module
 
-CONFIG_ATTRIBUTE = "_adapter_config"  # set on the model by inject_adapters
+VARIANT_ATTRIBUTE = "_variant"  # the model's variant instance, set by inject_adapters
+
+
+def variant_of(model: nn.Module) -> Variant | None:
+    """The variant ``inject_adapters`` applied to ``model``; None before it ran."""
+    return getattr(model, VARIANT_ATTRIBUTE, None)
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:
-    """What ``inject_adapters`` recorded about the model's variant; {} before it ran."""
-    return getattr(model, CONFIG_ATTRIBUTE, {})
+    """What the model's variant was built with, as saved with an adapter; {} before it ran."""
+    variant = variant_of(model)
+    return variant.config() if variant is not None else {}
+
+
+@dataclass
+class InitData:
+    """What a data-driven initialisation may use: the run's training batches (on the model's
+    device, each one the process's share of a global batch), the task loss of a batch as
+    training computes it (autocast included), and a mean over the processes of a data-parallel
+    run (the identity in one process), so that every process reaches the same initialisation."""
+
+    batches: Iterator[dict[str, torch.Tensor]]
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
 
 
 class Variant:
-    """A fine-tuning method seen from the whole model. ``layers`` in the hooks is every
-    adapter layer of this class in the model, by module name (empty for a ``ParameterSubset``),
-    so a variant can make model-wide decisions such as a global rank budget."""
+    """A fine-tuning method applied to one model. Subclasses take their settings as keyword
+    arguments of ``__init__`` and raise ``ConfigError`` for a bad one; ``create`` builds them."""
 
-    variant_name: ClassVar[str] = ""
+    name: ClassVar[str] = ""
     # The optimizer the method's paper trained with; the trainer takes it on CUDA when
     # trainer.optimizer=auto (QLoRA: bitsandbytes' paged AdamW).
     paper_optimizer: ClassVar[str] = "adamw"
@@ -56,17 +87,55 @@ class Variant:
     # {analysis script name: why}; the script prints it beside its results.
     analysis_caveats: ClassVar[dict[str, str]] = {}
 
-    @classmethod
-    def inject(
-        cls, model: nn.Module, targets: Targets | None, rank: int | None, alpha: float | None,
-        exclude: Sequence[str], **settings: Any,
-    ) -> list[str]:
-        """Apply the method to ``model`` in place; returns the names of the modules it adapted.
-        Validates everything first, so a bad argument leaves the model untouched."""
-        raise NotImplementedError
+    rank: int | None = None
+    alpha: float | None = None
 
     @classmethod
-    def trainable_parameters(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> list[nn.Parameter]:
+    def create(cls, rank: int | None = None, alpha: float | None = None, **settings: Any) -> Variant:
+        """The variant for ``settings`` (the ``variant.*`` keys of a run, without the runner's),
+        checked: an unknown key is a ``ConfigError`` that lists the allowed ones."""
+        allowed = cls.setting_names()
+        unknown = sorted(set(settings) - set(allowed))
+        if unknown:
+            raise ConfigError(f"variant.{unknown[0]} is not a setting of variant={cls.name!r}; allowed: "
+                              f"{', '.join(allowed) or 'none'}")
+        variant = cls._construct(rank, alpha, settings)
+        variant.settings = dict(settings)
+        variant.targets, variant.exclude, variant.modules = None, [], []
+        return variant
+
+    @classmethod
+    def _construct(cls, rank: int | None, alpha: float | None, settings: dict[str, Any]) -> Variant:
+        return cls(**settings)
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        """The keyword settings of ``__init__`` (``rank`` and ``alpha`` are the run's own)."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY or
+                (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "rank", "alpha"))]
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this variant on a fresh model: saved as an adapter file's metadata."""
+        targets = self.targets
+        return {
+            "variant": self.name,
+            "rank": self.rank if self.modules else None,  # a method that adapts no module has no rank
+            "alpha": self.alpha if self.modules else None,
+            "targets": targets if isinstance(targets, str) or targets is None else list(targets),
+            "modules": list(self.modules),
+            "exclude": list(self.exclude),
+            "variant_kwargs": dict(self.settings),
+        }
+
+    # ---------------------------------------------------------------- applying the method
+
+    def inject(self, model: nn.Module, targets: Targets | None, exclude: Sequence[str]) -> list[str]:
+        """Apply the method to ``model`` in place; returns the names of the modules it adapted.
+        Checks everything first, so a bad argument leaves the model untouched."""
+        raise NotImplementedError
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """What the method trains; ``mark_trainable`` adds the task head and chosen biases."""
         raise NotImplementedError
 
@@ -74,48 +143,65 @@ class Variant:
     def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(down ``(r, d_in)``, up ``(d_out, r)``) from one layer's saved tensors (keys without the
         module prefix): the factors whose row / column spaces the subspace analyses compare."""
-        raise NotImplementedError(f"variant {cls.variant_name!r} has no low-rank factors")
+        raise NotImplementedError(f"variant {cls.name!r} has no low-rank factors")
 
-    @classmethod
-    def check_total_steps(cls, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
+    # ---------------------------------------------------------------- training hooks
+
+    def check_total_steps(self, total_steps: int) -> None:
         """Raise ``ConfigError`` for settings that do not fit a run of ``total_steps`` (a schedule
         longer than training). Runners call it before writing anything."""
 
-    @classmethod
-    def on_train_begin(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
-        """Called once before the first step (after ``check_total_steps``): reset schedules."""
+    def initialize(self, model: nn.Module, data: InitData) -> dict[str, Any]:
+        """Data-driven initialisation before the first step of a fresh run (never on resume: the
+        checkpoint holds its result). May run forward and backward passes over ``data.batches``;
+        must leave every ``.grad`` as it found it. Returns facts for the run's summary."""
+        return {}
 
-    @classmethod
-    def after_optimizer_step(
-        cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int, total_steps: int
-    ) -> dict[str, float]:
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        """Called once before the first step of a fresh run (after ``initialize``): reset schedules."""
+
+    def learning_rate(self, lr: float) -> float:
+        """The peak rate of the optimizer the trainer is about to build, given the configured
+        ``lr``. The trainer builds a new optimizer whenever the set of trainable parameters
+        changes (staged training's switch), and asks again then."""
+        return lr
+
+    def learning_rate_scale(self, name: str, parameter: nn.Parameter) -> float:
+        """The factor on the peak rate for one trainable parameter (full name): parameters with
+        different factors go to different optimizer groups (LoRA+: B trains λ times faster)."""
+        return 1.0
+
+    def adapter_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the training loss, or None."""
+        return None
+
+    def transform_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> dict[str, float]:
+        """After backward (gradients averaged over processes), before clipping and the optimizer
+        step: rewrite the gradients of what trains. ``optimizer`` is the one about to step (its
+        state may be read, or rewritten where the method says so); ``lr`` its current rate.
+        Returns metrics to log."""
+        return {}
+
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
         """Called once per optimizer step (``step`` counts from 1). Gradients of this step are
         still populated (the trainer zeroes them afterwards), so gradient-based statistics can
         be accumulated here. Returns metrics to log."""
         return {}
 
-    @classmethod
-    def adapter_loss(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> torch.Tensor | None:
-        """A term added to the training loss, or None: by default the sum of the layers'
-        ``extra_loss()`` (a variant whose term is not a sum over layers overrides this)."""
-        terms = [t for layer in layers.values() if (t := layer.extra_loss()) is not None]
-        return torch.stack(terms).sum() if terms else None
+    def training_state(self) -> dict[str, Any]:
+        """What the method carries from step to step beyond tensors of the model (staged
+        training's phase); checkpoints keep it so a resumed run continues exactly."""
+        return {}
 
-    @classmethod
-    def learning_rate(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], lr: float) -> float:
-        """The peak learning rate for the optimizer the trainer is about to build, given the
-        configured ``lr``. The trainer builds a new optimizer whenever the set of trainable
-        parameters changes (staged training's switch), and asks again then."""
-        return lr
+    def load_training_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Restore what ``training_state`` returned."""
 
-    @classmethod
-    def state_to_save(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+    def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Tensors beyond the adapter layers' own and the trainable parameters that a saved
         run must carry to reproduce the model (staged training: the fully fine-tuned weights)."""
         return {}
 
-    @classmethod
-    def report(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
+    def report(self, model: nn.Module) -> dict[str, Any]:
         """JSON-serialisable facts about the trained model worth keeping with the run."""
         return {}
 
@@ -128,12 +214,13 @@ def adapter_dtype(base: nn.Linear) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-class AdapterLayer(Variant, nn.Module):
-    """Base class for adapter variants wrapping a frozen ``nn.Linear``.
+class AdapterLayer(nn.Module):
+    """A frozen ``nn.Linear`` and a learned update to it: per-layer math only.
 
-    Subclasses define ``forward`` and ``delta_weight``. The default ``merge``/``unmerge`` add and
-    subtract ``delta_weight()``, which is right whenever ΔW does not depend on W0; a variant whose
-    ΔW does (DoRA's normalisation) overrides them.
+    Subclasses define ``forward`` and ``delta_weight``. The default merge adds ``delta_weight()``
+    to the base weight and unmerge subtracts it, which is right whenever ΔW does not depend on
+    W0; a layer whose ΔW does (DoRA's normalisation) or whose base is not a plain weight
+    (QLoRA) overrides ``_merge`` / ``_unmerge``. ``merge`` and ``unmerge`` are idempotent.
     """
 
     def __init__(self, base: nn.Linear) -> None:
@@ -143,53 +230,7 @@ class AdapterLayer(Variant, nn.Module):
         self.base = base
         self.base.weight.requires_grad_(False)
         self.merged = False
-
-    @classmethod
-    def inject(
-        cls, model: nn.Module, targets: Targets | None, rank: int | None, alpha: float | None,
-        exclude: Sequence[str], **settings: Any,
-    ) -> list[str]:
-        """Wrap each linear layer that ``targets`` selects (never one in ``exclude``, the task
-        head) in this class, after ``prepare_model``."""
-        if targets is None:
-            raise ConfigError(f"variant={cls.variant_name!r} needs variant.targets (the layers to adapt)")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ConfigError(f"alpha={alpha!r} must be a number > 0")
-        names = find_target_modules(model, targets, exclude)
-        modules = dict(model.named_modules())
-        max_rank = min(min(modules[n].in_features, modules[n].out_features) for n in names)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-            raise ConfigError(
-                f"rank={rank!r} must be an integer in [1, {max_rank}] "
-                "(min(d_in, d_out) over the targeted layers)"
-            )
-        cls(nn.Linear(rank, rank), rank=rank, alpha=alpha, **settings)  # dry run: check the settings
-        cls.prepare_model(model, names, exclude, **settings)
-        for name in names:
-            replace_module(model, name, cls(model.get_submodule(name), rank=rank, alpha=alpha, **settings))
-        return names
-
-    @classmethod
-    def prepare_model(
-        cls, model: nn.Module, targets: Sequence[str], exclude: Sequence[str], **settings: Any
-    ) -> None:
-        """Called by ``inject`` before the ``targets`` are wrapped, with the layer constructor's
-        keyword arguments: what the variant changes in the rest of the model (QLoRA quantizes
-        every other linear layer except ``exclude``, the task head)."""
-
-    @classmethod
-    def trainable_parameters(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> list[nn.Parameter]:
-        return [p for layer in layers.values() for p in layer.adapter_parameters()]
-
-    @classmethod
-    def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
-        """Parameters one adapted (d_in, d_out) layer trains at ``rank``: A (r, d_in) and B (d_out, r)."""
-        return rank * (in_features + out_features)
-
-    @classmethod
-    def settings_for_rank(cls, rank: int, max_rank: int) -> dict[str, Any]:
-        """The ``inject`` settings that give ``rank`` (the equal-budget resolver's choice)."""
-        return {"rank": rank}
+        self.active = True  # False: the layer is its base layer (staged training's full phase)
 
     @property
     def in_features(self) -> int:
@@ -210,21 +251,23 @@ class AdapterLayer(Variant, nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 ← W0 + ΔW. Afterwards ``forward`` is the plain base layer. Idempotent."""
-        if self.merged:
-            return
-        weight = self.base.weight
-        weight.add_(self.delta_weight().to(weight.dtype))
-        self.merged = True
+        """W0 ← W0 + ΔW. Afterwards ``forward`` is the plain base layer."""
+        if not self.merged:
+            self._merge()
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge``: W0 ← W0 − ΔW. Idempotent."""
-        if not self.merged:
-            return
-        weight = self.base.weight
-        weight.sub_(self.delta_weight().to(weight.dtype))
-        self.merged = False
+        """Undo ``merge``: W0 ← W0 − ΔW."""
+        if self.merged:
+            self._unmerge()
+            self.merged = False
+
+    def _merge(self) -> None:
+        self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+
+    def _unmerge(self) -> None:
+        self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
 
     def training_state(self) -> dict[str, Any]:
         """What training carries from step to step beyond parameters and persistent buffers
@@ -237,37 +280,85 @@ class AdapterLayer(Variant, nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base.")]
 
-    def extra_loss(self) -> torch.Tensor | None:
-        """A term added to the training loss (e.g. a regulariser), or None."""
-        return None
-
     def extra_repr(self) -> str:
-        return f"merged={self.merged}"
+        return f"merged={self.merged}" + ("" if self.active else ", active=False")
+
+
+def layers_of(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapter layer in ``model``, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
+
+
+class AdapterVariant(Variant):
+    """A method that wraps the targeted linear layers in adapter layers of rank ``rank``,
+    scaled by ``alpha``. Subclasses check their settings in ``__init__`` (after calling this
+    one) and build one layer in ``new_layer``."""
+
+    def __init__(self, rank: int, alpha: float) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ConfigError(f"alpha={alpha!r} must be a number > 0")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ConfigError(f"rank={rank!r} must be a positive integer")
+        self.rank, self.alpha = rank, alpha
+
+    @classmethod
+    def _construct(cls, rank: int | None, alpha: float | None, settings: dict[str, Any]) -> Variant:
+        return cls(rank=rank, alpha=alpha, **settings)
+
+    def new_layer(self, base: nn.Linear) -> AdapterLayer:
+        """The adapter layer around one frozen ``base`` layer."""
+        raise NotImplementedError
+
+    def inject(self, model: nn.Module, targets: Targets | None, exclude: Sequence[str]) -> list[str]:
+        """Wrap each linear layer that ``targets`` selects (never one in ``exclude``, the task
+        head) with ``new_layer``, after ``prepare_model``."""
+        if targets is None:
+            raise ConfigError(f"variant={self.name!r} needs variant.targets (the layers to adapt)")
+        names = find_target_modules(model, targets, exclude)
+        modules = dict(model.named_modules())
+        max_rank = min(min(modules[n].in_features, modules[n].out_features) for n in names)
+        if self.rank > max_rank:
+            raise ConfigError(f"rank={self.rank!r} must be an integer in [1, {max_rank}] "
+                              "(min(d_in, d_out) over the targeted layers)")
+        self.prepare_model(model, names, exclude)
+        for name in names:
+            replace_module(model, name, self.new_layer(model.get_submodule(name)))
+        return names
+
+    def prepare_model(self, model: nn.Module, targets: Sequence[str], exclude: Sequence[str]) -> None:
+        """Called by ``inject`` before the ``targets`` are wrapped: what the method changes in
+        the rest of the model (QLoRA quantizes every other linear layer except ``exclude``)."""
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for layer in layers_of(model).values() for p in layer.adapter_parameters()]
+
+    @classmethod
+    def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
+        """Parameters one adapted (d_in, d_out) layer trains at ``rank``: A (r, d_in) and B (d_out, r)."""
+        return rank * (in_features + out_features)
+
+    @classmethod
+    def settings_for_rank(cls, rank: int, max_rank: int) -> dict[str, Any]:
+        """The settings that give ``rank`` (the equal-budget resolver's choice)."""
+        return {"rank": rank}
 
 
 class ParameterSubset(Variant):
     """A baseline that adds no modules: it fine-tunes the parameters ``select`` returns."""
 
-    @classmethod
-    def select(cls, model: nn.Module, targets: Targets | None, **settings: Any) -> list[nn.Parameter]:
+    def select(self, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:
         """The parameters that train."""
         raise NotImplementedError
 
-    @classmethod
-    def inject(
-        cls, model: nn.Module, targets: Targets | None, rank: int | None, alpha: float | None,
-        exclude: Sequence[str], **settings: Any,
-    ) -> list[str]:
-        """Check the settings and that they select something; the model is not changed
-        (``inject_adapters`` records them, ``mark_trainable`` applies them)."""
-        if not cls.select(model, targets, **settings):
-            raise ConfigError(f"variant={cls.variant_name!r} selects no parameter of this model")
+    def inject(self, model: nn.Module, targets: Targets | None, exclude: Sequence[str]) -> list[str]:
+        """Check that the settings select something; the model is not changed
+        (``mark_trainable`` applies the selection)."""
+        if not self.select(model, targets):
+            raise ConfigError(f"variant={self.name!r} selects no parameter of this model")
         return []
 
-    @classmethod
-    def trainable_parameters(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> list[nn.Parameter]:
-        config = adapter_config(model)
-        return cls.select(model, config["targets"], **config["variant_kwargs"])
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return self.select(model, self.targets)
 
 
 VARIANTS: dict[str, type[Variant]] = {}
@@ -279,7 +370,7 @@ def register_variant(name: str) -> Callable[[type[Variant]], type[Variant]]:
     def add(cls: type[Variant]) -> type[Variant]:
         if name in VARIANTS:
             raise ValueError(f"variant {name!r} is registered twice")
-        cls.variant_name = name
+        cls.name = name
         VARIANTS[name] = cls
         return cls
 

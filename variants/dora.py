@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import register_variant
-from .lora import LoRALinear
+from .base import ConfigError, register_variant
+from .lora import LoRA, LoRALinear
 
 
-@register_variant("dora")
 class DoRALinear(LoRALinear):
     """DoRA around a frozen ``nn.Linear``; A, B, dropout and init as in ``LoRALinear``.
 
@@ -29,15 +28,6 @@ class DoRALinear(LoRALinear):
 
     Adds ``magnitude``: ``(d_out,)``.
     """
-
-    analysis_caveats = {
-        "amplification": (
-            "DoRA's dW = W' - W0 includes the magnitude rescaling (m/||V||_c - 1)*W0, which is full rank and "
-            "lies along W0's own directions, so its top-r directions, ||dW|| and the amplification factor "
-            "are not comparable with LoRA's rank-r dW; the direction update's A and B are compared by "
-            "subspace_overlap."
-        ),
-    }
 
     def __init__(
         self,
@@ -53,11 +43,6 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(self.base.weight.detach().to(self.lora_A.dtype).norm(dim=1))
         # ‖V‖_c at merge time: what unmerge needs to recover W0 from the merged weight.
         self.register_buffer("_merged_norm", None, persistent=False)
-
-    @classmethod
-    def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
-        """LoRA's A and B, plus the magnitude m ``(d_out,)``."""
-        return rank * (in_features + out_features) + out_features
 
     def frozen_weight(self) -> torch.Tensor:
         """W0, also while merged (then recovered as W'·‖V‖_c/m − (α/r)·B·A). Not detached: the
@@ -79,7 +64,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:
+        if self.merged or not self.active:
             return result
         # W'x + b = result + (s − 1)·W0·x' + s·(α/r)·B·A·x', s = m/‖V‖ and x' the adapter input.
         # s stays fp32, and so does every sum with it: a learned change of m is ~0.1%, while bf16's
@@ -112,21 +97,43 @@ class DoRALinear(LoRALinear):
         """W' − W0."""
         return self.merged_weight() - self.frozen_weight()
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
+    def _merge(self) -> None:
         self._merged_norm = self.direction().norm(dim=1)
         self.base.weight.copy_(self.merged_weight())
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base.weight.copy_(self.frozen_weight())
-        self.merged = False
+    def _unmerge(self) -> None:
+        self.base.weight.copy_(self.frozen_weight())  # still merged: W0 recovered from W'
         self._merged_norm = None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, detach_norm={self.detach_norm}"
+
+
+@register_variant("dora")
+class DoRA(LoRA):
+    """DoRA on the targeted layers: ``DoRALinear`` each. Settings: LoRA's, and ``detach_norm``."""
+
+    analysis_caveats = {
+        "amplification": (
+            "DoRA's dW = W' - W0 includes the magnitude rescaling (m/||V||_c - 1)*W0, which is full rank and "
+            "lies along W0's own directions, so its top-r directions, ||dW|| and the amplification factor "
+            "are not comparable with LoRA's rank-r dW; the direction update's A and B are compared by "
+            "subspace_overlap."
+        ),
+    }
+
+    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 lr_ratio: float | None = None, detach_norm: bool = True) -> None:
+        super().__init__(rank, alpha, dropout=dropout, init=init, lr_ratio=lr_ratio)
+        if not isinstance(detach_norm, bool):
+            raise ConfigError(f"variant.detach_norm={detach_norm!r} must be true or false")
+        self.detach_norm = detach_norm
+
+    def new_layer(self, base: nn.Linear) -> DoRALinear:
+        return DoRALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init,
+                          detach_norm=self.detach_norm)
+
+    @classmethod
+    def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
+        """LoRA's A and B, plus the magnitude m ``(d_out,)``."""
+        return rank * (in_features + out_features) + out_features

@@ -4,6 +4,10 @@
 
 A: ``(r, d_in)``, random; B: ``(d_out, r)``, zero, so ΔW = (α/r)·B·A = 0 at the start and the
 wrapped model is exactly the base model.
+
+LoRA+ (Hayou, Ghosh and Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): with
+``lr_ratio`` = λ, B trains at λ times A's rate, η_B = λ·η_A (§3, Eq. 5; λ = 16 is the paper's
+default, ``2^4`` in its notation). A knob of every variant of the LoRA family.
 """
 
 from __future__ import annotations
@@ -14,12 +18,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, adapter_dtype, register_variant
+from .base import AdapterLayer, AdapterVariant, ConfigError, adapter_dtype, register_variant
 
 A_INITS = ("kaiming", "gaussian")
 
 
-@register_variant("lora")
 class LoRALinear(AdapterLayer):
     """LoRA around a frozen ``nn.Linear``.
 
@@ -33,17 +36,8 @@ class LoRALinear(AdapterLayer):
             ``gaussian`` (N(0, 1/r²), the paper's "random Gaussian").
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init: str = "kaiming",
-    ) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming") -> None:
         super().__init__(base)
-        if init not in A_INITS:
-            raise ConfigError(f"variant.init={init!r} is not supported; allowed: {', '.join(A_INITS)}")
         self.rank = rank
         self.alpha = alpha
         self.scaling = alpha / rank
@@ -51,8 +45,6 @@ class LoRALinear(AdapterLayer):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -74,7 +66,7 @@ class LoRALinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:
+        if self.merged or not self.active:
             return result
         return self.add_up_projection(result, self.down_projection(self.dropout(x)), self.lora_B)
 
@@ -85,10 +77,37 @@ class LoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.low_rank_weight()
 
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, {super().extra_repr()}"
+
+
+@register_variant("lora")
+class LoRA(AdapterVariant):
+    """LoRA on the targeted layers: ``LoRALinear`` each, and LoRA+'s rate ratio.
+
+    Settings: ``dropout`` and ``init`` (as ``LoRALinear``); ``lr_ratio``: λ of LoRA+, B's rate
+    over A's (None: one rate, plain LoRA)."""
+
+    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 lr_ratio: float | None = None) -> None:
+        super().__init__(rank, alpha)
+        if init not in A_INITS:
+            raise ConfigError(f"variant.init={init!r} is not supported; allowed: {', '.join(A_INITS)}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
+        if lr_ratio is not None and (isinstance(lr_ratio, bool) or not isinstance(lr_ratio, (int, float))
+                                     or lr_ratio <= 0):
+            raise ConfigError(f"variant.lr_ratio={lr_ratio!r} must be a number > 0 (LoRA+: 16) or null")
+        self.dropout, self.init, self.lr_ratio = dropout, init, lr_ratio
+
+    def new_layer(self, base: nn.Linear) -> LoRALinear:
+        return LoRALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init)
+
+    def learning_rate_scale(self, name: str, parameter: nn.Parameter) -> float:
+        """LoRA+: η_B = λ·η_A; every other parameter (A, the head, DoRA's m) keeps the rate."""
+        return self.lr_ratio if self.lr_ratio is not None and name.endswith(".lora_B") else 1.0
+
     @classmethod
     def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B); also DoRA's, QLoRA's and staged's, which share them."""
         return state["lora_A"], state["lora_B"]
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, {super().extra_repr()}"

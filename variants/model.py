@@ -6,7 +6,6 @@ These work for every registered variant; nothing here knows one variant from ano
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import CONFIG_ATTRIBUTE, AdapterLayer, ConfigError, Variant, adapter_config, get_variant
+from .base import VARIANT_ATTRIBUTE, AdapterLayer, ConfigError, InitData, adapter_config, get_variant, variant_of
 from .targets import Targets, modules_named, replace_module
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -36,19 +35,14 @@ def inject_adapters(
 
     An adapter variant wraps each ``nn.Linear`` that ``targets`` selects (never one in or
     inside ``exclude``, the task head) and needs ``rank`` and ``alpha``; a baseline selects which
-    of the model's own parameters train. Validates everything before changing the model, so a
-    bad argument leaves it untouched. Returns the names of the adapted modules ([] for a baseline).
+    of the model's own parameters train. The variant is built and checked once, before the model
+    changes, so a bad argument leaves it untouched; it stays with the model (``variant_of``).
+    Returns the names of the adapted modules ([] for a baseline).
     """
-    names = get_variant(variant).inject(model, targets, rank, alpha, exclude, **variant_kwargs)
-    setattr(model, CONFIG_ATTRIBUTE, {  # read back by save_adapter, so a file can rebuild its model
-        "variant": variant,
-        "rank": rank if names else None,  # a method that adapts no module has no rank
-        "alpha": alpha if names else None,
-        "targets": targets if isinstance(targets, str) or targets is None else list(targets),
-        "modules": names,
-        "exclude": list(exclude),
-        "variant_kwargs": variant_kwargs,
-    })
+    method = get_variant(variant).create(rank=rank, alpha=alpha, **variant_kwargs)
+    names = method.inject(model, targets, exclude)
+    method.targets, method.exclude, method.modules = targets, list(exclude), names
+    setattr(model, VARIANT_ATTRIBUTE, method)
     mark_trainable(model)
     return names
 
@@ -70,8 +64,8 @@ def mark_trainable(model: nn.Module, bias: str = "none", train_modules: Sequence
         raise ConfigError(f"variant.bias={bias!r} is not supported; allowed: {', '.join(BIAS_MODES)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for cls, layers in _variants(model).items():
-        for p in cls.trainable_parameters(model, layers):
+    if (method := variant_of(model)) is not None:
+        for p in method.trainable_parameters(model):
             p.requires_grad_(True)
     if bias == "lora_only":
         for _, layer in adapter_layers(model):
@@ -138,67 +132,84 @@ def merge_and_unwrap(model: nn.Module) -> None:
     for name, layer in list(adapter_layers(model)):
         layer.merge()
         replace_module(model, name, layer.base)
-    model.__dict__.pop(CONFIG_ATTRIBUTE, None)  # no variant is left to run hooks for
+    model.__dict__.pop(VARIANT_ATTRIBUTE, None)  # no variant is left to run hooks for
 
 
 def adapter_loss(model: nn.Module) -> torch.Tensor | None:
-    """The variants' terms for the training loss (``Variant.adapter_loss``), summed; None when
-    no variant adds one."""
-    terms = [t for cls, layers in _variants(model).items() if (t := cls.adapter_loss(model, layers)) is not None]
-    return torch.stack(terms).sum() if terms else None
-
-
-def _variants(model: nn.Module) -> dict[type[Variant], dict[str, AdapterLayer]]:
-    """Each variant in the model (the injected one, and the class of any adapter layer) with its
-    layers by name; the hooks run through this, so a baseline without layers gets them too."""
-    found: dict[type[Variant], dict[str, AdapterLayer]] = defaultdict(dict)
-    if config := adapter_config(model):
-        found[get_variant(config["variant"])] = {}
-    for name, layer in adapter_layers(model):
-        found[type(layer)][name] = layer
-    return found
+    """The variant's term for the training loss; None when it adds none."""
+    method = variant_of(model)
+    return method.adapter_loss(model) if method is not None else None
 
 
 def check_total_steps(model: nn.Module, total_steps: int) -> None:
-    """Run each variant's ``check_total_steps`` over its layers."""
-    for cls, layers in _variants(model).items():
-        cls.check_total_steps(layers, total_steps)
+    """The variant's ``check_total_steps``."""
+    if (method := variant_of(model)) is not None:
+        method.check_total_steps(total_steps)
+
+
+def initialize(model: nn.Module, data: InitData) -> dict[str, Any]:
+    """The variant's data-driven initialisation (before the first step of a fresh run)."""
+    method = variant_of(model)
+    return method.initialize(model, data) if method is not None else {}
 
 
 def on_train_begin(model: nn.Module, total_steps: int) -> None:
-    """Check the run length, then run each variant's ``on_train_begin`` over its layers."""
+    """Check the run length, then the variant's ``on_train_begin``."""
     check_total_steps(model, total_steps)
-    for cls, layers in _variants(model).items():
-        cls.on_train_begin(model, layers, total_steps)
+    if (method := variant_of(model)) is not None:
+        method.on_train_begin(model, total_steps)
+
+
+def transform_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> dict[str, float]:
+    """The variant's gradient transformation (after backward, before the optimizer step)."""
+    method = variant_of(model)
+    return method.transform_gradients(model, optimizer, lr) if method is not None else {}
 
 
 def after_optimizer_step(model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
-    """Run each variant's ``after_optimizer_step`` over its layers; merged metrics."""
-    metrics: dict[str, float] = {}
-    for cls, layers in _variants(model).items():
-        metrics.update(cls.after_optimizer_step(model, layers, step, total_steps))
-    return metrics
+    """The variant's ``after_optimizer_step``; metrics to log."""
+    method = variant_of(model)
+    return method.after_optimizer_step(model, step, total_steps) if method is not None else {}
 
 
 def learning_rate(model: nn.Module, lr: float) -> float:
-    """The peak learning rate the variants ask for now, given the configured ``lr``."""
-    for cls, layers in _variants(model).items():
-        lr = cls.learning_rate(model, layers, lr)
-    return lr
+    """The peak learning rate the variant asks for now, given the configured ``lr``."""
+    method = variant_of(model)
+    return method.learning_rate(lr) if method is not None else lr
+
+
+def learning_rate_scale(model: nn.Module, name: str, parameter: nn.Parameter) -> float:
+    """The factor the variant puts on the peak rate for one trainable parameter."""
+    method = variant_of(model)
+    return method.learning_rate_scale(name, parameter) if method is not None else 1.0
 
 
 def preferred_optimizer(model: nn.Module) -> str:
     """The optimizer the model's variant was published with (``paper_optimizer``)."""
-    preferred = {cls.paper_optimizer for cls in _variants(model)} - {"adamw"}
-    return preferred.pop() if len(preferred) == 1 else "adamw"
+    method = variant_of(model)
+    return method.paper_optimizer if method is not None else "adamw"
 
 
 def adapter_report(model: nn.Module) -> dict[str, Any]:
-    """Every variant's ``report`` over its layers, merged."""
-    report: dict[str, Any] = {}
-    for cls, layers in _variants(model).items():
-        report.update(cls.report(model, layers))
-    return report
+    """The variant's ``report``."""
+    method = variant_of(model)
+    return method.report(model) if method is not None else {}
+
+
+def training_state(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint carries besides tensors: the variant's and each adapter layer's state."""
+    method = variant_of(model)
+    return {"variant": method.training_state() if method is not None else {},
+            "layers": {name: layer.training_state() for name, layer in adapter_layers(model)}}
+
+
+def load_training_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Restore what ``training_state`` returned."""
+    layers = dict(adapter_layers(model))
+    for name, layer_state in state["layers"].items():
+        layers[name].load_training_state(layer_state)
+    if (method := variant_of(model)) is not None:
+        method.load_training_state(model, state["variant"])
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -206,8 +217,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     adds, and the adapter layers' own tensors (parameters and persistent buffers outside the
     wrapped base layer)."""
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for cls, layers in _variants(model).items():
-        state.update(cls.state_to_save(model, layers))
+    if (method := variant_of(model)) is not None:
+        state.update(method.state_to_save(model))
     state.update(_adapter_tensors(model))
     return {n: t.detach().contiguous().cpu() for n, t in state.items()}
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, register_variant
-from .lora import LoRALinear
+from .base import ConfigError, register_variant
+from .lora import LoRA, LoRALinear
 from .targets import replace_module, task_head, within
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -146,86 +146,92 @@ def quantization_storage(model: nn.Module) -> dict[str, Any]:
     }
 
 
-@register_variant("qlora")
 class QLoRALinear(LoRALinear):
-    """LoRA on a quantized frozen base. A plain ``nn.Linear`` given as ``base`` is quantized here.
+    """LoRA on a quantized frozen base. A plain ``nn.Linear`` given as ``base`` is quantized here
+    with ``quant_args`` (``quantize_linear``'s keywords).
 
     Extra args:
-        quant_type: ``nf4`` (the paper's), ``fp4``, or ``int8`` (LLM.int8, no blocksize).
-        double_quant: quantize the 4-bit blocks' absmax constants too (§3 Double Quantization).
-        blocksize: weights per 4-bit quantization block.
-        compute_dtype: dtype of the 4-bit matmul: ``auto`` (bf16 on a GPU with bf16, else fp32),
-            ``fp32``, ``bf16``, ``fp16``.
+        quant_args: how the base is (re-)quantized: ``quant_type``, ``double_quant``,
+            ``blocksize``, ``compute_dtype``.
         requantize_on_merge: ``merge()`` writes W0 + ΔW back in the quantized format instead of
             the compute dtype; saves memory, costs one more rounding of every weight.
     """
 
-    paper_optimizer = "paged_adamw_32bit"  # QLoRA §3, Paged Optimizers
-
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init: str = "kaiming",
-        quant_type: str = "nf4",
-        double_quant: bool = True,
-        blocksize: int = 64,
-        compute_dtype: str = "auto",
-        requantize_on_merge: bool = False,
-    ) -> None:
-        self.quant_args = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": blocksize,
-                           "compute_dtype": compute_dtype}
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 quant_args: Mapping[str, Any] | None = None, requantize_on_merge: bool = False) -> None:
+        self.quant_args = dict(quant_args or {})
         if not is_quantized(base):
             base = quantize_linear(base, **self.quant_args)
         super().__init__(base, rank, alpha, dropout=dropout, init=init)
         self.requantize_on_merge = requantize_on_merge
         self._quantized_base: nn.Linear | None = None
 
-    @classmethod
-    def prepare_model(
-        cls, model: nn.Module, targets: Sequence[str], exclude: Sequence[str], **variant_kwargs: Any
-    ) -> None:
-        """Quantize every ``nn.Linear`` that is neither a target (the layers quantize their own
-        base), nor in ``exclude``, nor in the model's task head (``targets.task_head``: the new
-        head trains in full, so it must keep its precision)."""
-        quant_args = {k: variant_kwargs[k] for k in ("quant_type", "double_quant", "blocksize", "compute_dtype")
-                      if k in variant_kwargs}
-        skip, keep = set(targets), [*exclude, *task_head(model)]
-        for name, module in list(model.named_modules()):
-            if type(module) is not nn.Linear or name in skip or within(name, keep):
-                continue
-            replace_module(model, name, quantize_linear(module, **quant_args))
-
     def frozen_weight(self) -> torch.Tensor:
         """W0 as the quantized layer computes with it (dequantized), also while merged."""
         return dequantized_weight(self._quantized_base if self.merged else self.base)
 
-    @torch.no_grad()
-    def merge(self) -> None:
+    def _merge(self) -> None:
         """Replace the quantized base by W0 + ΔW in the compute dtype (or re-quantized); W0 is
         the dequantized weight. The quantized base is kept, so ``unmerge`` restores it exactly."""
-        if self.merged:
-            return
         quantized = self.base
         merged = plain_linear(quantized, dequantized_weight(quantized) + self.delta_weight())
         self.base = quantize_linear(merged, **self.quant_args) if self.requantize_on_merge else merged
         self._quantized_base = quantized
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
+    def _unmerge(self) -> None:
         self.base = self._quantized_base
         self._quantized_base = None
-        self.merged = False
-
-    @classmethod
-    def report(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
-        first = next(iter(layers.values()))
-        return {"quantization": {**first.quant_args, **quantization_storage(model)}}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, quant_type={self.quant_args['quant_type']}"
+        return f"{super().extra_repr()}, quant_type={self.quant_args.get('quant_type', 'nf4')}"
+
+
+@register_variant("qlora")
+class QLoRA(LoRA):
+    """LoRA on a quantized model: every linear layer but the task head is quantized, the
+    targets inside ``QLoRALinear``. Settings: LoRA's, and the quantization's:
+
+        quant_type: ``nf4`` (the paper's), ``fp4``, or ``int8`` (LLM.int8, no blocksize).
+        double_quant: quantize the 4-bit blocks' absmax constants too (§3 Double Quantization).
+        blocksize: weights per 4-bit quantization block.
+        compute_dtype: dtype of the 4-bit matmul: ``auto`` (bf16 on a GPU with bf16, else fp32),
+            ``fp32``, ``bf16``, ``fp16``.
+        requantize_on_merge: see ``QLoRALinear``.
+    """
+
+    paper_optimizer = "paged_adamw_32bit"  # QLoRA §3, Paged Optimizers
+
+    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 lr_ratio: float | None = None, quant_type: str = "nf4", double_quant: bool = True,
+                 blocksize: int = 64, compute_dtype: str = "auto", requantize_on_merge: bool = False) -> None:
+        super().__init__(rank, alpha, dropout=dropout, init=init, lr_ratio=lr_ratio)
+        check_quant_args(quant_type, blocksize, compute_dtype)
+        for key, value in (("double_quant", double_quant), ("requantize_on_merge", requantize_on_merge)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"variant.{key}={value!r} must be true or false")
+        self.quant_args = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": blocksize,
+                           "compute_dtype": compute_dtype}
+        self.requantize_on_merge = requantize_on_merge
+
+    def new_layer(self, base: nn.Linear) -> QLoRALinear:
+        return QLoRALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init,
+                           quant_args=self.quant_args, requantize_on_merge=self.requantize_on_merge)
+
+    def prepare_model(self, model: nn.Module, targets: Sequence[str], exclude: Sequence[str]) -> None:
+        """Quantize every ``nn.Linear`` that is neither a target (the layers quantize their own
+        base), nor in ``exclude``, nor in the model's task head (``targets.task_head``: the new
+        head trains in full, so it must keep its precision)."""
+        quantize_model(model, skip=targets, keep=[*exclude, *task_head(model)], **self.quant_args)
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        return {"quantization": {**self.quant_args, **quantization_storage(model)}}
+
+
+def quantize_model(model: nn.Module, skip: Sequence[str] = (), keep: Sequence[str] = (), **quant_args: Any) -> None:
+    """Quantize every ``nn.Linear`` of ``model`` in place, except the modules named in ``skip``
+    and those in or inside ``keep``."""
+    skip = set(skip)
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name in skip or within(name, keep):
+            continue
+        replace_module(model, name, quantize_linear(module, **quant_args))

@@ -12,21 +12,20 @@ warm-up/decay multiplier of the schedule runs on unbroken over the whole run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, register_variant
-from .lora import LoRALinear
+from .base import ConfigError, layers_of, register_variant
+from .lora import LoRA
 
 
 @register_variant("staged")
-class StagedLoRALinear(LoRALinear):
-    """LoRA (A, B, dropout, init as in ``LoRALinear``) that stays off until the switch step.
+class Staged(LoRA):
+    """LoRA layers (A, B, dropout, init as in ``LoRALinear``) that stay off until the switch step.
 
-    Extra args:
+    Extra settings:
         full_fraction: the fraction of training steps that fine-tune every weight (0.1–0.3
             is the useful range).
         full_lr: peak learning rate of the full phase; None uses the configured one for both.
@@ -40,95 +39,72 @@ class StagedLoRALinear(LoRALinear):
         ),
     }
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        init: str = "kaiming",
-        full_fraction: float = 0.2,
-        full_lr: float | None = None,
-    ) -> None:
-        super().__init__(base, rank, alpha, dropout=dropout, init=init)
+    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 lr_ratio: float | None = None, full_fraction: float = 0.2, full_lr: float | None = None) -> None:
+        super().__init__(rank, alpha, dropout=dropout, init=init, lr_ratio=lr_ratio)
         if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or not 0 < full_fraction < 1:
             raise ConfigError(f"variant.full_fraction={full_fraction!r} must be in (0, 1)")
         if full_lr is not None and (isinstance(full_lr, bool) or not isinstance(full_lr, (int, float)) or full_lr <= 0):
             raise ConfigError(f"variant.full_lr={full_lr!r} must be a number > 0 or null")
         self.full_fraction = full_fraction
         self.full_lr = full_lr
-        self.full_phase = False  # set by on_train_begin; a loaded or fresh layer is plain LoRA
+        self.full_phase = False  # set by on_train_begin; a loaded or fresh model is plain LoRA
         self.switch_step: int | None = None
         self.lora_phase_trainable: list[str] = []  # parameter names that train after the switch
+
+    def switch_step_for(self, total_steps: int) -> int:
+        return round(self.full_fraction * total_steps)
+
+    def check_total_steps(self, total_steps: int) -> None:
+        switch = self.switch_step_for(total_steps)
+        if not 1 <= switch < total_steps:
+            raise ConfigError(
+                f"variant.full_fraction={self.full_fraction} of {total_steps} steps gives a switch at step "
+                f"{switch}; it must leave at least one step in each phase"
+            )
+
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        """Remember what trains after the switch (as ``mark_trainable`` chose), then let every
+        weight but the adapters' train, with the adapters off."""
+        layers = layers_of(model).values()
+        adapter_params = {id(p) for layer in layers for p in layer.adapter_parameters()}
+        self.lora_phase_trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.switch_step = self.switch_step_for(total_steps)
+        self._set_phase(model, full=True)
+        for p in model.parameters():
+            p.requires_grad_(id(p) not in adapter_params)
+
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        if step != self.switch_step:
+            return {}
+        keep = set(self.lora_phase_trainable)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in keep)
+        self._set_phase(model, full=False)
+        return {"staged/switch_step": float(step)}
+
+    def _set_phase(self, model: nn.Module, full: bool) -> None:
+        """In the full phase every adapter layer is its base layer (B = 0 still, so the LoRA
+        path would add exactly nothing; skipping it saves its cost)."""
+        self.full_phase = full
+        for layer in layers_of(model).values():
+            layer.active = not full
+
+    def learning_rate(self, lr: float) -> float:
+        return self.full_lr if self.full_phase and self.full_lr is not None else lr
 
     def training_state(self) -> dict[str, Any]:
         return {"full_phase": self.full_phase, "switch_step": self.switch_step,
                 "lora_phase_trainable": list(self.lora_phase_trainable)}
 
-    def load_training_state(self, state: dict[str, Any]) -> None:
-        self.full_phase = state["full_phase"]
+    def load_training_state(self, model: nn.Module, state: dict[str, Any]) -> None:
         self.switch_step = state["switch_step"]
         self.lora_phase_trainable = list(state["lora_phase_trainable"])
+        self._set_phase(model, full=state["full_phase"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.full_phase:  # B = 0 still, so the LoRA path would add exactly nothing
-            return self.base(x)
-        return super().forward(x)
-
-    @staticmethod
-    def switch_step_for(full_fraction: float, total_steps: int) -> int:
-        return round(full_fraction * total_steps)
-
-    @classmethod
-    def check_total_steps(cls, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
-        first = next(iter(layers.values()))
-        switch = cls.switch_step_for(first.full_fraction, total_steps)
-        if not 1 <= switch < total_steps:
-            raise ConfigError(
-                f"variant.full_fraction={first.full_fraction} of {total_steps} steps gives a switch at step "
-                f"{switch}; it must leave at least one step in each phase"
-            )
-
-    @classmethod
-    def on_train_begin(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
-        """Remember what trains after the switch (as ``mark_trainable`` chose), then let every
-        weight but the adapters' train."""
-        adapter_params = {id(p) for layer in layers.values() for p in layer.adapter_parameters()}
-        lora_trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        switch = cls.switch_step_for(next(iter(layers.values())).full_fraction, total_steps)
-        for layer in layers.values():
-            layer.full_phase, layer.switch_step, layer.lora_phase_trainable = True, switch, lora_trainable
-        for p in model.parameters():
-            p.requires_grad_(id(p) not in adapter_params)
-
-    @classmethod
-    def after_optimizer_step(
-        cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int, total_steps: int
-    ) -> dict[str, float]:
-        first = next(iter(layers.values()))
-        if step != first.switch_step:
-            return {}
-        keep = set(first.lora_phase_trainable)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in keep)
-        for layer in layers.values():
-            layer.full_phase = False
-        return {"staged/switch_step": float(step)}
-
-    @classmethod
-    def learning_rate(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], lr: float) -> float:
-        first = next(iter(layers.values()))
-        return first.full_lr if first.full_phase and first.full_lr is not None else lr
-
-    @classmethod
-    def state_to_save(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, torch.Tensor]:
+    def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Every weight of the model: the full phase changed them all."""
         return dict(model.state_dict())
 
-    @classmethod
-    def report(cls, model: nn.Module, layers: Mapping[str, AdapterLayer]) -> dict[str, Any]:
-        first = next(iter(layers.values()))
-        return {"switch_step": first.switch_step, "full_fraction": first.full_fraction, "full_lr": first.full_lr}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, full_fraction={self.full_fraction}, full_phase={self.full_phase}"
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        return {"switch_step": self.switch_step, "full_fraction": self.full_fraction, "full_lr": self.full_lr}
