@@ -106,10 +106,11 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
                       after_step=lambda m, step: variants.after_optimizer_step(m, step, total_steps))
 
     def quantized_peft() -> nn.Module:
-        from variants.qlora import QLoRALinear
+        from variants.qlora import quantize_model
+        from variants.targets import task_head
 
         model = copy.deepcopy(base)
-        QLoRALinear.prepare_model(model, targets=[], exclude=[head])  # the same 4-bit base as ours
+        quantize_model(model, keep=[head, *task_head(model)])  # the same 4-bit base as ours
         return theirs(model, "lora", qv, r, p, total_steps)
 
     def full() -> Config:

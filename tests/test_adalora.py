@@ -73,12 +73,12 @@ def test_orthogonality_regulariser_both_forms(form, expected):
     variants.inject_adapters(model, "adalora", ["0"], rank=3, alpha=8, orth_reg_weight=0.0)
     assert variants.adapter_loss(model) is None
     with pytest.raises(ConfigError, match="variant.orth_reg_form='squared' is not supported; allowed: mean_norm"):
-        make_layer(orth_reg_form="squared")
+        adalora(orth_reg_form="squared")
 
 
 def test_sensitivity_importance_hand_checked():
     """Eq. 6–10 and the triplet score (Eq. 7) over two steps on a 2×2, rank-2 layer."""
-    layer = AdaLoRALinear(nn.Linear(2, 2, bias=False), rank=2, alpha=2, beta1=0.5, beta2=0.5)
+    layer = AdaLoRALinear(nn.Linear(2, 2, bias=False), rank=2, alpha=2)
     with torch.no_grad():
         layer.lora_P.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
         layer.lora_E.copy_(torch.tensor([1.0, -1.0]))
@@ -90,7 +90,7 @@ def test_sensitivity_importance_hand_checked():
     for g in grads:
         for name in ("P", "E", "Q"):
             getattr(layer, f"lora_{name}").grad = torch.tensor(g[name])
-        layer.update_importance()
+        layer.update_importance(beta1=0.5, beta2=0.5)
     # By hand, β = 0.5. I = |w·g|.  Step 1: Ī = I/2, Ū = |I − I/2|/2 = I/4.  Step 2: Ī' = Ī/2 + I'/2,
     # Ū' = Ū/2 + |I' − Ī'|/2.  s = Ī'·Ū'.
     # λ: I1 = [2, 1], I2 = [0, 1] → Ī' = [0.5, 0.75], Ū' = [0.25, 0.125] + [0.25, 0.125] = [0.5, 0.25]
@@ -101,16 +101,16 @@ def test_sensitivity_importance_hand_checked():
     # Q: I1 = [[1,0],[0,2]], I2 = [[0,0],[0,2]] → Ī' = [[0.25,0],[0,1.5]], Ū' = [[0.125,0],[0,0.25]]
     #     + [[0.125,0],[0,0.25]] = [[0.25,0],[0,0.5]]; s = [[0.0625,0],[0,0.75]]; row means = [0.03125, 0.375]
     expected = torch.tensor([0.25 + 0.9375 + 0.03125, 0.1875 + 0.625 + 0.375])
-    torch.testing.assert_close(layer.triplet_scores(), expected)
+    torch.testing.assert_close(layer.triplet_scores("sensitivity"), expected)
 
 
 def test_magnitude_importance():
-    layer = make_layer(importance="magnitude")
+    layer = make_layer()
     randomise(layer)
     expected = torch.stack([
         (layer.lora_E[i] * torch.outer(layer.lora_P[:, i], layer.lora_Q[i])).pow(2).sum() for i in range(4)
     ])
-    torch.testing.assert_close(layer.triplet_scores(), expected.detach())
+    torch.testing.assert_close(layer.triplet_scores("magnitude"), expected.detach())
 
 
 def test_budget_schedule_is_cubic():
@@ -122,26 +122,37 @@ def test_budget_schedule_is_cubic():
     assert all(a >= b for a, b in zip(budgets, budgets[1:]))
 
 
-def fake_training(layers: dict[str, AdaLoRALinear], total_steps: int, seed: int = 0) -> list[dict[str, float]]:
+def adalora(**settings) -> variants.AdaLoRA:
+    return variants.get_variant("adalora").create(rank=4, alpha=8, **settings)
+
+
+def adalora_model(layers: int, rank: int = 4, **settings) -> nn.Module:
+    """``layers`` linear layers, ``layer0``, ``layer1``…, under AdaLoRA."""
+    model = nn.ModuleDict({f"layer{i}": nn.Linear(12, 10) for i in range(layers)})
+    variants.inject_adapters(model, "adalora", [f"layer{i}" for i in range(layers)], rank=rank, alpha=8, **settings)
+    return model
+
+
+def fake_training(model: nn.Module, total_steps: int, seed: int = 0) -> list[dict[str, float]]:
     """Drive the hooks with random gradients and parameter noise standing in for optimizer steps."""
     gen = torch.Generator().manual_seed(seed)
-    AdaLoRALinear.check_total_steps(layers, total_steps)
-    AdaLoRALinear.on_train_begin(None, layers, total_steps)
+    variants.on_train_begin(model, total_steps)
     logs = []
     for step in range(1, total_steps + 1):
-        for i, layer in enumerate(layers.values()):
+        for i, layer in enumerate(variants.layers_of(model).values()):
             for p in layer.adapter_parameters():
                 with torch.no_grad():
                     p.add_(torch.randn(p.shape, generator=gen) * 0.1)
                 # Later layers get larger gradients, so they should win more of the budget.
                 p.grad = torch.randn(p.shape, generator=gen) * (1 + i)
-        logs.append(AdaLoRALinear.after_optimizer_step(None, layers, step, total_steps))
+        logs.append(variants.after_optimizer_step(model, step, total_steps))
     return logs
 
 
 def test_budget_reaches_target_globally_and_pruned_values_stay_zero():
-    layers = {f"layer{i}": make_layer(rank=6, target_rank=3, t_init=5, t_final=10, delta_t=5) for i in range(4)}
-    logs = fake_training(layers, total_steps=50)
+    model = adalora_model(4, rank=6, target_rank=3, t_init=5, t_final=10, delta_t=5)
+    layers = variants.layers_of(model)
+    logs = fake_training(model, total_steps=50)
     final = {name: layer.kept_rank for name, layer in layers.items()}
     assert sum(final.values()) == 12  # b(T) = 3 × 4 modules
     assert final["layer3"] > final["layer0"]  # allocated by importance, not uniformly
@@ -152,16 +163,15 @@ def test_budget_reaches_target_globally_and_pruned_values_stay_zero():
     assert budgets[0] < 24 and budgets[-1] == 12 and budgets == sorted(budgets, reverse=True)
     pruning_steps = [step for step, log in enumerate(logs, 1) if log]
     assert pruning_steps == [10, 15, 20, 25, 30, 35, 40]
-    report = AdaLoRALinear.report(None, layers)
+    report = variants.adapter_report(model)
     assert report["rank_allocation"] == final and report["total_rank"] == 12 and report["initial_total_rank"] == 24
     assert report["rank_trace"]["layer0"] == layers["layer0"].rank_history
 
 
 def test_schedule_longer_than_training_is_a_config_error():
-    layers = {"a": make_layer(t_init=30, t_final=30)}
     with pytest.raises(ConfigError, match=r"variant.t_init \+ variant.t_final = 30 \+ 30 steps exceeds the 50"):
-        AdaLoRALinear.check_total_steps(layers, 50)
-    fake_training({"a": make_layer(t_init=0.5, t_final=0.5)}, total_steps=10)  # fractions summing to 1 are fine
+        variants.check_total_steps(adalora_model(1, t_init=30, t_final=30), 50)
+    fake_training(adalora_model(1, t_init=0.5, t_final=0.5), total_steps=10)  # fractions summing to 1 are fine
 
 
 @pytest.mark.parametrize(
@@ -171,7 +181,7 @@ def test_schedule_longer_than_training_is_a_config_error():
 )
 def test_bad_knobs(kwargs, key):
     with pytest.raises(ConfigError, match=key):
-        make_layer(**kwargs)
+        adalora(**kwargs)
 
 
 def test_model_identity_save_load(minilm, batch, tmp_path):
@@ -181,7 +191,7 @@ def test_model_identity_save_load(minilm, batch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, base(**batch).logits, atol=0, rtol=0)
     layers = dict(variants.adapter_layers(model))
-    fake_training(layers, total_steps=20)
+    fake_training(model, total_steps=20)
     path = tmp_path / "adapter.safetensors"
     variants.save_adapter(model, path)
     fresh = copy.deepcopy(base)

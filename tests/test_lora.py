@@ -67,10 +67,16 @@ def test_init_options():
     assert kaiming.lora_A.abs().max() <= bound
     gaussian = make_lora(d_in=512, rank=16, init="gaussian")
     assert abs(gaussian.lora_A.std().item() - 1 / 16) < 0.005
-    with pytest.raises(ConfigError, match="variant.init"):
-        make_lora(init="orthogonal")
+    lora = variants.get_variant("lora")
+    with pytest.raises(ConfigError, match="variant.init='orthogonal' is not supported; allowed: kaiming, gaussian"):
+        lora.create(rank=4, alpha=8, init="orthogonal")
     with pytest.raises(ConfigError, match="variant.dropout"):
-        make_lora(dropout=1.0)
+        lora.create(rank=4, alpha=8, dropout=1.0)
+    with pytest.raises(ConfigError, match="variant.lr_ratio=0 must be a number > 0"):
+        lora.create(rank=4, alpha=8, lr_ratio=0)
+    with pytest.raises(ConfigError, match=r"variant.detach_norm is not a setting of variant='lora'; allowed: dropout, "
+                                          r"init, lr_ratio"):
+        lora.create(rank=4, alpha=8, detach_norm=True)
 
 
 def test_model_starts_identical_to_base(minilm, batch):

@@ -9,12 +9,12 @@ from torch import nn
 
 import variants
 from variants import ConfigError, QLoRALinear
-from variants.qlora import dequantized_weight, quantization_storage, quantize_linear
+from variants.qlora import dequantized_weight, quantization_storage, quantize_linear, quantize_model
 
 
 def quantized_minilm(model):
     """Every linear but the head quantized, as QLoRA's prepare_model does, with no adapters."""
-    QLoRALinear.prepare_model(model, targets=[], exclude=["classifier"])
+    quantize_model(model, keep=["classifier"])
     return model
 
 

@@ -2,7 +2,6 @@
 
 import copy
 import json
-from collections.abc import Mapping
 
 import pytest
 import torch
@@ -15,28 +14,27 @@ from training.data import make_loader
 from training.optim import SCHEDULERS
 from training.smoke_task import generate
 from helpers.loop import train_in_process
-from variants import AdapterLayer, ConfigError, StagedLoRALinear, register_variant
+from variants import ConfigError, register_variant
 
 
 @register_variant("test-recorded-staged")
-class RecordedStaged(StagedLoRALinear):
+class RecordedStaged(variants.Staged):
     """Staged LoRA that snapshots a base weight, the embeddings and the adapters after every step."""
 
-    snapshots: list[dict[str, torch.Tensor]] = []
+    def __init__(self, rank: int, alpha: float, **settings) -> None:
+        super().__init__(rank, alpha, **settings)
+        self.snapshots: list[dict[str, torch.Tensor]] = []
 
-    @classmethod
-    def after_optimizer_step(
-        cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int, total_steps: int
-    ) -> dict[str, float]:
-        first = next(iter(layers.values()))
-        cls.snapshots.append({
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        first = next(iter(variants.layers_of(model).values()))
+        self.snapshots.append({
             "W": first.base.weight.detach().clone(),
             "embeddings": model.bert.embeddings.word_embeddings.weight.detach().clone(),
             "A": first.lora_A.detach().clone(),
             "B": first.lora_B.detach().clone(),
             "head": model.classifier.weight.detach().clone(),
         })
-        return super().after_optimizer_step(model, layers, step, total_steps)
+        return super().after_optimizer_step(model, step, total_steps)
 
 
 def trainer_cfg(**overrides):
@@ -60,10 +58,9 @@ def run_staged(minilm, tmp_path, variant="test-recorded-staged", cfg=None, **kwa
 
 
 def test_phases_switch_at_the_right_step_and_train_the_right_weights(minilm, tmp_path):
-    RecordedStaged.snapshots = []
     initial = copy.deepcopy(minilm[0])
     model, _, records = run_staged(minilm, tmp_path)
-    snaps = RecordedStaged.snapshots
+    snaps = variants.variant_of(model).snapshots
     assert len(snaps) == 10
     w0 = initial.bert.encoder.layer[0].attention.self.query.weight
     before = [{"W": w0, "embeddings": initial.bert.embeddings.word_embeddings.weight,
@@ -128,10 +125,10 @@ def test_save_load_reproduces_the_final_model(minilm, batch, tmp_path):
 
 
 def test_bad_fractions():
+    staged = variants.get_variant("staged")
     with pytest.raises(ConfigError, match=r"variant.full_fraction=1.0 must be in \(0, 1\)"):
-        StagedLoRALinear(nn.Linear(4, 4), rank=2, alpha=2, full_fraction=1.0)
+        staged.create(rank=2, alpha=2, full_fraction=1.0)
     with pytest.raises(ConfigError, match="variant.full_lr=0 must be a number > 0"):
-        StagedLoRALinear(nn.Linear(4, 4), rank=2, alpha=2, full_lr=0)
-    layers = {"a": StagedLoRALinear(nn.Linear(4, 4), rank=2, alpha=2, full_fraction=0.02)}
+        staged.create(rank=2, alpha=2, full_lr=0)
     with pytest.raises(ConfigError, match="gives a switch at step 0"):
-        StagedLoRALinear.check_total_steps(layers, 10)
+        staged.create(rank=2, alpha=2, full_fraction=0.02).check_total_steps(10)

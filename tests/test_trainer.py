@@ -21,27 +21,43 @@ from variants import AdapterLayer, ConfigError, LoRALinear, register_variant
 
 
 @register_variant("test-hooked-lora")
-class HookedLoRA(LoRALinear):
-    """LoRA plus a penalty on ‖A‖² and a record of every hook call."""
+class HookedLoRA(variants.LoRA):
+    """LoRA plus a penalty on ‖A‖², B's gradient erased before every step, a data-driven
+    initialisation that only looks, and a record of every hook call."""
 
-    calls: list[tuple[int, int, int, bool]] = []
-    began: list[tuple[int, int]] = []
     penalty = 10.0
 
-    def extra_loss(self) -> torch.Tensor:
-        return self.penalty * self.lora_A.pow(2).sum()
+    def __init__(self, rank: int, alpha: float, **settings) -> None:
+        super().__init__(rank, alpha, **settings)
+        self.began: list[tuple[int, int]] = []
+        self.calls: list[tuple[int, int, int, bool]] = []
+        self.initialized: list[tuple[int, float]] = []
+        self.transformed = 0
 
-    @classmethod
-    def on_train_begin(cls, model: nn.Module, layers: Mapping[str, AdapterLayer], total_steps: int) -> None:
-        cls.began.append((len(layers), total_steps))
+    def initialize(self, model: nn.Module, data: variants.InitData) -> dict[str, float]:
+        for _ in range(3):  # forward passes in train mode: dropout draws random numbers
+            batch = next(data.batches)
+            self.initialized.append((len(batch["labels"]), float(data.loss(model, batch))))
+        return {"first_loss": self.initialized[0][1]}
 
-    @classmethod
-    def after_optimizer_step(
-        cls, model: nn.Module, layers: Mapping[str, AdapterLayer], step: int, total_steps: int
-    ) -> dict[str, float]:
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        self.began.append((len(variants.layers_of(model)), total_steps))
+
+    def adapter_loss(self, model: nn.Module) -> torch.Tensor:
+        return self.penalty * sum(layer.lora_A.pow(2).sum() for layer in variants.layers_of(model).values())
+
+    def transform_gradients(self, model: nn.Module, optimizer, lr: float) -> dict[str, float]:
+        for layer in variants.layers_of(model).values():
+            assert layer.lora_B.grad is not None  # after backward
+            layer.lora_B.grad.zero_()
+        self.transformed += 1
+        return {"hook/transformed": float(self.transformed)}
+
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> dict[str, float]:
+        layers = variants.layers_of(model)
         assert all(name.startswith("bert.encoder.layer.") for name in layers)
         has_grad = all(layer.lora_A.grad is not None for layer in layers.values())
-        cls.calls.append((len(layers), step, total_steps, has_grad))
+        self.calls.append((len(layers), step, total_steps, has_grad))
         return {"hook/last_step": float(step)}
 
 
@@ -51,25 +67,61 @@ TRAINER = OmegaConf.create({
 })
 
 
-def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
+def hooked_run(minilm, tmp_path, variant="test-hooked-lora"):
     model, tokenizer = minilm
-    variants.inject_adapters(model, "test-hooked-lora", ["query", "value"], rank=2, alpha=2)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    variants.inject_adapters(model, variant, ["query", "value"], rank=2, alpha=2, dropout=0.1)
     variants.mark_trainable(model, train_modules=["classifier"])
-    norm_before = sum(layer.lora_A.pow(2).sum().item() for _, layer in variants.adapter_layers(model))
     train_set, eval_set = generate(32, 16)
-    loader = make_loader(train_set, tokenizer, ["sentence"], 32, 8, shuffle=True)
+    loader = make_loader(train_set, tokenizer, ["sentence"], 32, 8, shuffle=True, seed=0)
     eval_loader = make_loader(eval_set, tokenizer, ["sentence"], 32, 16, shuffle=False)
-    result = train_in_process(model, loader, eval_loader, TRAINER, tmp_path)
+    return model, train_in_process(model, loader, eval_loader, TRAINER, tmp_path)
 
-    assert HookedLoRA.began == [(12, 6)]
-    assert HookedLoRA.calls == [(12, step, 6, True) for step in range(1, 7)]
+
+def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
+    model, result = hooked_run(minilm, tmp_path)
+    hooked = variants.variant_of(model)
+    assert hooked.began == [(12, 6)] and hooked.transformed == 6
+    assert hooked.calls == [(12, step, 6, True) for step in range(1, 7)]
+    assert [n for n, _ in hooked.initialized] == [8, 8, 8]
+    assert result.initialization == {"first_loss": hooked.initialized[0][1]}
     logged = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "hook/last_step" in line]
-    assert len(logged) == 2 and '"hook/last_step": 6.0' in logged[-1]
+    assert len(logged) == 2 and '"hook/last_step": 6.0' in logged[-1] and '"hook/transformed": 6.0' in logged[-1]
     assert all('"train/adapter_loss"' in line for line in logged)
-    # The penalty is part of the optimised loss: A shrinks though the task loss alone would not shrink it.
-    norm_after = sum(layer.lora_A.pow(2).sum().item() for _, layer in variants.adapter_layers(model))
-    assert norm_after < 0.9 * norm_before
+    # B's gradient was erased between backward and every step: B is still exactly zero.
+    assert all(torch.count_nonzero(layer.lora_B) == 0 for layer in variants.layers_of(model).values())
     assert result.step == 6 and set(result.eval_metrics) == {"loss", "accuracy"}
+
+
+def test_the_penalty_is_part_of_the_optimised_loss(minilm, tmp_path):
+    """With B held at zero the task loss gives A no gradient, so only the penalty moves A."""
+    norm = lambda m: sum(layer.lora_A.pow(2).sum().item() for layer in variants.layers_of(m).values())  # noqa: E731
+    torch.manual_seed(0)
+    before = copy.deepcopy(minilm[0])
+    variants.inject_adapters(before, "test-hooked-lora", ["query", "value"], rank=2, alpha=2, dropout=0.1)
+    model, _ = hooked_run(minilm, tmp_path)
+    assert norm(model) < 0.9 * norm(before)
+
+
+@register_variant("test-erasing-lora")
+class ErasingLoRA(variants.LoRA):
+    """HookedLoRA without its initialisation: same layers, same penalty, B's gradient erased."""
+
+    adapter_loss = HookedLoRA.adapter_loss
+    transform_gradients = HookedLoRA.transform_gradients
+    transformed = 0
+    penalty = HookedLoRA.penalty
+
+
+def test_a_data_driven_initialisation_leaves_the_runs_data_and_randomness_alone(minilm, tmp_path):
+    """HookedLoRA's initialisation draws 3 batches and their dropout masks; the training after it
+    must see the batches and masks that the same run without it sees, to the bit."""
+    base = copy.deepcopy(minilm[0])
+    hooked, _ = hooked_run(minilm, tmp_path / "hooked")
+    plain, _ = hooked_run((base, minilm[1]), tmp_path / "plain", variant="test-erasing-lora")
+    ours, theirs = hooked.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -113,9 +165,9 @@ def test_peak_memory_restarts_with_each_run():
 def decay_groups(model, on="matrices"):
     cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.1, "weight_decay_on": on, "scheduler": "linear",
                             "warmup_ratio": 0.0, "optimizer": "auto"})
-    decayed, kept = optim.build(cfg, model, 10, torch.device("cpu")).optimizer.param_groups
-    assert (decayed["weight_decay"], kept["weight_decay"]) == (0.1, 0.0)
-    return set(decayed["param_names"]), set(kept["param_names"])
+    groups = optim.build(cfg, model, 10, torch.device("cpu")).optimizer.param_groups
+    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1]
+    return tuple({n for g in groups if g["weight_decay"] == decay for n in g["param_names"]} for decay in (0.1, 0.0))
 
 
 @pytest.mark.parametrize("variant, kwargs, bias", [

@@ -9,7 +9,8 @@ A checkpoint (``checkpoint.pt`` in the run dir) holds, under named keys:
     step          the optimizer steps done (also inside train_state; read by tools that poll)
     train_state   TrainState.state_dict()
     model         the trained tensors (``variants.adapter_state_dict``), which parameters
-                  train, and each adapter layer's training state (AdaLoRA's importance averages)
+                  train, and the variant's and its layers' training state (staged training's
+                  phase, AdaLoRA's importance averages)
     optimizer     optimizer.state_dict()
     scheduler     scheduler.state_dict()
     rng           per process (rank order): torch CPU, the run's CUDA device, Python and NumPy
@@ -67,6 +68,7 @@ class TrainState:
     eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, main metrics)
     extra_eval_history: dict[str, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)  # same, per set
     train_time_s: float = 0.0  # up to the last checkpoint or the end
+    initialization: dict[str, Any] = field(default_factory=dict)  # what the variant's data-driven init reported
 
     @classmethod
     def start(cls, device: torch.device) -> TrainState:
@@ -116,7 +118,7 @@ class TrainState:
             "eval_history": [[step, metrics] for step, metrics in self.eval_history],
             "extra_eval_history": {name: [[step, metrics] for step, metrics in history]
                                    for name, history in self.extra_eval_history.items()},
-            "train_time_s": self.train_time_s,
+            "train_time_s": self.train_time_s, "initialization": self.initialization,
         }
 
     @classmethod
@@ -131,7 +133,7 @@ class TrainState:
             eval_history=[(step, metrics) for step, metrics in saved["eval_history"]],
             extra_eval_history={name: [(step, metrics) for step, metrics in history]
                                 for name, history in saved["extra_eval_history"].items()},
-            train_time_s=saved["train_time_s"],
+            train_time_s=saved["train_time_s"], initialization=saved["initialization"],
         )
 
 
@@ -152,7 +154,7 @@ def save(path: Path, model: nn.Module, optimization: Any, state: TrainState, wan
 
 def check_format(saved: dict[str, Any], processes: int) -> None:
     """A checkpoint this version can continue, written by as many processes as resume it."""
-    if "train_state" not in saved:
+    if "train_state" not in saved or "training_state" not in saved["model"]:
         raise ConfigError("resume=true: this checkpoint.pt was written by an older version of the trainer and cannot "
                           "be continued; start the run again")
     if len(saved["rng"]) != processes:
@@ -198,7 +200,7 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     return {
         "tensors": variants.adapter_state_dict(model),
         "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
-        "layers": {name: layer.training_state() for name, layer in variants.adapter_layers(model)},
+        "training_state": variants.training_state(model),
     }
 
 
@@ -210,9 +212,7 @@ def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
     trainable = set(state["trainable"])
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
-    layers = dict(variants.adapter_layers(model))
-    for name, layer_state in state["layers"].items():
-        layers[name].load_training_state(layer_state)
+    variants.load_training_state(model, state["training_state"])
 
 
 def write(path: Path, checkpoint: dict[str, Any]) -> None:

@@ -246,6 +246,7 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
         "wandb_group": cfg.tracking.group or group,
         "adapter_report": variants.adapter_report(model),
+        "initialization": state.initialization,  # the variant's data-driven init, if any (LoRA-GA, EVA)
         "init_from": cfg.get("init_from"),
     }
     summary["val_fraction"] = cfg.task.get("val_fraction")

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +54,8 @@ class Optimization:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        """The rate now (peak × schedule), without a group's own factor."""
+        return self.scheduler.get_last_lr()[0] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
 
     def covers(self, model: nn.Module) -> bool:
         """Whether the parameters that train now are still exactly this optimizer's."""
@@ -70,12 +71,14 @@ def build(cfg, model: nn.Module, total_steps: int, device: torch.device, done_st
     fp32_masters([p for _, p in named])
     lr = variants.learning_rate(model, cfg.lr)
     name = resolve_optimizer(cfg.get("optimizer", "auto"), model, device)
-    groups = param_groups(named, cfg.weight_decay, cfg.get("weight_decay_on", "matrices"))
+    groups = param_groups(named, cfg.weight_decay, cfg.get("weight_decay_on", "matrices"),
+                          lambda n, p: variants.learning_rate_scale(model, n, p))
     optimizer = make_optimizer(name, groups, lr)
     scheduler = continuous_schedule(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps,
                                     done_steps)
-    log.info("optimizer %s from step %d: %d tensors (%d with weight decay %g), peak lr %g", name, done_steps,
-             len(named), len(groups[0]["params"]), cfg.weight_decay, lr)
+    log.info("optimizer %s from step %d: %d tensors in %d groups (weight decay, rate factor: %s), peak lr %g", name,
+             done_steps, len(named), len(groups),
+             ", ".join(f"{g['weight_decay']:g}, {g['lr_scale']:g}: {len(g['params'])}" for g in groups), lr)
     return Optimization([p for _, p in named], optimizer, scheduler, lr, name)
 
 
@@ -89,19 +92,22 @@ def fp32_masters(params: Sequence[nn.Parameter]) -> None:
             p.data = p.data.float()
 
 
-def param_groups(named: Sequence[tuple[str, nn.Parameter]], weight_decay: float, on: str) -> list[dict]:
-    """Two AdamW groups: the tensors weight decay applies to, and the rest (``param_names`` kept in
-    each group for inspection). ``on="matrices"``: decay only tensors with two or more
-    dimensions; ``on="all"``: every trainable tensor."""
+def param_groups(named: Sequence[tuple[str, nn.Parameter]], weight_decay: float, on: str,
+                 lr_scale: Callable[[str, nn.Parameter], float] = lambda name, p: 1.0) -> list[dict]:
+    """AdamW groups: one per (weight decay, rate factor) pair that occurs, ``param_names`` kept in
+    each group for inspection; a group's ``lr`` is the peak rate times its factor (``lr_scale``:
+    the variant's, e.g. LoRA+'s λ for B), and the schedule scales every group alike.
+    ``on="matrices"``: decay only tensors with two or more dimensions; ``on="all"``: every
+    trainable tensor."""
     if on not in WEIGHT_DECAY_ON:
         raise ConfigError(f"trainer.weight_decay_on={on!r} is not supported; allowed: {', '.join(WEIGHT_DECAY_ON)}")
-    decayed = [(n, p) for n, p in named if on == "all" or p.ndim >= 2]
-    decayed_ids = {id(p) for _, p in decayed}
-    kept = [(n, p) for n, p in named if id(p) not in decayed_ids]
-    return [
-        {"params": [p for _, p in decayed], "param_names": [n for n, _ in decayed], "weight_decay": weight_decay},
-        {"params": [p for _, p in kept], "param_names": [n for n, _ in kept], "weight_decay": 0.0},
-    ]
+    groups: dict[tuple[float, float], dict] = {}
+    for n, p in named:
+        decay = weight_decay if on == "all" or p.ndim >= 2 else 0.0
+        group = groups.setdefault((decay, float(lr_scale(n, p))), {"params": [], "param_names": []})
+        group["params"].append(p)
+        group["param_names"].append(n)
+    return [{**group, "weight_decay": decay, "lr_scale": scale} for (decay, scale), group in groups.items()]
 
 
 def resolve_optimizer(name: str, model: nn.Module, device: torch.device) -> str:
@@ -120,7 +126,9 @@ def resolve_optimizer(name: str, model: nn.Module, device: torch.device) -> str:
 
 def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' paged AdamW (32-bit or 8-bit states): paging moves optimizer
-    state to CPU memory under GPU memory pressure (QLoRA §3)."""
+    state to CPU memory under GPU memory pressure (QLoRA §3). Each group trains at ``lr``
+    times its ``lr_scale``."""
+    groups = [{**group, "lr": lr * group.get("lr_scale", 1.0)} for group in groups]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     import bitsandbytes as bnb

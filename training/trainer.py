@@ -1,6 +1,8 @@
 """The training loop. Variant-specific behaviour reaches it only through the model-wide hooks
-(``variants.on_train_begin``, ``variants.adapter_loss``, ``variants.after_optimizer_step`` and,
-through the optimizer, ``variants.learning_rate``); the loop never asks which variant it runs.
+(``variants.initialize``, ``variants.on_train_begin``, ``variants.adapter_loss``,
+``variants.transform_gradients``, ``variants.after_optimizer_step`` and, through the optimizer,
+``variants.learning_rate`` and ``variants.learning_rate_scale``); the loop never asks which
+variant it runs.
 
 Under ``torchrun`` the loop calls the data-parallel wrapper (``model``), which averages the
 gradients in backward; ``raw_model`` is the unwrapped module, for the hooks, evaluation and
@@ -118,6 +120,7 @@ def train(
     checkpoint is written every ``cfg.checkpoint_every`` steps; ``resume`` (a loaded checkpoint)
     continues from it exactly. A non-finite loss raises ``NonFiniteLoss`` before its step."""
     raw_model = model
+    initialization = _initialize(raw_model, train_loader, runtime) if resume is None else None
     variants.on_train_begin(raw_model, plan.steps)
     if cfg.get("gradient_checkpointing"):
         raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -127,6 +130,7 @@ def train(
 
     if resume is None:
         state, opt = TrainState.start(runtime.device), new_optimization(0)
+        state.initialization = initialization
         state.begin_phase(opt.peak_lr, opt.optimizer_name)
     else:
         state, opt = checkpoint.restore(resume, raw_model, new_optimization, runtime.device, runtime.context.rank)
@@ -139,6 +143,7 @@ def train(
         for batch in _batches(train_loader, state.data):
             started = time.perf_counter()
             loss, adapter_loss = _forward_backward(model, raw_model, runtime.to_device(batch), runtime, state.step)
+            state.pending.update(variants.transform_gradients(raw_model, opt.optimizer, opt.lr))  # averaged grads
             opt.step(cfg.grad_clip)
             state.step += 1
             state.pending.update(variants.after_optimizer_step(raw_model, state.step, plan.steps))  # grads still live
@@ -170,6 +175,25 @@ def train(
         progress.close()  # before any error message, which must be the last line
     state.train_time_s = time.perf_counter() - clock
     return state
+
+
+def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime) -> dict[str, Any]:
+    """The variant's data-driven initialisation (``variants.initialize``) on training batches,
+    drawn without disturbing the run: the shuffling and the random streams are as they were, so
+    a run whose variant initialises from data sees the same batches and dropout masks as one
+    whose variant does not."""
+    shuffling = train_loader.generator.get_state()
+
+    def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with runtime.autocast():
+            return model(**batch).loss
+
+    batches = (runtime.to_device(batch) for batch in _batches(train_loader, DataPosition()))
+    data = variants.InitData(batches, task_loss, lambda t: distributed.mean_over_ranks(t, runtime.context))
+    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+        report = variants.initialize(raw_model, data)
+    train_loader.generator.set_state(shuffling)
+    return report
 
 
 def _batches(loader: DataLoader, position: DataPosition) -> Iterator[dict[str, torch.Tensor]]:

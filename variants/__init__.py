@@ -5,7 +5,8 @@
     # or a baseline, which selects what trains: variants.inject_adapters(model, "bitfit")
     variants.mark_trainable(model, train_modules=["classifier"])
     variants.on_train_begin(model, total_steps)
-    ...  # your loop: loss = task_loss + (variants.adapter_loss(model) or 0)
+    ...  # your loop: loss = task_loss + (variants.adapter_loss(model) or 0); loss.backward()
+    ...  #            variants.transform_gradients(model, optimizer, lr)
     ...  #            optimizer.step(); variants.after_optimizer_step(model, step, total_steps)
     variants.save_adapter(model, "adapter.safetensors")   # what trained, and how to rebuild it
 """
@@ -14,21 +15,25 @@ from . import adalora, bitfit, dora, full, head, lora, qlora, staged  # noqa: F4
 from .base import (
     VARIANTS,
     AdapterLayer,
+    AdapterVariant,
     ConfigError,
+    InitData,
     ParameterSubset,
     Variant,
     adapter_config,
     get_variant,
+    layers_of,
     register_variant,
+    variant_of,
 )
-from .adalora import AdaLoRALinear
+from .adalora import AdaLoRA, AdaLoRALinear
 from .bitfit import BitFit
-from .dora import DoRALinear
+from .dora import DoRA, DoRALinear
 from .full import FullFineTuning
 from .head import HeadOnly
-from .lora import LoRALinear
-from .qlora import QLoRALinear
-from .staged import StagedLoRALinear
+from .lora import LoRA, LoRALinear
+from .qlora import QLoRA, QLoRALinear
+from .staged import Staged
 from .targets import ALL_LINEAR, find_target_modules
 from .model import (
     BIAS_MODES,
@@ -41,9 +46,12 @@ from .model import (
     count_parameters,
     count_trainable_in,
     init_adapters_from,
+    initialize,
     inject_adapters,
     learning_rate,
+    learning_rate_scale,
     load_adapter,
+    load_training_state,
     mark_trainable,
     merge_adapters,
     merge_and_unwrap,
@@ -51,24 +59,19 @@ from .model import (
     preferred_optimizer,
     read_adapter_config,
     save_adapter,
+    training_state,
+    transform_gradients,
     unmerge_adapters,
 )
 
 __all__ = [
-    "ALL_LINEAR",
-    "BIAS_MODES",
-    "VARIANTS",
-    "AdaLoRALinear",
     "AdapterLayer",
-    "BitFit",
+    "AdapterVariant",
+    "BIAS_MODES",
     "ConfigError",
-    "DoRALinear",
-    "FullFineTuning",
-    "HeadOnly",
-    "LoRALinear",
+    "InitData",
     "ParameterSubset",
-    "QLoRALinear",
-    "StagedLoRALinear",
+    "VARIANTS",
     "Variant",
     "adapter_config",
     "adapter_layers",
@@ -79,12 +82,15 @@ __all__ = [
     "check_total_steps",
     "count_parameters",
     "count_trainable_in",
-    "find_target_modules",
     "get_variant",
     "init_adapters_from",
+    "initialize",
     "inject_adapters",
+    "layers_of",
     "learning_rate",
+    "learning_rate_scale",
     "load_adapter",
+    "load_training_state",
     "mark_trainable",
     "merge_adapters",
     "merge_and_unwrap",
@@ -93,5 +99,8 @@ __all__ = [
     "read_adapter_config",
     "register_variant",
     "save_adapter",
+    "training_state",
+    "transform_gradients",
     "unmerge_adapters",
+    "variant_of",
 ]

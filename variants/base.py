@@ -111,9 +111,14 @@ class Variant:
     @classmethod
     def setting_names(cls) -> list[str]:
         """The keyword settings of ``__init__`` (``rank`` and ``alpha`` are the run's own)."""
-        parameters = inspect.signature(cls.__init__).parameters.values()
-        return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY or
-                (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "rank", "alpha"))]
+        names: list[str] = []
+        for klass in cls.__mro__:  # an __init__ that passes **settings on takes its parent's too
+            parameters = inspect.signature(klass.__init__).parameters.values()
+            names += [p.name for p in parameters if p.name not in names and p.name not in ("self", "rank", "alpha")
+                      and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters) or klass is Variant:
+                return names
+        return names
 
     def config(self) -> dict[str, Any]:
         """What rebuilds this variant on a fresh model: saved as an adapter file's metadata."""

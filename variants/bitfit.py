@@ -20,8 +20,7 @@ from .targets import Targets, matches, show
 class BitFit(ParameterSubset):
     """The bias of every module, or of the modules ``targets`` names (None: all)."""
 
-    @classmethod
-    def select(cls, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:
+    def select(self, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:
         biases = {name: p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
         if targets is None:
             return list(biases.values())

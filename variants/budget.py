@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import AdapterLayer, ConfigError, get_variant
+from .base import AdapterVariant, ConfigError, get_variant
 from .targets import Targets, find_target_modules
 
 
@@ -35,7 +35,7 @@ def rank_for_budget(model: nn.Module, variant: str, targets: Targets, budget: An
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise ConfigError(f"budget={budget!r} must be null or a positive integer (trainable parameters without the head)")
     cls = get_variant(variant)
-    if not issubclass(cls, AdapterLayer):
+    if not issubclass(cls, AdapterVariant):
         return None
     modules = dict(model.named_modules())
     shapes = [(modules[n].in_features, modules[n].out_features) for n in find_target_modules(model, targets, exclude)]

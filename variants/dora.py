@@ -12,6 +12,8 @@ not flow through the norm, which saves the memory of its graph at a small cost i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,9 +124,8 @@ class DoRA(LoRA):
         ),
     }
 
-    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 lr_ratio: float | None = None, detach_norm: bool = True) -> None:
-        super().__init__(rank, alpha, dropout=dropout, init=init, lr_ratio=lr_ratio)
+    def __init__(self, rank: int, alpha: float, detach_norm: bool = True, **lora_settings: Any) -> None:
+        super().__init__(rank, alpha, **lora_settings)
         if not isinstance(detach_norm, bool):
             raise ConfigError(f"variant.detach_norm={detach_norm!r} must be true or false")
         self.detach_norm = detach_norm

@@ -18,11 +18,13 @@ from .targets import Targets
 class FullFineTuning(ParameterSubset):
     """Every parameter of the model, optionally without the embedding tables."""
 
-    @classmethod
-    def select(cls, model: nn.Module, targets: Targets | None, train_embeddings: bool = True) -> list[nn.Parameter]:
+    def __init__(self, train_embeddings: bool = True) -> None:
         if not isinstance(train_embeddings, bool):
             raise ConfigError(f"variant.train_embeddings={train_embeddings!r} must be true or false")
+        self.train_embeddings = train_embeddings
+
+    def select(self, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:
         frozen = set()
-        if not train_embeddings:
+        if not self.train_embeddings:
             frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
         return [p for p in model.parameters() if id(p) not in frozen]

@@ -14,8 +14,7 @@ from .targets import Targets, modules_named, show
 class HeadOnly(ParameterSubset):
     """Every parameter of the modules ``targets`` names (the task head, e.g. ``[classifier]``)."""
 
-    @classmethod
-    def select(cls, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:
+    def select(self, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:
         if not targets:
             raise ConfigError("variant=head needs variant.targets, the head's module names (e.g. [classifier])")
         if isinstance(targets, str):

@@ -6,8 +6,12 @@ A: ``(r, d_in)``, random; B: ``(d_out, r)``, zero, so ΔW = (α/r)·B·A = 0 at 
 wrapped model is exactly the base model.
 
 LoRA+ (Hayou, Ghosh and Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): with
-``lr_ratio`` = λ, B trains at λ times A's rate, η_B = λ·η_A (§3, Eq. 5; λ = 16 is the paper's
-default, ``2^4`` in its notation). A knob of every variant of the LoRA family.
+``lr_ratio`` = λ, B trains at λ times A's rate, η_B = λ·η_A (§4, "set η_B = λη_A with λ ≫ 1";
+the paper's guidance is λ = 2⁴ = 16). A knob of every variant of the LoRA family. The paper's
+own code (``loraplus.py``, which peft's ``create_loraplus_optimizer`` follows) also gives every
+other trainable vector the B rate: biases, LayerNorm shifts, DoRA's magnitude, the head's bias;
+matrices (A, the head's weight) keep η. That is the default (``lr_ratio_on="b_and_vectors"``);
+``"b_only"`` scales B alone, as the paper's text reads.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from .base import AdapterLayer, AdapterVariant, ConfigError, adapter_dtype, register_variant
 
 A_INITS = ("kaiming", "gaussian")
+LR_RATIO_ON = ("b_and_vectors", "b_only")
 
 
 class LoRALinear(AdapterLayer):
@@ -86,10 +91,10 @@ class LoRA(AdapterVariant):
     """LoRA on the targeted layers: ``LoRALinear`` each, and LoRA+'s rate ratio.
 
     Settings: ``dropout`` and ``init`` (as ``LoRALinear``); ``lr_ratio``: λ of LoRA+, B's rate
-    over A's (None: one rate, plain LoRA)."""
+    over A's (None: one rate, plain LoRA); ``lr_ratio_on``: what else takes λ (see above)."""
 
     def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 lr_ratio: float | None = None) -> None:
+                 lr_ratio: float | None = None, lr_ratio_on: str = "b_and_vectors") -> None:
         super().__init__(rank, alpha)
         if init not in A_INITS:
             raise ConfigError(f"variant.init={init!r} is not supported; allowed: {', '.join(A_INITS)}")
@@ -98,14 +103,19 @@ class LoRA(AdapterVariant):
         if lr_ratio is not None and (isinstance(lr_ratio, bool) or not isinstance(lr_ratio, (int, float))
                                      or lr_ratio <= 0):
             raise ConfigError(f"variant.lr_ratio={lr_ratio!r} must be a number > 0 (LoRA+: 16) or null")
-        self.dropout, self.init, self.lr_ratio = dropout, init, lr_ratio
+        if lr_ratio_on not in LR_RATIO_ON:
+            raise ConfigError(f"variant.lr_ratio_on={lr_ratio_on!r} is not supported; allowed: {', '.join(LR_RATIO_ON)}")
+        self.dropout, self.init, self.lr_ratio, self.lr_ratio_on = dropout, init, lr_ratio, lr_ratio_on
 
     def new_layer(self, base: nn.Linear) -> LoRALinear:
         return LoRALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init)
 
     def learning_rate_scale(self, name: str, parameter: nn.Parameter) -> float:
-        """LoRA+: η_B = λ·η_A; every other parameter (A, the head, DoRA's m) keeps the rate."""
-        return self.lr_ratio if self.lr_ratio is not None and name.endswith(".lora_B") else 1.0
+        """LoRA+: λ for B (and, by default, for every trainable vector); 1 for the rest."""
+        if self.lr_ratio is None:
+            return 1.0
+        vector = self.lr_ratio_on == "b_and_vectors" and parameter.ndim == 1
+        return self.lr_ratio if name.endswith(".lora_B") or vector else 1.0
 
     @classmethod
     def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

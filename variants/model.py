@@ -15,7 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import VARIANT_ATTRIBUTE, AdapterLayer, ConfigError, InitData, adapter_config, get_variant, variant_of
+from .base import (VARIANT_ATTRIBUTE, AdapterLayer, ConfigError, InitData, adapter_config, get_variant, layers_of,
+                   variant_of)
 from .targets import Targets, modules_named, replace_module
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -48,9 +49,8 @@ def inject_adapters(
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer):
-            yield name, module
+    """(name, layer) for every adapter layer in ``model``."""
+    yield from layers_of(model).items()
 
 
 def mark_trainable(model: nn.Module, bias: str = "none", train_modules: Sequence[str] = ()) -> None:

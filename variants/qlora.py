@@ -201,10 +201,10 @@ class QLoRA(LoRA):
 
     paper_optimizer = "paged_adamw_32bit"  # QLoRA §3, Paged Optimizers
 
-    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 lr_ratio: float | None = None, quant_type: str = "nf4", double_quant: bool = True,
-                 blocksize: int = 64, compute_dtype: str = "auto", requantize_on_merge: bool = False) -> None:
-        super().__init__(rank, alpha, dropout=dropout, init=init, lr_ratio=lr_ratio)
+    def __init__(self, rank: int, alpha: float, quant_type: str = "nf4", double_quant: bool = True,
+                 blocksize: int = 64, compute_dtype: str = "auto", requantize_on_merge: bool = False,
+                 **lora_settings: Any) -> None:
+        super().__init__(rank, alpha, **lora_settings)
         check_quant_args(quant_type, blocksize, compute_dtype)
         for key, value in (("double_quant", double_quant), ("requantize_on_merge", requantize_on_merge)):
             if not isinstance(value, bool):

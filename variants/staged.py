@@ -39,9 +39,9 @@ class Staged(LoRA):
         ),
     }
 
-    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 lr_ratio: float | None = None, full_fraction: float = 0.2, full_lr: float | None = None) -> None:
-        super().__init__(rank, alpha, dropout=dropout, init=init, lr_ratio=lr_ratio)
+    def __init__(self, rank: int, alpha: float, full_fraction: float = 0.2, full_lr: float | None = None,
+                 **lora_settings: Any) -> None:
+        super().__init__(rank, alpha, **lora_settings)
         if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or not 0 < full_fraction < 1:
             raise ConfigError(f"variant.full_fraction={full_fraction!r} must be in (0, 1)")
         if full_lr is not None and (isinstance(full_lr, bool) or not isinstance(full_lr, (int, float)) or full_lr <= 0):
