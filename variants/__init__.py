@@ -11,7 +11,7 @@
     variants.save_adapter(model, "adapter.safetensors")   # what trained, and how to rebuild it
 """
 
-from . import adalora, bitfit, dora, full, head, lora, qlora, staged  # noqa: F401  (importing a variant registers it)
+from . import adalora, bitfit, dora, full, head, lora, lora_ga, qlora, staged  # noqa: F401  (importing a variant registers it)
 from .base import (
     VARIANTS,
     AdapterLayer,
@@ -32,6 +32,7 @@ from .dora import DoRA, DoRALinear
 from .full import FullFineTuning
 from .head import HeadOnly
 from .lora import LoRA, LoRALinear
+from .lora_ga import LoRAGA, LoRAGALinear
 from .qlora import QLoRA, QLoRALinear
 from .staged import Staged
 from .targets import ALL_LINEAR, find_target_modules

@@ -1,0 +1,196 @@
+"""LoRA-GA: Wang, Yu and Li 2024, "LoRA-GA: Low Rank Adaptation with Gradient Approximation".
+
+LoRA's first step moves W by s·(ΔB·A + B·ΔA) = −η·s²·(B·Bᵀ·G + G·Aᵀ·A) for a gradient G = ∂L/∂W
+(s = α/r). LoRA-GA starts A and B so that this is the best rank-2r approximation of full
+fine-tuning's step −η·G (§3.2, Theorem 3.1). With G ≈ U·S·Vᵀ estimated on a few training
+batches before training:
+
+    A₀ = c·V[:, :r]ᵀ,   B₀ = c·U[:, r:2r],   c = d_out^{1/4} / √γ                (Algorithm 1, "ArB2r")
+
+so B₀·B₀ᵀ·G + G·A₀ᵀ·A₀ = c²·(the top 2r singular components of G); c is the "stable scale"
+(§3.3) that keeps the output's size independent of d_out and r. Since s·B₀·A₀ ≠ 0, the paper
+subtracts it from the frozen weight, W_init = W0 − s·B₀·A₀, so the wrapped model starts
+exactly as the base model.
+
+Here W0 is not changed: the layer keeps A₀ and B₀ as buffers and computes
+
+    h = W0·x + s·B·A·x − s·B₀·A₀·x
+
+which is the paper's model term by term (W_init·x = W0·x − s·B₀·A₀·x). At the start the last two
+terms are the same computation on the same tensors, so they cancel exactly; a saved adapter (A,
+B, A₀, B₀) reproduces the trained model exactly on a fresh, unmodified base; a checkpoint
+resumes without repeating the initialisation. ΔW = s·(B·A − B₀·A₀).
+
+Numerics follow the authors' code (github.com/Outsider565/LoRA-GA, ``reinit_lora_modules``):
+the gradient is the mean over ``init_batches`` training batches; its SVD is randomized
+(``torch.svd_lowrank`` with q = min(4r, d), 4 iterations; ``svd="exact"`` for the full SVD), and
+the stable scale multiplies both factors. ``scale="peft_stable"`` is peft's reading of the same
+option (B = U·S on its columns times c, A unscaled), offered for comparison with peft's LoRA-GA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import ConfigError, InitData, layers_of, register_variant
+from .lora import LoRA, LoRALinear
+
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
+SCALES = ("stable", "unit", "gd", "peft_stable")
+SVDS = ("lowrank", "exact")
+
+
+class LoRAGALinear(LoRALinear):
+    """LoRA whose update is measured from a non-zero start (A₀, B₀): ``(d_out, r)``, ``(r, d_in)``
+    buffers, zero until ``start_from`` (then the layer is plain LoRA with a non-zero start)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming") -> None:
+        super().__init__(base, rank, alpha, dropout=dropout, init=init)
+        self.register_buffer("lora_A0", torch.zeros_like(self.lora_A, requires_grad=False))
+        self.register_buffer("lora_B0", torch.zeros_like(self.lora_B, requires_grad=False))
+
+    @torch.no_grad()
+    def start_from(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """A = A₀ = ``down`` ``(r, d_in)``, B = B₀ = ``up`` ``(d_out, r)``."""
+        for param, start, value in ((self.lora_A, self.lora_A0, down), (self.lora_B, self.lora_B0, up)):
+            param.copy_(value)
+            start.copy_(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged or not self.active:
+            return result
+        adapter_input = self.dropout(x).to(self.lora_A.dtype)
+        trained = (adapter_input @ self.lora_A.t()) @ self.lora_B.t()
+        start = (adapter_input @ self.lora_A0.t()) @ self.lora_B0.t()  # the same computation: 0 at the start
+        return result + ((trained - start) * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·(B·A − B₀·A₀): ``(d_out, d_in)``, the change from the pretrained W0."""
+        return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
+
+    def initial_weight(self) -> torch.Tensor:
+        """The paper's W_init = W0 − s·B₀·A₀ (fp32): what the base layer would hold in its code."""
+        return self.frozen_weight() - (self.lora_B0 @ self.lora_A0) * self.scaling
+
+
+def gradient_factors(grad: torch.Tensor, rank: int, scaling: float, direction: str = "ArB2r",
+                     scale: str = "stable", gamma: float = 16.0, svd: str = "lowrank",
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A₀ ``(r, d_in)``, B₀ ``(d_out, r)``) from a layer's weight gradient ``grad``
+    ``(d_out, d_in)``. ``svd="lowrank"`` draws its random projections from ``seed``, so every
+    process (and a rerun) gets the same factors."""
+    grad = grad.float()
+    if svd == "exact":
+        u, s, vh = torch.linalg.svd(grad, full_matrices=False)
+    else:
+        with torch.random.fork_rng(devices=[grad.device] if grad.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(grad, q=min(4 * rank, min(grad.shape)), niter=4)
+        vh = v.t()
+    a_index, b_index = {"ArB2r": (slice(0, rank), slice(rank, 2 * rank)),
+                        "A2rBr": (slice(rank, 2 * rank), slice(0, rank)),
+                        "ArBr": (slice(1, 2 * rank, 2), slice(0, 2 * rank, 2))}[direction]
+    down, up = vh[a_index], u[:, b_index]
+    stable = grad.shape[0] ** 0.25 / gamma ** 0.5  # d_out^{1/4} / √γ
+    if scale == "stable":
+        down, up = down * stable, up * stable
+    elif scale == "gd":
+        down, up = down / scaling, up / scaling
+    elif scale == "peft_stable":
+        up = up * s[b_index] * stable
+    return down.contiguous(), up.contiguous()
+
+
+@register_variant("lora_ga")
+class LoRAGA(LoRA):
+    """LoRA-GA on the targeted layers: ``LoRAGALinear`` each, started from the gradient.
+
+    Settings (besides LoRA's):
+        init_batches: training batches whose mean gradient is decomposed (the authors' code: 8).
+        direction: which singular vectors go to A and B: ``ArB2r`` (A the top r, B the next r:
+            the paper's), ``A2rBr`` (the reverse) or ``ArBr`` (alternating).
+        scale: ``stable`` (c = d_out^{1/4}/√γ on both factors, §3.3), ``unit`` (none), ``gd``
+            (both divided by s), ``peft_stable`` (peft's reading, see above).
+        stable_gamma: γ of the stable scale (the authors' default: 16).
+        svd: ``lowrank`` (randomized, as the authors' code) or ``exact``.
+    """
+
+    analysis_caveats = {
+        "subspace_overlap": (
+            "LoRA-GA's A and B start at the top singular vectors of the first gradients, so their subspaces "
+            "hold the initialisation as well as what training learned; the update is s*(B*A - B0*A0), of rank "
+            "up to 2r."
+        ),
+    }
+
+    def __init__(self, rank: int, alpha: float, init_batches: int = 8, direction: str = "ArB2r",
+                 scale: str = "stable", stable_gamma: float = 16.0, svd: str = "lowrank", **lora_settings: Any) -> None:
+        super().__init__(rank, alpha, **lora_settings)
+        if isinstance(init_batches, bool) or not isinstance(init_batches, int) or init_batches < 1:
+            raise ConfigError(f"variant.init_batches={init_batches!r} must be a positive integer")
+        for key, value, allowed in (("direction", direction, DIRECTIONS), ("scale", scale, SCALES),
+                                    ("svd", svd, SVDS)):
+            if value not in allowed:
+                raise ConfigError(f"variant.{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
+        if isinstance(stable_gamma, bool) or not isinstance(stable_gamma, (int, float)) or stable_gamma <= 0:
+            raise ConfigError(f"variant.stable_gamma={stable_gamma!r} must be a number > 0")
+        self.init_batches, self.direction, self.scale = init_batches, direction, scale
+        self.stable_gamma, self.svd = stable_gamma, svd
+
+    def new_layer(self, base: nn.Linear) -> LoRAGALinear:
+        return LoRAGALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init)
+
+    def prepare_model(self, model: nn.Module, targets: Sequence[str], exclude: Sequence[str]) -> None:
+        """Before anything changes: every target must have the 2r singular vectors A and B take."""
+        for name in targets:
+            smallest = min(model.get_submodule(name).weight.shape)
+            if 2 * self.rank > smallest:
+                raise ConfigError(f"rank={self.rank} needs 2r singular vectors, more than {name} has; "
+                                  f"allowed: rank <= {smallest // 2}")
+
+    def initialize(self, model: nn.Module, data: InitData) -> dict[str, Any]:
+        """Estimate each adapted layer's weight gradient on ``init_batches`` batches, then start
+        its A and B from it (Algorithm 1)."""
+        layers = layers_of(model)
+        grads = estimate_weight_gradients(model, layers, data, self.init_batches)
+        for index, (name, layer) in enumerate(layers.items()):
+            down, up = gradient_factors(grads[name], self.rank, layer.scaling, self.direction, self.scale,
+                                        self.stable_gamma, self.svd, seed=index)
+            layer.start_from(down, up)
+        return {"init_batches": self.init_batches,
+                "gradient_norm": {name: float(grad.norm()) for name, grad in grads.items()}}
+
+
+def estimate_weight_gradients(model: nn.Module, layers: Mapping[str, LoRALinear], data: InitData,
+                              batches: int) -> dict[str, torch.Tensor]:
+    """∂L/∂W0 of every adapted layer, the mean over ``batches`` training batches (and over the
+    processes of a data-parallel run), in train mode; no other gradient is kept, and every
+    ``requires_grad`` and ``.grad`` of the model is as it was afterwards."""
+    params = list(model.parameters())
+    saved = [(p.requires_grad, p.grad) for p in params]
+    was_training = model.training
+    weights = {name: layer.base.weight for name, layer in layers.items()}
+    sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for w in weights.values():
+            w.requires_grad_(True)
+        model.train()
+        for _ in range(batches):
+            data.loss(model, next(data.batches)).backward()
+            for name, w in weights.items():
+                sums[name] += w.grad.float()
+                w.grad = None
+    finally:
+        model.train(was_training)
+        for p, (requires_grad, grad) in zip(params, saved):
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+    return {name: data.mean_over_processes(total / batches) for name, total in sums.items()}
