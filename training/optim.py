@@ -43,9 +43,12 @@ class Optimization:
     peak_lr: float
     optimizer_name: str
 
-    def step(self, grad_clip: float | None) -> None:
+    def clip(self, grad_clip: float | None) -> None:
+        """Scale the gradients so that their global norm is at most ``grad_clip`` (None, 0: no clipping)."""
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+
+    def step(self) -> None:
         self.optimizer.step()
         self.scheduler.step()
 

@@ -143,8 +143,9 @@ def train(
         for batch in _batches(train_loader, state.data):
             started = time.perf_counter()
             loss, adapter_loss = _forward_backward(model, raw_model, runtime.to_device(batch), runtime, state.step)
-            state.pending.update(variants.transform_gradients(raw_model, opt.optimizer, opt.lr))  # averaged grads
-            opt.step(cfg.grad_clip)
+            opt.clip(cfg.grad_clip)  # the gradients as backward averaged them, clipped as usual, then the variant's
+            state.pending.update(variants.transform_gradients(raw_model, opt.optimizer, opt.lr))
+            opt.step()
             state.step += 1
             state.pending.update(variants.after_optimizer_step(raw_model, state.step, plan.steps))  # grads still live
             opt.zero_grad()

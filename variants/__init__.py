@@ -11,7 +11,7 @@
     variants.save_adapter(model, "adapter.safetensors")   # what trained, and how to rebuild it
 """
 
-from . import adalora, bitfit, dora, full, head, lora, lora_ga, qlora, staged  # noqa: F401  (importing a variant registers it)
+from . import adalora, bitfit, dora, full, head, lora, lora_ga, lora_pro, qlora, staged  # noqa: F401  (importing a variant registers it)
 from .base import (
     VARIANTS,
     AdapterLayer,
@@ -33,6 +33,7 @@ from .full import FullFineTuning
 from .head import HeadOnly
 from .lora import LoRA, LoRALinear
 from .lora_ga import LoRAGA, LoRAGALinear
+from .lora_pro import LoRAPro
 from .qlora import QLoRA, QLoRALinear
 from .staged import Staged
 from .targets import ALL_LINEAR, find_target_modules

@@ -181,8 +181,8 @@ class Variant:
         return None
 
     def transform_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> dict[str, float]:
-        """After backward (gradients averaged over processes), before clipping and the optimizer
-        step: rewrite the gradients of what trains. ``optimizer`` is the one about to step (its
+        """After backward and clipping (the gradients averaged over processes), before the
+        optimizer step: rewrite the gradients of what trains. ``optimizer`` is the one about to step (its
         state may be read, or rewritten where the method says so); ``lr`` its current rate.
         Returns metrics to log."""
         return {}
