@@ -50,6 +50,10 @@ VARIANT_SETTINGS = {
     # The switch (step 6) comes before the kill: the resumed run restores phase 2's optimizer, its
     # schedule from the switch, and the phase record.
     "staged_switched": ["variant=staged", "variant.full_fraction=0.2"],
+    # A data-driven start (not repeated on resume), a variant-owned AdamW state, LoRA+'s groups.
+    "lora_ga": ["variant=lora_ga", "variant.init_batches=2"],
+    "lora_pro": ["variant=lora_pro"],
+    "loraplus": ["variant=lora", "variant.lr_ratio=16"],
 }
 
 
@@ -61,17 +65,20 @@ def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     result = run_py(*RUN, *extra, f"hydra.run.dir={whole}")
     assert result.returncode == 0, result.stderr
     assert not (whole / "checkpoint.pt").exists()  # removed once the run completed
+    assert ("initialised from training data" in result.stdout) == (variant == "lora_ga")  # Hydra logs to stdout
 
     proc = start(*RUN, *extra, f"hydra.run.dir={broken}")
     killed_at = kill_after_checkpoint(proc, broken / "checkpoint.pt", min_step=10)
     assert not (broken / "summary.json").exists()
     result = run_py(f"resume={broken}")
     assert result.returncode == 0, result.stderr
+    assert "initialised from training data" not in result.stdout  # LoRA-GA's start came from the checkpoint
 
     expected = json.loads((whole / "summary.json").read_text())
     got = json.loads((broken / "summary.json").read_text())
     assert got["eval"] == expected["eval"]  # bit-identical on CPU
     assert got["adapter_report"] == expected["adapter_report"] and got["phases"] == expected["phases"]
+    assert got["initialization"] == expected["initialization"]
     assert records(broken) == records(whole)  # every loss, lr and eval record, rewritten after the kill
     assert killed_at >= 10
 

@@ -194,6 +194,8 @@ def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime
     with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
         report = variants.initialize(raw_model, data)
     train_loader.generator.set_state(shuffling)
+    if report:
+        log.info("initialised from training data: %s", {k: v for k, v in report.items() if not isinstance(v, dict)})
     return report
 
 
