@@ -114,22 +114,22 @@ class LoRAPro(LoRA):
 
     def _full_adamw_step(self, layers: dict[str, LoRALinear], optimizer: torch.optim.Optimizer,
                          lr: float) -> dict[str, float]:
-        """§2.4: AdamW on the equivalent gradient, projected back to A and B, which step here."""
-        group = next(g for g in optimizer.param_groups if any(p is next(iter(layers.values())).lora_A
-                                                              for p in g["params"]))
-        (beta1, beta2), eps, decay = group["betas"], group["eps"], group["weight_decay"]
+        """§2.4: AdamW on the equivalent gradient, projected back to A and B, which step here
+        (with the betas, eps and weight decay of the optimizer group that holds A)."""
         self.adam_step += 1
-        correction1, correction2 = 1 - beta1 ** self.adam_step, 1 - beta2 ** self.adam_step
         for name, layer in layers.items():
+            group = next(g for g in optimizer.param_groups if any(p is layer.lora_A for p in g["params"]))
+            (beta1, beta2), eps, decay = group["betas"], group["eps"], group["weight_decay"]
             a, b, s = layer.lora_A, layer.lora_B, layer.scaling
             g_a, g_b = projected_gradients(a, b, a.grad, b.grad, s, "zero")  # X cancels in g̃
             full = equivalent_gradient(a, b, g_a, g_b, s)
-            first, second = self.moments.setdefault(name, (
-                torch.zeros_like(full, dtype=MOMENT_DTYPES[self.moment_dtype]),
-                torch.zeros_like(full, dtype=MOMENT_DTYPES[self.moment_dtype])))
-            first.lerp_(full.to(first.dtype), 1 - beta1)
-            second.mul_(beta2).addcmul_(full.to(second.dtype), full.to(second.dtype), value=1 - beta2)
-            direction = (first.float() / correction1) / ((second.float() / correction2).sqrt() + eps)
+            dtype = MOMENT_DTYPES[self.moment_dtype]
+            exp_avg, exp_avg_sq = self.moments.setdefault(name, (torch.zeros_like(full, dtype=dtype),
+                                                                 torch.zeros_like(full, dtype=dtype)))
+            exp_avg.lerp_(full.to(dtype), 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(full.to(dtype), full.to(dtype), value=1 - beta2)
+            direction = ((exp_avg.float() / (1 - beta1 ** self.adam_step))
+                         / ((exp_avg_sq.float() / (1 - beta2 ** self.adam_step)).sqrt() + eps))
             step_a, step_b = projected_gradients(a, b, s * b.float().t() @ direction, s * direction @ a.float().t(),
                                                  s, self.x_mode)
             if decay:
