@@ -35,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import variants  # noqa: E402
 from analysis.collect_runs import caveats  # noqa: E402
@@ -71,10 +72,11 @@ def module_stats(weight: torch.Tensor, delta: torch.Tensor, rank: int, generator
     }
 
 
-def effective_rank(layer: variants.AdapterLayer) -> int:
-    """Rows of the layer's down factor (``low_rank_factors``): r, or what AdaLoRA's pruning kept."""
+def effective_rank(model: nn.Module, layer: variants.AdapterLayer) -> int:
+    """Rows of the layer's down factor (the model's variant's ``low_rank_factors``): r, or what
+    AdaLoRA's pruning kept."""
     own = {name: tensor for name, tensor in layer.state_dict().items() if not name.startswith("base.")}
-    return layer.low_rank_factors(own)[0].shape[0]
+    return variants.variant_of(model).low_rank_factors(own)[0].shape[0]
 
 
 def load_run(run_dir: Path):
@@ -111,7 +113,7 @@ def analyse(run_dirs: list[Path], modules: str | None = None, seed: int = 0) -> 
             for name, layer in variants.adapter_layers(model):
                 if modules and not re.search(modules, name):
                     continue
-                rank = effective_rank(layer)
+                rank = effective_rank(model, layer)
                 stats = module_stats(layer.frozen_weight(), layer.delta_weight().float(), rank, generator)
                 rows.append({"run": run_dir.name, "module": name, "rank": rank, **stats})
     return rows
