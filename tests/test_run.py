@@ -213,8 +213,10 @@ def test_local_glue_folder_and_model_path(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [  # one case per place a mistake can surface: before Hydra, in the model, in tracking, in a baseline
-        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, bitfit, dora, full, head, lora, qlora, staged"),
-        ("rank=0", "rank=0 must be an integer in [1, 384]"),
+        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, bitfit, dora, full, head, lora, lora_ga, "
+                        "lora_pro, qlora, staged"),
+        ("rank=0", "rank=0 must be an integer in [1, min(d_in, d_out)] of the targeted layers"),
+        ("+variant.foo=1", "variant.foo is not a setting of variant='lora'; allowed: dropout, init, lr_ratio, lr_ratio_on"),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
         ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
         ("variant=full variant.lr=0", "variant.lr=0 must be a number > 0 or null (null: trainer.lr)"),

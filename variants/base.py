@@ -303,7 +303,7 @@ class AdapterVariant(Variant):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
             raise ConfigError(f"alpha={alpha!r} must be a number > 0")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ConfigError(f"rank={rank!r} must be a positive integer")
+            raise ConfigError(f"rank={rank!r} must be an integer in [1, min(d_in, d_out)] of the targeted layers")
         self.rank, self.alpha = rank, alpha
 
     @classmethod
