@@ -92,23 +92,24 @@ def test_save_then_load_reproduces_eval_outputs(_minilm, batch, variant, setting
         assert not torch.equal(copy.deepcopy(pretrained).eval()(**batch).logits, model(**batch).logits)
 
 
-@pytest.mark.parametrize("variant", ["full", "bitfit", "head", "lora", "dora", "adalora"])
-def test_the_optimizer_takes_the_variants_own_learning_rate(_minilm, variant):
-    """variant.lr (from the variant's YAML) replaces trainer.lr; null keeps trainer.lr."""
+@pytest.mark.parametrize("variant", ["full", "bitfit", "head", "lora", "dora", "adalora", "lora_pro"])
+@pytest.mark.parametrize("override", [None, 5e-5])
+def test_the_optimizer_takes_the_variants_own_learning_rate_unless_trainer_lr_is_given(_minilm, variant, override):
+    """variant.lr (from the variant's YAML) is the rate; trainer.lr=..., when given, overrides it."""
     own = OmegaConf.load(ROOT / "conf" / "variant" / f"{variant}.yaml").get("lr")
-    expected = 1e-3 if own is None else own
     from hydra import compose, initialize_config_dir
 
-    from training.experiment import with_variant_lr, variant_kwargs
+    from training.experiment import variant_kwargs, with_variant_lr
 
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        cfg = with_variant_lr(compose("config", [f"variant={variant}", "trainer.lr=1e-3"]))
+        cfg = compose("config", [f"variant={variant}"] + ([f"trainer.lr={override}"] if override else []))
+    cfg = with_variant_lr(cfg)
     model = copy.deepcopy(_minilm[0])
     targets = cfg.variant.get("targets")
     variants.inject_adapters(model, variant, list(targets) if targets is not None else None, rank=8, alpha=16,
                              exclude=["classifier"], **variant_kwargs(cfg.variant))
     opt = optim.build(cfg.trainer, model, 10, torch.device("cpu"))
-    assert opt.optimizer.param_groups[0]["lr"] == expected
+    assert own is not None and opt.optimizer.param_groups[0]["lr"] == (override or own)
 
 
 @pytest.mark.parametrize(

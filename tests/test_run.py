@@ -116,6 +116,37 @@ def test_qlora_and_staged_runs(tmp_path):
         assert "bert.embeddings.word_embeddings.weight" in f.keys()
 
 
+LEARN = ["task.train_size=1280", "task.eval_size=300", "trainer.max_steps=150", "trainer.batch_size=16",
+         "trainer.eval_every=150", "tracking.mode=disabled"]
+
+
+@pytest.mark.parametrize("settings", [
+    # Each at a rate of its own: LoRA-GA's A and B start large (at 3e-3 it reached 0.71 in 120
+    # steps, at 1e-3 0.95); LoRA-Pro's full mode takes full fine-tuning's Adam steps (at 3e-3 it
+    # stayed at chance, 0.72 at 1e-4, 0.95 at 3e-4); LoRA+ puts 16x the rate on B (0.75 at 1e-3,
+    # 0.85 at 3e-4).
+    ["variant=lora_ga", "trainer.lr=1e-3"], ["variant=lora_pro", "trainer.lr=3e-4"],
+    ["variant=lora_pro", "variant.mode=efficient", "trainer.lr=3e-3"],
+    ["variant=lora", "variant.lr_ratio=16", "trainer.lr=3e-4"],
+], ids=["lora_ga", "lora_pro", "lora_pro_efficient", "loraplus"])
+def test_gradient_guided_variants_learn_the_smoke_task_through_run_py(tmp_path, settings):
+    run_dir = tmp_path / "run"
+    result = run_py(*LEARN, *settings, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 150
+    assert summary["eval"]["accuracy"] > 0.8, summary["eval"]
+    given = float(next(o for o in settings if o.startswith("trainer.lr=")).split("=")[1])
+    assert summary["peak_lr"] == given  # trainer.lr=... wins over the variant's own rate (lora_pro's 3e-4)
+    if "variant=lora_ga" in settings:
+        assert summary["initialization"]["init_batches"] == 8 and len(summary["initialization"]["gradient_norm"]) == 12
+    else:
+        assert summary["initialization"] == {}
+    log = (run_dir / "run.log").read_text()
+    if "variant.lr_ratio=16" in settings:  # B (and the vectors) in their own AdamW group at 16x
+        assert "13 tensors at weight decay 0, rate x1; 13 tensors at weight decay 0, rate x16" in log, log
+
+
 def test_a_bf16_checkpoint_trains_fp32_adapters(tmp_path):
     run_dir = tmp_path / "bf16"
     result = run_py(*TINY, "variant=dora", "model.dtype=bfloat16", "tracking.mode=disabled", f"hydra.run.dir={run_dir}")
@@ -219,7 +250,7 @@ def test_local_glue_folder_and_model_path(tmp_path):
         ("+variant.foo=1", "variant.foo is not a setting of variant='lora'; allowed: dropout, init, lr_ratio, lr_ratio_on"),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
         ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
-        ("variant=full variant.lr=0", "variant.lr=0 must be a number > 0 or null (null: trainer.lr)"),
+        ("variant=full variant.lr=0", "variant.lr=0 must be a number > 0 (or set trainer.lr)"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, override, message):
@@ -260,7 +291,7 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
         ("task.val_fraction=0.001", "task.val_fraction=0.001 would leave a class empty on one side"),
         ("budget=5000", "budget=5000 is below one rank of lora on the targeted layers; allowed: >= 9216"),
         ("budget=99999999", "budget=99999999 needs rank 10851 of lora, above the largest possible (384); allowed: <= 3538944"),
-        ("variant=lora variant.lr=-1", "variant.lr=-1 must be a number > 0 or null (null: trainer.lr)"),
+        ("variant=lora variant.lr=-1", "variant.lr=-1 must be a number > 0 (or set trainer.lr)"),
     ],
 )
 def test_bad_config_values_fail_before_anything_is_written(tmp_path, override, message):

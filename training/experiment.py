@@ -43,8 +43,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     """Validate, build, train, evaluate and save one run; returns the summary (on every rank;
     only rank 0's is written)."""
     started = time.perf_counter()
-    _check_top_level(cfg)
     cfg = with_variant_lr(cfg)
+    _check_top_level(cfg)
     runtime = runtime_for(cfg.trainer.device, cfg.trainer.precision)
     reset_peak_memory(runtime.device)
     set_seed(cfg.seed)
@@ -100,15 +100,20 @@ def _check_top_level(cfg: DictConfig) -> None:
 
 
 def with_variant_lr(cfg: DictConfig) -> DictConfig:
-    """The config with ``trainer.lr`` set to the variant's own peak rate (``variant.lr``, from
-    its YAML: each method's rate differs by orders of magnitude) unless that is null."""
-    lr = cfg.variant.get("lr")
-    if lr is None:
+    """The config with ``trainer.lr`` set to the run's peak rate: ``trainer.lr`` when given (the
+    user's override), else the variant's own (``variant.lr``, from its YAML: each method's rate
+    differs by orders of magnitude). The resolved rate is what config.yaml records."""
+    lr, own = cfg.trainer.get("lr"), cfg.variant.get("lr")
+    if lr is not None:
+        if own is not None and own != lr:
+            log.info("trainer.lr=%g overrides variant.lr=%g", lr, own)
         return cfg
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-        raise ConfigError(f"variant.lr={lr!r} must be a number > 0 or null (null: trainer.lr)")
+    if own is None:
+        raise ConfigError(f"trainer.lr=None and variant.lr=None for variant={cfg.variant.name!r}: set one, a number > 0")
+    if isinstance(own, bool) or not isinstance(own, (int, float)) or own <= 0:
+        raise ConfigError(f"variant.lr={own!r} must be a number > 0 (or set trainer.lr)")
     cfg = cfg.copy()
-    cfg.trainer.lr = float(lr)
+    cfg.trainer.lr = float(own)
     return cfg
 
 

@@ -79,9 +79,8 @@ def build(cfg, model: nn.Module, total_steps: int, device: torch.device, done_st
     optimizer = make_optimizer(name, groups, lr)
     scheduler = continuous_schedule(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps,
                                     done_steps)
-    log.info("optimizer %s from step %d: %d tensors in %d groups (weight decay, rate factor: %s), peak lr %g", name,
-             done_steps, len(named), len(groups),
-             ", ".join(f"{g['weight_decay']:g}, {g['lr_scale']:g}: {len(g['params'])}" for g in groups), lr)
+    log.info("optimizer %s from step %d, peak lr %g: %s", name, done_steps, lr, "; ".join(
+        f"{len(g['params'])} tensors at weight decay {g['weight_decay']:g}, rate x{g['lr_scale']:g}" for g in groups))
     return Optimization([p for _, p in named], optimizer, scheduler, lr, name)
 
 
