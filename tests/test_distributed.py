@@ -60,6 +60,24 @@ def test_two_processes_train_the_single_process_model(tmp_path, variant):
         assert len(list((double / "wandb").glob("offline-run-*"))) == 1
 
 
+def test_a_data_driven_start_is_the_same_in_every_process(tmp_path):
+    """LoRA-GA: each process estimates the gradient on its half of each batch; the mean over the
+    processes is the whole batch's gradient (its norms match the single process's), and every
+    process starts, and ends, with the same weights. The factors themselves are not compared with
+    the single process's: where two singular values nearly tie, float-level differences between
+    the halves' padding rotate the singular vectors."""
+    args = [*COMMON, "variant=lora_ga", "variant.init_batches=2", "tracking.mode=disabled"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert run_py(*args, f"hydra.run.dir={single}").returncode == 0
+    result = torchrun("run.py", *args, f"hydra.run.dir={double}")
+    assert result.returncode == 0, result.stderr
+    one, two = (json.loads((d / "summary.json").read_text()) for d in (single, double))
+    assert two["replica_max_abs_diff"] == 0.0
+    norms_one, norms_two = one["initialization"]["gradient_norm"], two["initialization"]["gradient_norm"]
+    assert norms_one.keys() == norms_two.keys() and len(norms_one) == 12
+    assert all(abs(norms_two[k] - norms_one[k]) <= 1e-4 * norms_one[k] for k in norms_one), (norms_one, norms_two)
+
+
 def test_torchrun_needs_a_run_dir(tmp_path):
     result = torchrun("run.py", "trainer.max_steps=1")
     assert result.returncode != 0
