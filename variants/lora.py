@@ -6,8 +6,8 @@ A: ``(r, d_in)``, random; B: ``(d_out, r)``, zero, so ΔW = (α/r)·B·A = 0 at 
 wrapped model is exactly the base model.
 
 LoRA+ (Hayou, Ghosh and Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): with
-``lr_ratio`` = λ, B trains at λ times A's rate, η_B = λ·η_A (§4, "set η_B = λη_A with λ ≫ 1";
-the paper's guidance is λ = 2⁴ = 16). A knob of every variant of the LoRA family. The paper's
+``lr_ratio`` = λ, B trains at λ times A's rate, η_B = λ·η_A with λ ≫ 1 (the paper's guidance:
+λ = 2⁴ = 16). A knob of every variant of the LoRA family. The paper's
 own code (``loraplus.py``, which peft's ``create_loraplus_optimizer`` follows) also gives every
 other trainable vector the B rate: biases, LayerNorm shifts, DoRA's magnitude, the head's bias;
 matrices (A, the head's weight) keep η. That is the default (``lr_ratio_on="b_and_vectors"``);

@@ -2,13 +2,13 @@
 
 LoRA's first step moves W by s·(ΔB·A + B·ΔA) = −η·s²·(B·Bᵀ·G + G·Aᵀ·A) for a gradient G = ∂L/∂W
 (s = α/r). LoRA-GA starts A and B so that this is the best rank-2r approximation of full
-fine-tuning's step −η·G (§3.2, Theorem 3.1). With G ≈ U·S·Vᵀ estimated on a few training
+fine-tuning's step −η·G (§3). With G ≈ U·S·Vᵀ estimated on a few training
 batches before training:
 
     A₀ = c·V[:, :r]ᵀ,   B₀ = c·U[:, r:2r],   c = d_out^{1/4} / √γ                (Algorithm 1, "ArB2r")
 
 so B₀·B₀ᵀ·G + G·A₀ᵀ·A₀ = c²·(the top 2r singular components of G); c is the "stable scale"
-(§3.3) that keeps the output's size independent of d_out and r. Since s·B₀·A₀ ≠ 0, the paper
+(§3) that keeps the output's size independent of d_out and r. Since s·B₀·A₀ ≠ 0, the paper
 subtracts it from the frozen weight, W_init = W0 − s·B₀·A₀, so the wrapped model starts
 exactly as the base model.
 
@@ -114,7 +114,7 @@ class LoRAGA(LoRA):
         init_batches: training batches whose mean gradient is decomposed (the authors' code: 8).
         direction: which singular vectors go to A and B: ``ArB2r`` (A the top r, B the next r:
             the paper's), ``A2rBr`` (the reverse) or ``ArBr`` (alternating).
-        scale: ``stable`` (c = d_out^{1/4}/√γ on both factors, §3.3), ``unit`` (none), ``gd``
+        scale: ``stable`` (c = d_out^{1/4}/√γ on both factors, the paper's), ``unit`` (none), ``gd``
             (both divided by s), ``peft_stable`` (peft's reading, see above).
         stable_gamma: γ of the stable scale (the authors' default: 16).
         svd: ``lowrank`` (randomized, as the authors' code) or ``exact``.

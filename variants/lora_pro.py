@@ -1,8 +1,8 @@
-"""LoRA-Pro: Wang, Zhang, Zhang and Tan 2025 (ICLR), "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?"
+"""LoRA-Pro: Wang, Liang, He, Wang and Tan 2025 (ICLR), "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?"
 
-A LoRA step changes W = W0 + s·B·A by the equivalent gradient g̃ = s·(B·g^A + g^B·A) (Eq. 3),
+A LoRA step changes W = W0 + s·B·A by the equivalent gradient g̃ = s·(B·g^A + g^B·A) (the paper's "equivalent gradient"),
 which for LoRA's own gradients g^A = s·Bᵀ·g, g^B = s·g·Aᵀ is s²·(B·Bᵀ·g + g·Aᵀ·A): not full
-fine-tuning's g = ∂L/∂W. LoRA-Pro replaces g^A and g^B by the ones whose g̃ is closest to g
+fine-tuning's g = ∂L/∂W (§2). LoRA-Pro replaces g^A and g^B by the ones whose g̃ is closest to g
 (Theorem 2.1; B ``(m, r)`` and A ``(r, n)`` of full rank, X ``(r, r)`` free):
 
     g^A = (1/s²)·(BᵀB)⁻¹·g^A_lora + X·A
@@ -17,7 +17,7 @@ the Sylvester equation
 
 (``x_mode="zero"`` takes X = 0). Inverses are of (·) + δI, δ = 1e-8, as in the authors' code.
 
-With AdamW (§2.4, ``mode="full"``, the paper's algorithm and the default): the Adam moments are
+With AdamW (§2, ``mode="full"``, the paper's algorithm and the default): the Adam moments are
 kept for the full-size equivalent gradient g̃ (m×n per layer, stored in bf16 as the authors'
 code does; ``moment_dtype="fp32"`` to keep them exact), the Adam direction d = m̂/(√v̂ + ε) is
 projected back by the same closed form (with g := d), and A and B take the step −η·(g^A, g^B);
@@ -114,7 +114,7 @@ class LoRAPro(LoRA):
 
     def _full_adamw_step(self, layers: dict[str, LoRALinear], optimizer: torch.optim.Optimizer,
                          lr: float) -> dict[str, float]:
-        """§2.4: AdamW on the equivalent gradient, projected back to A and B, which step here
+        """§2, with AdamW: the moments of the equivalent gradient, projected back to A and B, which step here
         (with the betas, eps and weight decay of the optimizer group that holds A)."""
         self.adam_step += 1
         for name, layer in layers.items():
