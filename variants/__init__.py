@@ -11,7 +11,8 @@
     variants.save_adapter(model, "adapter.safetensors")   # what trained, and how to rebuild it
 """
 
-from . import adalora, bitfit, dora, full, head, lora, lora_ga, lora_pro, qlora, staged  # noqa: F401  (importing a variant registers it)
+# importing a variant's module registers it
+from . import adalora, bitfit, dora, full, head, lora, lora_ga, lora_pro, qlora, staged  # noqa: F401
 from .base import (
     VARIANTS,
     AdapterLayer,

@@ -104,7 +104,8 @@ class LoRA(AdapterVariant):
                                      or lr_ratio <= 0):
             raise ConfigError(f"variant.lr_ratio={lr_ratio!r} must be a number > 0 (LoRA+: 16) or null")
         if lr_ratio_on not in LR_RATIO_ON:
-            raise ConfigError(f"variant.lr_ratio_on={lr_ratio_on!r} is not supported; allowed: {', '.join(LR_RATIO_ON)}")
+            raise ConfigError(f"variant.lr_ratio_on={lr_ratio_on!r} is not supported; "
+                              f"allowed: {', '.join(LR_RATIO_ON)}")
         self.dropout, self.init, self.lr_ratio, self.lr_ratio_on = dropout, init, lr_ratio, lr_ratio_on
 
     def new_layer(self, base: nn.Linear) -> LoRALinear:

@@ -1,6 +1,6 @@
 """LoRA-Pro: Wang, Liang, He, Wang and Tan 2025 (ICLR), "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?"
 
-A LoRA step changes W = W0 + s·B·A by the equivalent gradient g̃ = s·(B·g^A + g^B·A) (the paper's "equivalent gradient"),
+A LoRA step changes W = W0 + s·B·A along the paper's "equivalent gradient" g̃ = s·(B·g^A + g^B·A),
 which for LoRA's own gradients g^A = s·Bᵀ·g, g^B = s·g·Aᵀ is s²·(B·Bᵀ·g + g·Aᵀ·A): not full
 fine-tuning's g = ∂L/∂W (§2). LoRA-Pro replaces g^A and g^B by the ones whose g̃ is closest to g
 (Theorem 2.1; B ``(m, r)`` and A ``(r, n)`` of full rank, X ``(r, r)`` free):
@@ -114,8 +114,8 @@ class LoRAPro(LoRA):
 
     def _full_adamw_step(self, layers: dict[str, LoRALinear], optimizer: torch.optim.Optimizer,
                          lr: float) -> dict[str, float]:
-        """§2, with AdamW: the moments of the equivalent gradient, projected back to A and B, which step here
-        (with the betas, eps and weight decay of the optimizer group that holds A)."""
+        """§2, with AdamW: the moments of the equivalent gradient, its Adam direction projected back
+        to A and B, which step here (with the betas, eps and weight decay of A's optimizer group)."""
         self.adam_step += 1
         for name, layer in layers.items():
             group = next(g for g in optimizer.param_groups if any(p is layer.lora_A for p in g["params"]))
