@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -97,7 +98,9 @@ class Row:
     name: str
     lr: float
     runs: list[Run]
-    grid: dict[float, float]  # lr -> median val metric over seeds
+    grid: dict[float, float]  # lr -> median val metric over seeds (-inf for a missing or undefined one)
+    grid_n: dict[float, int]  # lr -> seeds that completed
+    seeds: int                # seeds the method ran with on this task, over all its rates
     delta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -112,10 +115,13 @@ def load_runs(roots: list[Path], at: str) -> tuple[list[Run], list[tuple[str, st
     runs, skipped = [], []
     for root in roots:
         for path in sorted(root.rglob(rundir.SUMMARY)):
-            summary = json.loads(path.read_text())
-            config_path = path.parent / rundir.CONFIG
-            config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
-            run, why = _run(summary, config, at, path.parent)
+            try:
+                summary = json.loads(path.read_text())
+                config_path = path.parent / rundir.CONFIG
+                config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
+                run, why = _run(summary, config, at, path.parent)
+            except Exception as err:  # a half-written or foreign file: skip it, say why
+                run, why = None, f"unreadable ({type(err).__name__}: {err})"
             if run is None:
                 skipped.append((str(path.parent), why))
             else:
@@ -125,15 +131,18 @@ def load_runs(roots: list[Path], at: str) -> tuple[list[Run], list[tuple[str, st
 
 def load_wandb(project: str, at: str) -> tuple[list[Run], list[tuple[str, str]]]:
     """Runs from a W&B project's summaries and configs (no predictions: no bootstrap)."""
-    import wandb
-
     try:
+        import wandb
+
         found = [(r.id, _plain(r.summary), flatten(_plain(r.config))) for r in wandb.Api().runs(project)]
     except Exception as err:  # no network, no login, no such project: say so in one line
         raise CompareError(f"--wandb={project!r}: could not read its runs ({type(err).__name__}: {err})") from None
     runs, skipped = [], []
     for run_id, summary, config in found:
-        run, why = _run(summary, config, at, None)
+        try:
+            run, why = _run(summary, config, at, None)
+        except Exception as err:
+            run, why = None, f"unreadable ({type(err).__name__}: {err})"
         if run is None:
             skipped.append((f"wandb:{run_id}", why))
         else:
@@ -155,6 +164,8 @@ def _run(summary: dict, config: dict, at: str, run_dir: Path | None) -> tuple[Ru
         return None, "no val split (task.val_fraction unset): its learning rate could only be chosen on the test set"
     metric = summary["main_metric"]
     if at == "best_val":
+        if not summary.get("eval_at_best_val"):
+            return None, "no eval_at_best_val in its summary (written by runs since 2026-11-23)"
         chosen = summary["eval_at_best_val"]
         val, test, step = chosen["val"][metric], chosen["test"][metric], chosen["step"]
     else:
@@ -195,17 +206,27 @@ def check_comparable(runs: list[Run], allow_mixed: bool) -> list[str]:
 
 def select(runs: list[Run]) -> list[Row]:
     """Per task and method, the learning rate with the best median validation metric over seeds
-    (ties: the smaller rate); the test metric is never looked at here."""
+    (ties: the smaller rate); the test metric is never looked at here. A seed that the method ran
+    at some rate but that did not complete at this one (it diverged, or failed) counts as the
+    worst possible value, as does an undefined metric (NaN: constant predictions), so a rate is
+    never chosen on its surviving seeds alone."""
     groups: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         groups[(run.task, run.method)][run.lr].append(run)
     names = labels({m for _, m in groups})
     rows = []
     for (task, key), by_lr in groups.items():
-        grid = {lr: statistics.median(r.val for r in lr_runs) for lr, lr_runs in sorted(by_lr.items())}
+        seeds = len({r.seed for lr_runs in by_lr.values() for r in lr_runs})
+        grid = {lr: _median_val(lr_runs, seeds) for lr, lr_runs in sorted(by_lr.items())}
         best = max(grid, key=lambda lr: (grid[lr], -lr))
-        rows.append(Row(task, key, names[key], best, sorted(by_lr[best], key=lambda r: r.seed), grid))
+        rows.append(Row(task, key, names[key], best, sorted(by_lr[best], key=lambda r: r.seed), grid,
+                        {lr: len(lr_runs) for lr, lr_runs in by_lr.items()}, seeds))
     return sorted(rows, key=lambda row: (_task_order(row.task), row.name))
+
+
+def _median_val(runs: list[Run], seeds: int) -> float:
+    values = [-math.inf if math.isnan(r.val) else r.val for r in runs]
+    return statistics.median(values + [-math.inf] * (seeds - len(values)))
 
 
 def _task_order(task: str) -> tuple[int, str]:
@@ -217,6 +238,8 @@ def batch_metric(name: str, predicted: np.ndarray, gold: np.ndarray) -> np.ndarr
     if name == "accuracy":
         return (predicted == gold).mean(-1)
     if name in ("f1", "matthews"):
+        if gold.max(initial=0) > 1 or predicted.max(initial=0) > 1:
+            raise CompareError(f"metric {name!r} is computed here for two classes (0/1); these runs have more")
         p, g = predicted.astype(bool), gold.astype(bool)
         tp, fp = (p & g).sum(-1, dtype=float), (p & ~g).sum(-1, dtype=float)
         fn, tn = (~p & g).sum(-1, dtype=float), (~p & ~g).sum(-1, dtype=float)
@@ -236,10 +259,17 @@ def batch_metric(name: str, predicted: np.ndarray, gold: np.ndarray) -> np.ndarr
 
 
 def paired_bootstrap(metric: str, gold: np.ndarray, method_preds: list[np.ndarray], reference_preds: list[np.ndarray],
-                     resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """Mean over seed pairs of metric(method) − metric(reference) on the test set, and its
-    percentile bootstrap interval over test examples (the same resampled examples for every
-    prediction array). ``method_preds[i]`` and ``reference_preds[i]`` come from the same seed."""
+                     resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """The mean over seeds of metric(method) − metric(reference) on the test set, and an interval
+    that covers both sources of chance: which runs the seeds gave, and which test examples were drawn.
+
+    ``method_preds[i]`` and ``reference_preds[i]`` come from the same seed. With n seeds the
+    interval is Δ ± t(ν)·√(s²/n + v): s is the standard deviation of the n per-seed differences,
+    v the variance of Δ under a paired bootstrap over test examples (the same resampled examples
+    for every prediction array; seeds fixed), and ν the Welch–Satterthwaite degrees of freedom
+    (n − 1 when the seeds' spread dominates). With one seed only the percentile bootstrap
+    interval is left, and it says nothing about seeds. ``test_low``/``test_high``: the bootstrap
+    interval alone."""
     pairs = len(method_preds)
 
     def statistic(gold, *preds, axis=-1):
@@ -248,13 +278,27 @@ def paired_bootstrap(metric: str, gold: np.ndarray, method_preds: list[np.ndarra
         return np.mean(diffs, axis=0)
 
     data = (gold, *method_preds, *reference_preds)
-    observed = float(statistic(*data))
+    per_seed = [float(batch_metric(metric, m, gold) - batch_metric(metric, r, gold))
+                for m, r in zip(method_preds, reference_preds)]
+    observed = float(np.mean(per_seed))
     result = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
                              confidence_level=confidence, method="percentile", batch=100,
                              rng=np.random.default_rng(seed))
-    low, high = (float(bound) for bound in result.confidence_interval)
+    test_low, test_high = (float(bound) for bound in result.confidence_interval)
+    if pairs > 1:
+        seed_part = np.var(per_seed, ddof=1) / pairs
+        test_part = np.var(result.bootstrap_distribution, ddof=1)
+        # Welch–Satterthwaite degrees of freedom: n − 1 when the seeds' spread dominates, the
+        # normal quantile when it vanishes (the bootstrap variance rests on many resamples).
+        dof = (seed_part + test_part) ** 2 * (pairs - 1) / seed_part ** 2 if seed_part > 0 else math.inf
+        half = float(stats.t.ppf((1 + confidence) / 2, dof) * np.sqrt(seed_part + test_part))
+        low, high = observed - half, observed + half
+    else:
+        low, high = test_low, test_high
     defined = not (np.isnan(low) or np.isnan(high))  # NaN: some resample's metric undefined (constant scores)
     return {"difference": observed, "low": low, "high": high, "confidence": confidence, "seeds": pairs,
+            "per_seed": per_seed, "test_low": test_low, "test_high": test_high,
+            "covers": "seeds and test examples" if pairs > 1 else "test examples only (one seed)",
             "excludes_zero": bool(defined and (low > 0 or high < 0))}
 
 
@@ -314,7 +358,9 @@ def record(row: Row) -> dict[str, Any]:
             "val_median": row.grid[row.lr], "test_median": statistics.median(tests), "test_min": min(tests),
             "test_max": max(tests), "test_mean": statistics.mean(tests),
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": [r.seed for r in row.runs],
-            "n": len(tests), "lr_grid": {f"{lr:g}": v for lr, v in row.grid.items()},
+            "n": len(tests), "lr_grid": {f"{lr:g}": v if math.isfinite(v) else None for lr, v in row.grid.items()},
+            "lr_grid_n": {f"{lr:g}": n for lr, n in row.grid_n.items()}, "seeds_run": row.seeds,
+            "lr_at_grid_edge": len(row.grid) > 1 and row.lr in (min(row.grid), max(row.grid)),
             "runs": [str(r.run_dir) for r in row.runs if r.run_dir is not None],
             **costs(row), "vs_reference": row.delta}
 
@@ -325,7 +371,8 @@ def _delta_text(delta: dict[str, Any]) -> str:
     if np.isnan(delta["low"]):
         return f"{100 * delta['difference']:+.1f} [interval undefined]"
     mark = " *" if delta["excludes_zero"] else ""
-    return f"{100 * delta['difference']:+.1f} [{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}]{mark}"
+    seeds = ", ".join(f"{100 * d:+.1f}" for d in delta["per_seed"])
+    return f"{100 * delta['difference']:+.1f} [{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}]{mark} ({seeds})"
 
 
 def _number(value: float | None, fmt: str) -> str:
@@ -340,9 +387,12 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
         f"Learning rate chosen per method and task by the median over seeds of the validation metric "
         f"(held out of the training set); test = the task's reported set (GLUE dev), at {at}. Metric ×100: "
         f"median (min–max) and mean ± std over seeds. Δ vs {args.reference}: mean over shared seeds of the "
-        f"paired difference, [{level}% paired bootstrap interval over test examples, {args.resamples} resamples]; "
-        "* = the interval excludes 0. Params: what the method trains without the task head (AdaLoRA under a "
-        "budget: at its final rank).", "",
+        f"paired difference [{level}% interval: Δ ± t(ν)·√(s²/n + v), s the spread of the per-seed differences, "
+        f"v the variance of Δ in a paired bootstrap over test examples ({args.resamples} resamples), ν Welch–"
+        "Satterthwaite's degrees of freedom; with one seed, the bootstrap interval alone]; * = the interval "
+        "excludes 0; then each seed's difference. "
+        "Params: what the method trains without the task head (AdaLoRA: at its starting rank, or at its final "
+        "rank under a budget; staged: its LoRA phase, after a full phase that trains every weight).", "",
     ]
     lines += [f"Note: {note}" for note in notes]
     tasks = sorted({r["task"] for r in records}, key=_task_order)
@@ -364,9 +414,10 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
         lines += ["", "Validation median per learning rate (the selection; chosen in bold):", "",
                   "| method | " + " | ".join(_grid_columns(rows)) + " |", "|" + "---|" * (1 + len(_grid_columns(rows)))]
         for r in rows:
-            cells = [("**{:.1f}**" if lr == f"{r['lr']:g}" else "{:.1f}").format(100 * r["lr_grid"][lr])
-                     if lr in r["lr_grid"] else "–" for lr in _grid_columns(rows)]
-            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['method']} | " + " | ".join(_grid_cell(r, lr) for lr in _grid_columns(rows)) + " |")
+        edge = [f"{r['method']} ({r['lr']:g})" for r in rows if r["lr_at_grid_edge"]]
+        if edge:
+            lines += ["", "Chosen at the edge of the grid (a better rate may lie beyond it): " + ", ".join(edge) + "."]
         lines.append("")
     if skipped:
         lines += ["## Skipped runs", ""] + [f"- `{where}`: {why}" for where, why in skipped] + [""]
@@ -398,6 +449,19 @@ def chosen_rates(records: list[dict], tasks: list[str]) -> list[str]:
     return lines
 
 
+def _grid_cell(r: dict, lr: str) -> str:
+    """The validation median at one rate; (k/n) when only k of the method's n seeds completed
+    there (the others count as the worst value); "failed" when no median could be formed."""
+    if lr not in r["lr_grid"]:
+        return "–"
+    value = r["lr_grid"][lr]
+    text = "failed" if value is None else f"{100 * value:.1f}"
+    if lr == f"{r['lr']:g}":
+        text = f"**{text}**"
+    done = r["lr_grid_n"][lr]
+    return text if done == r["seeds_run"] else f"{text} ({done}/{r['seeds_run']})"
+
+
 def _grid_columns(rows: list[dict]) -> list[str]:
     return sorted({lr for r in rows for lr in r["lr_grid"]}, key=float)
 
@@ -410,15 +474,16 @@ def _params(r: dict) -> str:
 
 def write_csv(path: Path, records: list[dict]) -> None:
     columns = ["task", "method", "metric", "lr", "val_median", "test_median", "test_min", "test_max", "test_mean",
-               "test_std", "n", "delta", "delta_low", "delta_high", "method_params", "method_percent", "adapter_mb",
-               "step_time_s", "peak_memory_mb"]
+               "test_std", "n", "delta", "delta_low", "delta_high", "delta_per_seed", "lr_at_grid_edge", "method_params",
+               "method_percent", "adapter_mb", "step_time_s", "peak_memory_mb"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in records:
             delta = r["vs_reference"]
+            per_seed = " ".join(f"{d:+.4f}" for d in delta.get("per_seed", []))
             writer.writerow({**r, "delta": delta.get("difference"), "delta_low": delta.get("low"),
-                             "delta_high": delta.get("high")})
+                             "delta_high": delta.get("high"), "delta_per_seed": per_seed})
 
 
 def plot(records: list[dict], runs: list[Run], rows: list[Row], out: Path) -> list[Path]:

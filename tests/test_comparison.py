@@ -6,6 +6,7 @@ tests that need them skip, saying why, when they are absent.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -117,6 +118,40 @@ def test_bootstrap_excludes_zero_when_one_method_is_right_where_the_other_is_wro
     assert result["low"] > 0 and result["excludes_zero"]
 
 
+def test_the_interval_covers_the_seeds_not_only_the_test_examples():
+    # Three seeds disagree (+14.8, -7.8, +4.5 points) on one fixed test set: over test examples alone
+    # the mean +3.8 looks certain, but which seeds were run decides its sign as much as the data.
+    rng = np.random.default_rng(3)
+    gold, draw = rng.integers(0, 2, 400), rng.random(400)
+    correct_share = lambda share: np.where(draw < share, gold, 1 - gold)  # noqa: E731
+    reference = [correct_share(0.75)] * 3
+    method = [correct_share(share) for share in (0.90, 0.68, 0.80)]
+    result = compare.paired_bootstrap("accuracy", gold, method, reference, resamples=500)
+    assert result["per_seed"] == pytest.approx([0.1475, -0.0775, 0.045])
+    assert result["test_low"] > 0 and result["low"] < 0 < result["high"] and not result["excludes_zero"]
+    one_seed = compare.paired_bootstrap("accuracy", gold, method[:1], reference[:1], resamples=500)
+    assert (one_seed["low"], one_seed["high"]) == (one_seed["test_low"], one_seed["test_high"])
+    assert one_seed["covers"] == "test examples only (one seed)"
+
+
+@pytest.mark.parametrize("metric", ["pearson", "spearman"])
+def test_bootstrap_of_a_regression_metric(metric):
+    rng = np.random.default_rng(4)
+    gold = rng.random(300) * 5
+    close, far = gold + rng.normal(0, 0.3, 300), gold + rng.normal(0, 2.0, 300)
+    same = compare.paired_bootstrap(metric, gold, [close, close], [close.copy(), close.copy()], resamples=300)
+    assert same["low"] == 0 == same["high"] and not same["excludes_zero"]
+    better = compare.paired_bootstrap(metric, gold, [close, close], [far, far], resamples=300)
+    assert better["low"] > 0 and better["excludes_zero"]
+
+
+def test_batched_metrics_of_one_class_are_zero_not_nan_and_more_classes_refused():
+    gold, constant = np.array([0, 1, 1, 0, 1]), np.ones(5, dtype=int)
+    assert compare.batch_metric("matthews", constant, gold) == 0 == skm.matthews_corrcoef(gold, constant)
+    with pytest.raises(compare.CompareError, match="two classes"):
+        compare.batch_metric("matthews", np.array([0, 2]), np.array([0, 1]))
+
+
 @pytest.mark.parametrize("metric, reference", [
     ("accuracy", lambda p, g: skm.accuracy_score(g, p)), ("f1", lambda p, g: skm.f1_score(g, p)),
     ("matthews", lambda p, g: skm.matthews_corrcoef(g, p)), ("pearson", lambda p, g: stats.pearsonr(p, g)[0]),
@@ -161,6 +196,55 @@ def test_learning_rate_is_chosen_by_median_validation_never_by_test(tmp_path):
     (row,) = compare.select(runs)
     assert row.lr == 1e-3 and sorted(row.tests) == [0.60, 0.61, 0.62] and not skipped
     assert row.grid == {1e-3: 0.80, 3e-3: 0.75}
+
+
+def test_a_rate_is_not_chosen_on_its_surviving_seeds_nor_on_an_undefined_metric(tmp_path):
+    # 3e-3 diverged in seeds 1 and 2 (no completed run): its one survivor's 0.95 must not win;
+    # 1e-4's metric is undefined (constant predictions) in every seed.
+    for seed in range(3):
+        fake_run(tmp_path, f"a{seed}", "lora", 1e-3, seed, 0.70, 0.6)
+        fake_run(tmp_path, f"c{seed}", "lora", 1e-4, seed, float("nan"), 0.5)
+    fake_run(tmp_path, "b0", "lora", 3e-3, 0, 0.95, 0.9)
+    runs, _ = compare.load_runs([tmp_path], "final")
+    (row,) = compare.select(runs)
+    assert row.lr == 1e-3 and row.grid_n == {1e-4: 3, 1e-3: 3, 3e-3: 1}
+    assert row.grid[3e-3] == row.grid[1e-4] == -math.inf
+    (record,) = [compare.record(row)]
+    assert compare._grid_cell(record, "0.003") == "failed (1/3)" and not record["lr_at_grid_edge"]
+
+
+def test_best_val_reads_the_predictions_of_the_step_it_reports(tmp_path):
+    # Each run evaluated at steps 2 and 3 and was best on val at step 2, where the two methods differ
+    # by +0.25 accuracy (one of four examples); at step 3 they agree. The difference must be step 2's.
+    gold = np.array([0, 1, 1, 0])
+    logits = lambda predicted: np.eye(2)[predicted]  # noqa: E731
+    for variant, at_2 in (("lora", [0, 1, 0, 0]), ("dora", [0, 1, 1, 0])):
+        for seed in (0, 1):
+            run_dir = fake_run(tmp_path, f"{variant}{seed}", variant, 1e-3, seed, 0.8, 0.75)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            summary["steps"] = 3
+            summary["eval_at_best_val"] = {"step": 2, "val": {"accuracy": 0.9},
+                                           "test": {"accuracy": float(np.mean(np.array(at_2) == gold))}}
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+            np.savez(run_dir / "predictions.npz", **{"main.labels": gold, "main.step2": logits(at_2),
+                                                     "main.step3": logits(gold)})
+    out = tmp_path / "report"
+    assert compare.main([str(tmp_path), "--out", str(out), "--at", "best_val", "--resamples", "100"]) == 0
+    rows = {row["method"]: row for row in json.loads((out / "report.json").read_text())["rows"]}
+    assert rows["dora"]["vs_reference"]["per_seed"] == [0.25, 0.25]
+    assert rows["dora"]["test_median"] == 1.0 and rows["lora"]["test_median"] == 0.75
+
+
+def test_unreadable_runs_are_skipped_with_their_reason(tmp_path):
+    fake_run(tmp_path, "ok", "lora", 1e-3, 0, 0.8, 0.7)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "summary.json").write_text('{"status": "compl')
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "summary.json").write_text('{"status": "completed", "eval_extra": {"val": {}}}')
+    runs, skipped = compare.load_runs([tmp_path], "best_val")
+    reasons = {Path(where).name: why for where, why in skipped}
+    assert not runs and reasons["ok"].startswith("no eval_at_best_val")
+    assert reasons["half"].startswith("unreadable (JSONDecodeError") and reasons["keys"].startswith("unreadable (KeyError")
 
 
 def test_runs_without_val_split_or_failed_are_skipped_and_mixed_data_refused(tmp_path):
@@ -280,7 +364,7 @@ def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path, monkeypatch, cap
     result = run_py(
         "-m", "variant=lora,dora", "seed=0,1", "task=mrpc", f"task.data_dir={GLUE_DIR / 'MRPC'}",
         "task.val_fraction=0.1", "task.max_train_examples=48", "model.max_length=48", "trainer.batch_size=8",
-        "trainer.max_steps=3", "trainer.eval_every=3", "trainer.eval_batch_size=64", "tracking.mode=disabled",
+        "trainer.max_steps=3", "trainer.eval_every=2", "trainer.eval_batch_size=64", "tracking.mode=disabled",
         "budget=40000", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stderr[-3000:]
     _, evaluations = load_task(glue_task("mrpc"))
@@ -288,7 +372,7 @@ def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path, monkeypatch, cap
     for run_dir in sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file()):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["budget"]["requested"] == 40000 and summary["rank"] == summary["budget"]["rank"]
-        assert summary["val_fraction"] == 0.1 and summary["eval_at_best_val"]["step"] == 3
+        assert summary["val_fraction"] == 0.1 and summary["eval_at_best_val"]["step"] in (2, 3)  # evaluated at 2, 3
         saved = np.load(run_dir / "predictions.npz")
         assert np.array_equal(saved["main.labels"], dev_labels)  # the dev file's order, though evaluated by length
         predicted = saved["main.step3"].argmax(-1)
@@ -302,7 +386,20 @@ def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path, monkeypatch, cap
     assert set(rows) == {"lora", "dora"}
     dora = rows["dora"]
     assert dora["n"] == 2 and dora["seeds"] == [0, 1]
-    assert {"difference", "low", "high"} <= set(dora["vs_reference"])
+    summaries = {(json.loads((d / "summary.json").read_text())["variant"], json.loads((d / "summary.json")
+                  .read_text())["seed"]): json.loads((d / "summary.json").read_text()) for d in sweep.iterdir()
+                 if (d / "summary.json").is_file()}
+    per_seed = [summaries["dora", s]["eval"]["accuracy"] - summaries["lora", s]["eval"]["accuracy"] for s in (0, 1)]
+    assert dora["vs_reference"]["per_seed"] == pytest.approx(per_seed)  # paired by seed, at the reported step
+    assert dora["vs_reference"]["difference"] == pytest.approx(np.mean(per_seed))
+
+    # --at best_val: each run at its step with the best validation metric, predictions of that step
+    assert compare_py(str(sweep), "--out", str(tmp_path / "best"), "--at", "best_val").returncode == 0
+    best = {row["method"]: row for row in json.loads((tmp_path / "best" / "report.json").read_text())["rows"]}
+    at_best = {key: s["eval_at_best_val"]["test"]["accuracy"] for key, s in summaries.items()}
+    assert sorted(best["dora"]["runs"]) == sorted(dora["runs"])
+    assert best["dora"]["vs_reference"]["per_seed"] == pytest.approx(
+        [at_best["dora", s] - at_best["lora", s] for s in (0, 1)])
     for name in ("report.md", "report.csv", "pareto_params.png", "pareto_step_time.png", "seeds.png"):
         assert (out / name).is_file(), name
 
