@@ -138,7 +138,7 @@ def test_a_data_driven_initialisation_leaves_the_runs_data_and_randomness_alone(
 ])
 def test_trainer_config_errors_name_the_key(key, value, message):
     cfg = OmegaConf.merge(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "trainer" / "default.yaml"),
-                          {key: value})
+                          {"lr": 1e-3}, {key: value})  # the run sets lr (trainer.lr or the variant's) before the check
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_trainer_config(cfg)
 
@@ -166,7 +166,7 @@ def decay_groups(model, on="matrices"):
     cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.1, "weight_decay_on": on, "scheduler": "linear",
                             "warmup_ratio": 0.0, "optimizer": "auto"})
     groups = optim.build(cfg, model, 10, torch.device("cpu")).optimizer.param_groups
-    assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1]
+    assert {g["weight_decay"] for g in groups} <= {0.0, 0.1}
     return tuple({n for g in groups if g["weight_decay"] == decay for n in g["param_names"]} for decay in (0.1, 0.0))
 
 
