@@ -62,25 +62,36 @@ def fake_data(model, batch, count=3):
     return variants.InitData(batches, lambda m, b: m(**b).loss)
 
 
-def test_gradients_are_the_mean_over_batches_and_nothing_else_changes(minilm, batch):
+def test_gradients_are_the_mean_over_batches_in_train_mode_and_nothing_else_changes(minilm, batch):
     model, _ = minilm
-    for module in model.modules():  # train mode without dropout: each pass computes the same gradient
+    for module in model.modules():  # train mode without dropout: a pass is deterministic
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     variants.inject_adapters(model, "lora_ga", ["query"], rank=2, alpha=4, init_batches=2)
     variants.mark_trainable(model, train_modules=["classifier"])
     layers = variants.layers_of(model)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
+    two = [{**batch, "labels": torch.tensor([0, 1])}, {**batch, "labels": torch.tensor([1, 1])}]  # two gradients
+    modes = []
+
+    def loss(m, b):
+        modes.append(m.training)
+        return m(**b).loss
+
     model.eval()
-    grads = estimate_weight_gradients(model, layers, fake_data(model, batch), 2)
+    grads = estimate_weight_gradients(model, layers, variants.InitData(iter(two), loss), 2)
+    assert modes == [True, True]
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before and not model.training
     assert all(p.grad is None for p in model.parameters())
-    # by hand: the same batch twice, so the mean is one batch's gradient, in train mode
-    weight = next(iter(layers.values())).base.weight
+    weight = next(iter(layers.values())).base.weight  # by hand: the mean of the two batches' gradients
     weight.requires_grad_(True)
-    model.train()
-    model(**batch, labels=torch.tensor([0, 1])).loss.backward()
-    torch.testing.assert_close(grads[next(iter(layers))], weight.grad)
+    by_hand = []
+    for b in two:
+        model(**b).loss.backward()
+        by_hand.append(weight.grad.clone())
+        weight.grad = None
+    torch.testing.assert_close(grads[next(iter(layers))], (by_hand[0] + by_hand[1]) / 2)
+    assert not torch.allclose(by_hand[0], by_hand[1], atol=1e-6)
 
 
 def test_the_model_starts_identical_to_the_base_and_reloads_exactly(minilm, batch, tmp_path):

@@ -105,7 +105,7 @@ class LoRAPro(LoRA):
     def transform_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> dict[str, float]:
         layers = layers_of(model)
         if self.mode == "efficient":
-            for layer in layers.values():
+            for layer in (l for l in layers.values() if l.lora_A.grad is not None and l.lora_B.grad is not None):
                 layer.lora_A.grad, layer.lora_B.grad = (g.to(p.dtype) for g, p in zip(projected_gradients(
                     layer.lora_A, layer.lora_B, layer.lora_A.grad, layer.lora_B.grad, layer.scaling, self.x_mode),
                     (layer.lora_A, layer.lora_B)))
@@ -121,6 +121,8 @@ class LoRAPro(LoRA):
             group = next(g for g in optimizer.param_groups if any(p is layer.lora_A for p in g["params"]))
             (beta1, beta2), eps, decay = group["betas"], group["eps"], group["weight_decay"]
             a, b, s = layer.lora_A, layer.lora_B, layer.scaling
+            if a.grad is None or b.grad is None:  # a layer this step did not reach: no step, as the authors' code
+                continue
             g_a, g_b = projected_gradients(a, b, a.grad, b.grad, s, "zero")  # X cancels in g̃
             full = equivalent_gradient(a, b, g_a, g_b, s)
             dtype = MOMENT_DTYPES[self.moment_dtype]
