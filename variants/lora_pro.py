@@ -117,8 +117,9 @@ class LoRAPro(LoRA):
         """§2, with AdamW: the moments of the equivalent gradient, its Adam direction projected back
         to A and B, which step here (with the betas, eps and weight decay of A's optimizer group)."""
         self.adam_step += 1
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for name, layer in layers.items():
-            group = next(g for g in optimizer.param_groups if any(p is layer.lora_A for p in g["params"]))
+            group = group_of[id(layer.lora_A)]
             (beta1, beta2), eps, decay = group["betas"], group["eps"], group["weight_decay"]
             a, b, s = layer.lora_A, layer.lora_B, layer.scaling
             if a.grad is None or b.grad is None:  # a layer this step did not reach: no step, as the authors' code
