@@ -59,6 +59,7 @@ def test_x_solves_the_sylvester_equation_and_changes_loras_gradients_least():
 
 
 def lora_pro_layer(mode, **settings):
+    torch.manual_seed(0)  # the same W0 and A on every call
     model = nn.Sequential(nn.Linear(N, M))
     variants.inject_adapters(model, "lora_pro", ["0"], rank=R, alpha=S * R, mode=mode, **settings)
     with torch.no_grad():  # a state after some training: B ≠ 0
@@ -110,3 +111,78 @@ def test_full_mode_keeps_adam_on_the_equivalent_gradient_and_steps_a_and_b_itsel
 def test_bad_settings(settings, message):
     with pytest.raises(variants.ConfigError, match=message):
         variants.get_variant("lora_pro").create(rank=4, alpha=8, **settings)
+
+
+def test_at_the_start_b_is_zero_so_the_first_full_step_moves_b_alone_along_the_projected_adam_direction():
+    """B₀ = 0: P_B = 0, so g̃ = g·P_A (the part of the full gradient in A's row space), X = 0,
+    A's step is 0 and W moves by s·ΔB·A = −η·d·P_A, d = g̃/(|g̃| + ε) Adam's first direction."""
+    model = nn.Sequential(nn.Linear(N, M))
+    variants.inject_adapters(model, "lora_pro", ["0"], rank=R, alpha=S * R, moment_dtype="fp32")
+    layer, lr = model[0], 0.01
+    assert not layer.lora_B.any()
+    a = layer.lora_A.detach().clone()
+    x = torch.randn(5, N, generator=torch.Generator().manual_seed(4))
+    y = layer(x)
+    y.pow(2).sum().backward()
+    full = 2 * y.detach().t() @ x  # g = ∂L/∂W of L = Σ y², y = W·x (+ bias)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    variants.transform_gradients(model, optimizer, lr)
+    optimizer.step()
+
+    assert torch.equal(layer.lora_A, a)
+    p_a = a.t() @ torch.linalg.inv(a @ a.t()) @ a
+    projected = full @ p_a
+    direction = projected / (projected.abs() + 1e-8)
+    torch.testing.assert_close(S * layer.lora_B.detach() @ a, -lr * direction @ p_a, atol=1e-6, rtol=1e-4)
+
+
+def test_full_mode_weight_decay_shrinks_the_whole_equivalent_weight_and_the_decayed_base_is_saved(tmp_path):
+    """AdamW's decoupled decay on W = W0 + s·B·A (the authors' code): W0 by (1 − ηλ), A and B by
+    √(1 − ηλ) each before the step; the adapter file then carries W0, and reloads exactly."""
+    lr, decay = 0.01, 0.1
+    stepped = {}
+    for weight_decay in (0.0, decay):
+        model = lora_pro_layer("full", moment_dtype="fp32")
+        w0 = model[0].base.weight.detach().clone()
+        x = torch.randn(5, N, generator=torch.Generator().manual_seed(4))
+        model[0](x).pow(2).sum().backward()
+        a, b = model[0].lora_A.detach().clone(), model[0].lora_B.detach().clone()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                      weight_decay=weight_decay)
+        variants.transform_gradients(model, optimizer, lr)
+        stepped[weight_decay] = model
+    plain, decayed = stepped[0.0][0], stepped[decay][0]
+    shrink = (1 - lr * decay) ** 0.5
+    torch.testing.assert_close(decayed.lora_A, plain.lora_A + (shrink - 1) * a)
+    torch.testing.assert_close(decayed.lora_B, plain.lora_B + (shrink - 1) * b)
+    torch.testing.assert_close(decayed.base.weight, (1 - lr * decay) * w0)
+    assert torch.equal(plain.base.weight, w0)
+
+    variants.save_adapter(stepped[decay], tmp_path / "adapter")
+    fresh = nn.Sequential(nn.Linear(N, M))
+    fresh[0].load_state_dict({"weight": w0, "bias": decayed.base.bias.detach()})
+    variants.inject_adapters(fresh, "lora_pro", ["0"], rank=R, alpha=S * R)
+    variants.load_adapter(fresh, tmp_path / "adapter")
+    probe = torch.randn(7, N, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(fresh(probe), stepped[decay](probe), atol=0, rtol=0)
+
+
+def test_bf16_moments_follow_fp32_moments_over_several_steps():
+    """The authors keep g̃'s moments in bf16: over 5 steps A and B stay within bf16's rounding of
+    the fp32 run (a moment that stopped updating, or one updated twice, is far outside it)."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        model, lr = lora_pro_layer("full", moment_dtype=dtype), 0.01
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        start = model[0].lora_A.detach().clone(), model[0].lora_B.detach().clone()
+        for step in range(5):
+            x = torch.randn(5, N, generator=torch.Generator().manual_seed(10 + step))
+            model[0](x).pow(2).sum().backward()
+            variants.transform_gradients(model, optimizer, lr)
+            optimizer.step()
+        method = variants.variant_of(model)
+        assert method.adam_step == 5 and method.moments["0"][0].dtype == getattr(torch, {"fp32": "float32",
+                                                                                          "bf16": "bfloat16"}[dtype])
+        runs[dtype] = [p.detach() - p0 for p, p0 in zip((model[0].lora_A, model[0].lora_B), start)]
+    for exact, rounded in zip(runs["fp32"], runs["bf16"]):
+        assert float((rounded - exact).norm() / exact.norm()) < 0.02
