@@ -38,6 +38,37 @@ def test_the_first_step_is_the_best_rank_2r_approximation_of_the_gradient():
     assert float(cosine) == pytest.approx(float(s[:2 * r].norm() / s.norm()), rel=1e-5)
 
 
+
+@pytest.mark.parametrize("direction, a_index, b_index", [
+    ("ArB2r", [0, 1], [2, 3]), ("A2rBr", [2, 3], [0, 1]), ("ArBr", [1, 3], [0, 2])])
+@pytest.mark.parametrize("scale", ["stable", "unit", "gd"])
+def test_every_direction_and_scale_takes_the_top_2r_singular_vectors(direction, a_index, b_index, scale):
+    """A₀ rows and B₀ columns are G's singular vectors by the direction's indices, times the
+    scale's factor k (stable: c; unit: 1; gd: 1/s); so the first equivalent gradient
+    s²·(B·Bᵀ·G + G·Aᵀ·A) is s²·k² times G's top 2r components whichever the direction."""
+    r, scaling = 2, 2.0
+    grad = torch.randn(10, 12, generator=torch.Generator().manual_seed(1))
+    u, s, vh = torch.linalg.svd(grad, full_matrices=False)
+    k = {"stable": 10 ** 0.25 / 16 ** 0.5, "unit": 1.0, "gd": 1 / scaling}[scale]
+    down, up = gradient_factors(grad, r, scaling, direction, scale, svd="exact")
+    torch.testing.assert_close(down, k * vh[a_index])
+    torch.testing.assert_close(up, k * u[:, b_index])
+    equivalent = scaling ** 2 * (up @ up.t() @ grad + grad @ down.t() @ down)
+    best = u[:, :2 * r] @ torch.diag(s[:2 * r]) @ vh[:2 * r]
+    torch.testing.assert_close(equivalent, scaling ** 2 * k ** 2 * best, atol=1e-5, rtol=1e-5)
+
+
+def test_the_randomized_svd_finds_the_subspaces_of_the_exact_one():
+    """svd=lowrank (the authors' torch.svd_lowrank, q = 4r, 4 power iterations) against the exact
+    SVD on a gradient whose spectrum decays: the same spans for A and for B (signs may differ)."""
+    gen = torch.Generator().manual_seed(5)
+    left, _ = torch.linalg.qr(torch.randn(64, 48, generator=gen))
+    right, _ = torch.linalg.qr(torch.randn(48, 48, generator=gen))
+    grad = left @ torch.diag(0.7 ** torch.arange(48.0)) @ right.t()
+    exact, lowrank = (gradient_factors(grad, 4, 2.0, svd=svd, scale="unit") for svd in ("exact", "lowrank"))
+    torch.testing.assert_close(lowrank[0].t() @ lowrank[0], exact[0].t() @ exact[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(lowrank[1] @ lowrank[1].t(), exact[1] @ exact[1].t(), atol=1e-4, rtol=0)
+
 def test_the_layer_starts_as_its_base_and_its_delta_is_the_change_since_the_start():
     layer = small_layer()
     x = torch.randn(5, 12)
