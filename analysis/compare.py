@@ -53,7 +53,7 @@ from training import rundir
 # Config keys that may differ between the runs of one comparison: the method and its rate, the seed,
 # and what does not change results. Every other key (data, model, steps, schedule, precision,
 # budget...) and the summary's number of steps must be equal within a task.
-MAY_DIFFER = ("variant.", "seed", "trainer.lr", "rank", "alpha", "adapter_dropout", "lr_point", "lr_grid.",
+MAY_DIFFER = ("variant.", "seed", "trainer.lr", "rank", "alpha", "adapter_dropout", "lr_point", "lr_grid.", "lr_grid_of",
               "init_from", "resume", "tracking.", "glue_dir", "trainer.log_every", "trainer.checkpoint_every",
               "trainer.eval_batch_size")
 AT = ("final", "best_val")
