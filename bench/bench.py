@@ -12,8 +12,11 @@ synthetic batch (random token ids, all positions attended). Rounds alternate ove
 configurations (the start rotates each round), so drift in machine speed hits all of them
 alike; each round times ``--steps`` full training steps per configuration (forward, loss with
 any regulariser, backward, gradient clipping, optimizer step, the variant's after-step hook)
-after ``--warmup`` untimed ones. Reported: median step time, tokens/s, trainable parameters,
-memory, and the ratios the project tracks. Memory is ``torch.cuda.max_memory_allocated`` on
+after ``--warmup`` untimed ones. The step is the trainer's: the optimizer's parameter groups
+come from the variant's ``learning_rate_scale`` (LoRA+), and the variant's
+``transform_gradients`` runs between clipping and the step (LoRA-Pro); a data-driven start
+(LoRA-GA's ``initialize``, on ``init_batches`` copies of the batch) is timed once, apart.
+Reported: median step time, tokens/s, trainable parameters, memory, and the ratios the project tracks. Memory is ``torch.cuda.max_memory_allocated`` on
 CUDA; on CPU (where no per-configuration peak exists inside one process) it is the bytes of
 weights + gradients + optimizer state + the activations autograd saves for backward.
 Inference: median forward latency (eval, no grad) of the base model, our merged LoRA model
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import statistics
@@ -39,8 +43,10 @@ import torch
 from torch import nn
 
 import variants
+from training.optim import make_optimizer, param_groups
 
 ARCHS = ("minilm", "roberta-base", "llama-1b")
+LR = 1e-4  # every configuration's peak rate (speed does not depend on it)
 
 
 def build_base(arch: str, num_labels: int = 2) -> tuple[nn.Module, list[str], int]:
@@ -71,6 +77,7 @@ class Config:
     extra_loss: Callable[[nn.Module], torch.Tensor | None] = lambda model: None
     after_step: Callable[[nn.Module, int], None] = lambda model, step: None
     optimizer: torch.optim.Optimizer | None = None
+    init_s: float | None = None  # a data-driven initialisation's wall time (LoRA-GA), once
     times: list[float] = field(default_factory=list)
     step: int = 0
 
@@ -96,13 +103,18 @@ def theirs(base: nn.Module, variant: str, targets, rank: int, dropout: float, to
     return peft.get_peft_model(model, config)
 
 
-def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps: int) -> dict[str, Callable[[], Config]]:
+def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps: int,
+                   batch: dict[str, torch.Tensor]) -> dict[str, Callable[[], Config]]:
     """Builders, so only the selected configurations are built."""
     r, p = args.rank, args.dropout
 
     def hooked(name: str, model: nn.Module) -> Config:
+        model.to(batch["input_ids"].device)
+        start = time.perf_counter()
+        done = variants.initialize(model, variants.InitData(itertools.repeat(batch), lambda m, b: m(**b).loss))
+        init_s = time.perf_counter() - start if done else None
         variants.on_train_begin(model, total_steps)
-        return Config(name, model, extra_loss=variants.adapter_loss,
+        return Config(name, model, extra_loss=variants.adapter_loss, init_s=init_s,
                       after_step=lambda m, step: variants.after_optimizer_step(m, step, total_steps))
 
     def quantized_peft() -> nn.Module:
@@ -132,6 +144,11 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
             after_step=lambda model, step: model.base_model.update_and_allocate(step)),
         "qlora-qv": lambda: hooked("qlora-qv", ours(base, "qlora", qv, r, p, head)),
         "peft-qlora-qv": lambda: Config("peft-qlora-qv", quantized_peft()),
+        "loraplus-qv": lambda: hooked("loraplus-qv", ours(base, "lora", qv, r, p, head, lr_ratio=16)),
+        "lora_ga-qv": lambda: hooked("lora_ga-qv", ours(base, "lora_ga", qv, r, p, head)),
+        "lora_pro-qv": lambda: hooked("lora_pro-qv", ours(base, "lora_pro", qv, r, p, head)),
+        "lora_pro_efficient-qv": lambda: hooked("lora_pro_efficient-qv",
+                                                ours(base, "lora_pro", qv, r, p, head, mode="efficient")),
     }
 
 
@@ -143,6 +160,7 @@ def train_step(config: Config, batch: dict[str, torch.Tensor], sync: Callable[[]
     (loss if extra is None else loss + extra).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.nn.utils.clip_grad_norm_(params, 1.0)
+    variants.transform_gradients(model, config.optimizer, LR)
     config.optimizer.step()
     config.step += 1
     config.after_step(model, config.step)
@@ -175,9 +193,21 @@ def memory_bytes(config: Config, batch: dict[str, torch.Tensor], device: torch.d
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     state = sum(v.numel() * v.element_size() for s in config.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor))
+    state += tensor_bytes(variants.training_state(model))  # what the variant carries itself (LoRA-Pro's moments)
     weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     activations = sum(n for ptr, n in saved.items() if ptr not in weight_ptrs)
     return weights + grads + state + activations
+
+
+def tensor_bytes(tree) -> int:
+    """Bytes of the tensors in a nest of dicts and lists."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
 
 
 def inference_latency(base: nn.Module, qv: list[str], head: str, args, batch, device, sync) -> dict[str, float]:
@@ -220,7 +250,7 @@ def run(args) -> dict:
     }
     batch = {k: v.to(device) for k, v in batch.items()}
     total_steps = args.warmup + args.rounds * args.steps + 1
-    builders = configurations(base, qv, head, args, total_steps)
+    builders = configurations(base, qv, head, args, total_steps, batch)
     names = args.only.split(",") if args.only else list(builders)
     unknown = [n for n in names if n not in builders]
     if unknown:
@@ -229,8 +259,9 @@ def run(args) -> dict:
     for name in names:
         config = builders[name]()
         config.model.to(device).train()
-        params = [p for p in config.model.parameters() if p.requires_grad]
-        config.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        named = [(n, p) for n, p in config.model.named_parameters() if p.requires_grad]
+        groups = param_groups(named, 0.0, "matrices", lambda n, p, m=config.model: variants.learning_rate_scale(m, n, p))
+        config.optimizer = make_optimizer("adamw", groups, LR)
         configs.append(config)
     for config in configs:
         for _ in range(args.warmup):
@@ -248,6 +279,8 @@ def run(args) -> dict:
             "step_s": step, "tokens_per_s": tokens / step, "trainable_params": trainable, "total_params": total,
             "memory_mb": memory_bytes(config, batch, device) / 2**20, "timed_steps": len(config.times),
         }
+        if config.init_s is not None:
+            results[config.name]["init_s"] = config.init_s
     report = {
         "command": "python bench/bench.py " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -276,6 +309,10 @@ RATIOS = {
     "adalora-qv / peft-adalora-qv": ("adalora-qv", "peft-adalora-qv"),
     "qlora-qv / lora-qv": ("qlora-qv", "lora-qv"),
     "qlora-qv / peft-qlora-qv": ("qlora-qv", "peft-qlora-qv"),
+    "loraplus-qv / lora-qv": ("loraplus-qv", "lora-qv"),
+    "lora_ga-qv / lora-qv": ("lora_ga-qv", "lora-qv"),
+    "lora_pro-qv / lora-qv": ("lora_pro-qv", "lora-qv"),
+    "lora_pro_efficient-qv / lora-qv": ("lora_pro_efficient-qv", "lora-qv"),
 }
 
 
@@ -290,6 +327,10 @@ def markdown(report: dict) -> str:
     for name, r in report["train"].items():
         lines.append(f"| {name} | {1000 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['trainable_params']:,} | "
                      f"{r['memory_mb']:.0f} |")
+    inits = {name: r["init_s"] for name, r in report["train"].items() if "init_s" in r}
+    if inits:
+        lines += ["", "| data-driven start (once, before step 1) | s |", "|---|---|"]
+        lines += [f"| {name} | {t:.2f} |" for name, t in inits.items()]
     lines += ["", "| ratio (step time, or latency) | value |", "|---|---|"]
     lines += [f"| {label} | {value:.3f} |" for label, value in report["ratios"].items()]
     if "inference_s" in report:
