@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import bench  # noqa: E402
@@ -33,3 +35,18 @@ def test_unknown_configuration_is_an_error():
         assert "--only has ['nope']; allowed: full, lora-qv" in str(err)
     else:
         raise AssertionError("expected an error")
+
+
+def test_the_step_is_the_trainers_with_the_variants_hooks(tmp_path):
+    """LoRA-GA's start is timed once; LoRA-Pro's transform_gradients runs in each step, so its
+    full-size moments (bf16 m and v of every adapted 384 x 384 layer) count in its memory."""
+    out = tmp_path / "bench.json"
+    only = "lora-qv,loraplus-qv,lora_ga-qv,lora_pro-qv"
+    assert bench.main(["--batch", "2", "--seq", "8", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                       "--only", only, "--skip-inference", "--json", str(out)]) == 0
+    train = json.loads(out.read_text())["train"]
+    assert train["lora_ga-qv"]["init_s"] > 0 and "init_s" not in train["lora-qv"]
+    moments = 12 * 384 * 384 * 2 * 2 / 2**20  # 12 layers (q, v of 6 blocks), m and v, bf16
+    adamw_of_a_and_b = 12 * 8 * (384 + 384) * 2 * 4 / 2**20  # which LoRA-Pro's own step replaces
+    assert train["lora_pro-qv"]["memory_mb"] - train["lora-qv"]["memory_mb"] == pytest.approx(
+        moments - adamw_of_a_and_b, abs=0.01)
