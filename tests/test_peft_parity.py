@@ -57,3 +57,39 @@ def test_merged_weights_match_peft(minilm):
     ours = {n.replace(".base.", "."): w for n, w in model.state_dict().items() if "lora_" not in n}
     for name, weight in merged_theirs.state_dict().items():
         torch.testing.assert_close(ours[name], weight, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_rslora_scaling_matches_peft_use_rslora(minilm, batch, variant, bf16):
+    """variant.scaling=rslora (α/√r) against peft's use_rslora on identical weights, rank 16,
+    α = 8 (a factor of 2, where α/r would be 0.5): logits, A's and B's gradients, merged weights;
+    fp32, and under CPU bf16 autocast to a few bf16 steps of the largest value."""
+    model, _ = minilm
+    config = peft.LoraConfig(r=16, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
+                             use_rslora=True, use_dora=variant == "dora", task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(copy.deepcopy(model), config)
+    variants.inject_adapters(model, variant, ["query", "value"], rank=16, alpha=8, scaling="rslora")
+    variants.mark_trainable(model)
+    ours_layers, peft_layers = copy_weights_into_peft(model, theirs)
+    assert all(layer.scaling == 2.0 for layer in ours_layers.values())
+    model.eval()
+    theirs.eval()
+
+    def close(got, expected, atol, rtol):
+        if bf16:
+            atol, rtol = 5e-2 * expected.abs().max().item(), 0.0
+        torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=rtol)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ours_out, theirs_out = model(**batch).logits, theirs(**batch).logits
+    close(ours_out, theirs_out, atol=1e-5, rtol=1e-5)
+    ours_out.float().sum().backward()
+    theirs_out.float().sum().backward()
+    for name, layer in ours_layers.items():
+        close(layer.lora_A.grad, peft_layers[name].lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
+        close(layer.lora_B.grad, peft_layers[name].lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
+    variants.merge_adapters(model)
+    merged_theirs = theirs.merge_and_unload().state_dict()
+    for name, layer in ours_layers.items():
+        torch.testing.assert_close(layer.base.weight, merged_theirs[f"{name}.weight"], atol=1e-6, rtol=1e-5)

@@ -36,11 +36,10 @@ class DoRALinear(LoRALinear):
         base: nn.Linear,
         rank: int,
         alpha: float,
-        dropout: float = 0.0,
-        init: str = "kaiming",
         detach_norm: bool = True,
+        **lora_settings: Any,
     ) -> None:
-        super().__init__(base, rank, alpha, dropout=dropout, init=init)
+        super().__init__(base, rank, alpha, **lora_settings)
         self.detach_norm = detach_norm
         self.magnitude = nn.Parameter(self.base.weight.detach().to(self.lora_A.dtype).norm(dim=1))
         # ‖V‖_c at merge time: what unmerge needs to recover W0 from the merged weight.
@@ -131,8 +130,7 @@ class DoRA(LoRA):
         self.detach_norm = detach_norm
 
     def new_layer(self, base: nn.Linear) -> DoRALinear:
-        return DoRALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init,
-                          detach_norm=self.detach_norm)
+        return DoRALinear(base, self.rank, self.alpha, detach_norm=self.detach_norm, **self.layer_settings())
 
     @classmethod
     def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:

@@ -12,12 +12,19 @@ own code (``loraplus.py``, which peft's ``create_loraplus_optimizer`` follows) a
 other trainable vector the B rate: biases, LayerNorm shifts, DoRA's magnitude, the head's bias;
 matrices (A, the head's weight) keep η. That is the default (``lr_ratio_on="b_and_vectors"``);
 ``"b_only"`` scales B alone, as the paper's text reads.
+
+rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"):
+``scaling="rslora"`` scales the update by α/√r instead of α/r. With α/r the update's size and
+its factors' gradients shrink as r grows, so a rank-64 adapter learns like a rank-8 one; the
+paper's §3 shows the adapters stay rank-stabilized (activations and gradients Θ(1) in r) if and
+only if the factor is Θ(1/√r). A knob of every variant of the LoRA family.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +33,12 @@ from .base import AdapterLayer, AdapterVariant, ConfigError, adapter_dtype, regi
 
 A_INITS = ("kaiming", "gaussian")
 LR_RATIO_ON = ("b_and_vectors", "b_only")
+SCALINGS = ("standard", "rslora")
+
+
+def lora_scaling(alpha: float, rank: int, rule: str = "standard") -> float:
+    """The factor on B·A: α/r (LoRA §4.1) or α/√r (rsLoRA)."""
+    return alpha / math.sqrt(rank) if rule == "rslora" else alpha / rank
 
 
 class LoRALinear(AdapterLayer):
@@ -35,17 +48,19 @@ class LoRALinear(AdapterLayer):
         base: the frozen layer, weight ``(d_out, d_in)``.
         rank: r, the inner dimension of B·A.
         alpha: α; the update is scaled by α/r so that changing r needs no re-tuning of the
-            learning rate (paper §4.1).
+            learning rate (paper §4.1), or by α/√r with ``scaling="rslora"``.
         dropout: dropout on the adapter path's input, not on the base path.
         init: how A starts: ``kaiming`` (uniform, as ``nn.Linear``'s default and loralib) or
             ``gaussian`` (N(0, 1/r²), the paper's "random Gaussian").
+        scaling: ``standard`` (α/r) or ``rslora`` (α/√r).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming") -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 scaling: str = "standard") -> None:
         super().__init__(base)
         self.rank = rank
         self.alpha = alpha
-        self.scaling = alpha / rank
+        self.scaling = lora_scaling(alpha, rank, scaling)
         dtype = adapter_dtype(base)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
@@ -90,14 +105,16 @@ class LoRALinear(AdapterLayer):
 class LoRA(AdapterVariant):
     """LoRA on the targeted layers: ``LoRALinear`` each, and LoRA+'s rate ratio.
 
-    Settings: ``dropout`` and ``init`` (as ``LoRALinear``); ``lr_ratio``: λ of LoRA+, B's rate
-    over A's (None: one rate, plain LoRA); ``lr_ratio_on``: what else takes λ (see above)."""
+    Settings: ``dropout``, ``init`` and ``scaling`` (as ``LoRALinear``); ``lr_ratio``: λ of
+    LoRA+, B's rate over A's (None: one rate, plain LoRA); ``lr_ratio_on``: what else takes λ
+    (see above). Subclasses build their layers with ``layer_settings()``."""
 
     def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 lr_ratio: float | None = None, lr_ratio_on: str = "b_and_vectors") -> None:
+                 lr_ratio: float | None = None, lr_ratio_on: str = "b_and_vectors", scaling: str = "standard") -> None:
         super().__init__(rank, alpha)
-        if init not in A_INITS:
-            raise ConfigError(f"variant.init={init!r} is not supported; allowed: {', '.join(A_INITS)}")
+        for key, value, allowed in (("init", init, A_INITS), ("scaling", scaling, SCALINGS)):
+            if value not in allowed:
+                raise ConfigError(f"variant.{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
         if lr_ratio is not None and (isinstance(lr_ratio, bool) or not isinstance(lr_ratio, (int, float))
@@ -107,9 +124,14 @@ class LoRA(AdapterVariant):
             raise ConfigError(f"variant.lr_ratio_on={lr_ratio_on!r} is not supported; "
                               f"allowed: {', '.join(LR_RATIO_ON)}")
         self.dropout, self.init, self.lr_ratio, self.lr_ratio_on = dropout, init, lr_ratio, lr_ratio_on
+        self.scaling_rule = scaling
+
+    def layer_settings(self) -> dict[str, Any]:
+        """The keyword arguments every layer of the LoRA family takes."""
+        return {"dropout": self.dropout, "init": self.init, "scaling": self.scaling_rule}
 
     def new_layer(self, base: nn.Linear) -> LoRALinear:
-        return LoRALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init)
+        return LoRALinear(base, self.rank, self.alpha, **self.layer_settings())
 
     def learning_rate_scale(self, name: str, parameter: nn.Parameter) -> float:
         """LoRA+: λ for B (and, by default, for every trainable vector); 1 for the rest."""

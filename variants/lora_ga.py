@@ -48,8 +48,8 @@ class LoRAGALinear(LoRALinear):
     """LoRA whose update is measured from a non-zero start (A₀, B₀): ``(d_out, r)``, ``(r, d_in)``
     buffers, zero until ``start_from`` (then the layer is plain LoRA with a non-zero start)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming") -> None:
-        super().__init__(base, rank, alpha, dropout=dropout, init=init)
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, **lora_settings: Any) -> None:
+        super().__init__(base, rank, alpha, **lora_settings)
         self.register_buffer("lora_A0", torch.zeros_like(self.lora_A, requires_grad=False))
         self.register_buffer("lora_B0", torch.zeros_like(self.lora_B, requires_grad=False))
 
@@ -143,7 +143,7 @@ class LoRAGA(LoRA):
         self.stable_gamma, self.svd = stable_gamma, svd
 
     def new_layer(self, base: nn.Linear) -> LoRAGALinear:
-        return LoRAGALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init)
+        return LoRAGALinear(base, self.rank, self.alpha, **self.layer_settings())
 
     def prepare_model(self, model: nn.Module, targets: Sequence[str], exclude: Sequence[str]) -> None:
         """Before anything changes: every target must have the 2r singular vectors A and B take."""

@@ -157,12 +157,12 @@ class QLoRALinear(LoRALinear):
             the compute dtype; saves memory, costs one more rounding of every weight.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 quant_args: Mapping[str, Any] | None = None, requantize_on_merge: bool = False) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, quant_args: Mapping[str, Any] | None = None,
+                 requantize_on_merge: bool = False, **lora_settings: Any) -> None:
         self.quant_args = dict(quant_args or {})
         if not is_quantized(base):
             base = quantize_linear(base, **self.quant_args)
-        super().__init__(base, rank, alpha, dropout=dropout, init=init)
+        super().__init__(base, rank, alpha, **lora_settings)
         self.requantize_on_merge = requantize_on_merge
         self._quantized_base: nn.Linear | None = None
 
@@ -214,8 +214,8 @@ class QLoRA(LoRA):
         self.requantize_on_merge = requantize_on_merge
 
     def new_layer(self, base: nn.Linear) -> QLoRALinear:
-        return QLoRALinear(base, self.rank, self.alpha, dropout=self.dropout, init=self.init,
-                           quant_args=self.quant_args, requantize_on_merge=self.requantize_on_merge)
+        return QLoRALinear(base, self.rank, self.alpha, quant_args=self.quant_args,
+                           requantize_on_merge=self.requantize_on_merge, **self.layer_settings())
 
     def prepare_model(self, model: nn.Module, targets: Sequence[str], exclude: Sequence[str]) -> None:
         """Quantize every ``nn.Linear`` that is neither a target (the layers quantize their own
