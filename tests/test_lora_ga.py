@@ -69,6 +69,7 @@ def test_the_randomized_svd_finds_the_subspaces_of_the_exact_one():
     torch.testing.assert_close(lowrank[0].t() @ lowrank[0], exact[0].t() @ exact[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(lowrank[1] @ lowrank[1].t(), exact[1] @ exact[1].t(), atol=1e-4, rtol=0)
 
+
 def test_the_layer_starts_as_its_base_and_its_delta_is_the_change_since_the_start():
     layer = small_layer()
     x = torch.randn(5, 12)
@@ -77,9 +78,11 @@ def test_the_layer_starts_as_its_base_and_its_delta_is_the_change_since_the_star
     assert torch.equal(layer(x), layer.base(x))  # bit for bit
     assert torch.count_nonzero(layer.delta_weight()) == 0
     torch.testing.assert_close(layer.initial_weight(), layer.base.weight - layer.scaling * up @ down)
-    with torch.no_grad():
+    with torch.no_grad():  # training moved both factors
         layer.lora_B.add_(0.1)
+        layer.lora_A.mul_(1.5)
     torch.testing.assert_close(layer(x), x @ (layer.base.weight + layer.delta_weight()).t() + layer.base.bias)
+    torch.testing.assert_close(layer.delta_weight(), layer.scaling * (layer.lora_B @ layer.lora_A - up @ down))
     expected = layer(x)
     layer.merge()
     torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)

@@ -64,10 +64,12 @@ class LoRAGALinear(LoRALinear):
         result = self.base(x)
         if self.merged or not self.active:
             return result
-        adapter_input = self.dropout(x).to(self.lora_A.dtype)
-        trained = (adapter_input @ self.lora_A.t()) @ self.lora_B.t()
-        start = (adapter_input @ self.lora_A0.t()) @ self.lora_B0.t()  # the same computation: 0 at the start
-        return result + ((trained - start) * self.scaling).to(result.dtype)
+        # s·(B·A − B₀·A₀)·x = [d − d₀, d₀]·[B, B − B₀]ᵀ·s with d = A·x, d₀ = A₀·x: one GEMM over
+        # 2r into the base output (as LoRA's), and exactly 0 while A = A₀ and B = B₀
+        both = self.dropout(x).to(self.lora_A.dtype) @ torch.cat([self.lora_A, self.lora_A0]).t()
+        down, down0 = both.split(self.rank, dim=-1)
+        inner = torch.cat([down - down0, down0], dim=-1) * self.scaling
+        return self.add_up_projection(result, inner, torch.cat([self.lora_B, self.lora_B - self.lora_B0], dim=1))
 
     def delta_weight(self) -> torch.Tensor:
         """s·(B·A − B₀·A₀): ``(d_out, d_in)``, the change from the pretrained W0."""
