@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 import variants
-from variants.lora_ga import LoRAGALinear, estimate_weight_gradients, gradient_factors
+from variants.lora_ga import estimate_weight_gradients, gradient_factors
+from variants.offset import OffsetLoRALinear
 
 
 def small_layer(rank=2, alpha=4):
     torch.manual_seed(0)
-    return LoRAGALinear(nn.Linear(12, 10), rank=rank, alpha=alpha)
+    return OffsetLoRALinear(nn.Linear(12, 10), rank=rank, alpha=alpha)
 
 
 def test_the_first_step_is_the_best_rank_2r_approximation_of_the_gradient():

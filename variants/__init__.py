@@ -33,7 +33,8 @@ from .dora import DoRA, DoRALinear
 from .full import FullFineTuning
 from .head import HeadOnly
 from .lora import LoRA, LoRALinear
-from .lora_ga import LoRAGA, LoRAGALinear
+from .lora_ga import LoRAGA
+from .offset import OffsetLoRALinear
 from .lora_pro import LoRAPro
 from .qlora import QLoRA, QLoRALinear
 from .staged import Staged

@@ -12,14 +12,10 @@ so B₀·B₀ᵀ·G + G·A₀ᵀ·A₀ = c²·(the top 2r singular components of
 subtracts it from the frozen weight, W_init = W0 − s·B₀·A₀, so the wrapped model starts
 exactly as the base model.
 
-Here W0 is not changed: the layer keeps A₀ and B₀ as buffers and computes
-
-    h = W0·x + s·B·A·x − s·B₀·A₀·x
-
-which is the paper's model term by term (W_init·x = W0·x − s·B₀·A₀·x). At the start the last two
-terms are the same computation on the same tensors, so they cancel exactly; a saved adapter (A,
-B, A₀, B₀) reproduces the trained model exactly on a fresh, unmodified base; a checkpoint
-resumes without repeating the initialisation. ΔW = s·(B·A − B₀·A₀).
+Here W0 is not changed: the layer (``OffsetLoRALinear``) keeps A₀ and B₀ as buffers and
+computes h = W0·x + s·(B·A − B₀·A₀)·x, the paper's model (W_init·x = W0·x − s·B₀·A₀·x), exactly
+the base model at the start; a saved adapter (A, B, A₀, B₀) reproduces the trained model exactly
+on a fresh, unmodified base, and a checkpoint resumes without repeating the initialisation.
 
 Numerics follow the authors' code (github.com/Outsider565/LoRA-GA, ``reinit_lora_modules``):
 the gradient is the mean over ``init_batches`` training batches; its SVD is randomized
@@ -38,46 +34,11 @@ from torch import nn
 
 from .base import ConfigError, InitData, layers_of, register_variant
 from .lora import LoRA, LoRALinear
+from .offset import OffsetLoRALinear
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 SCALES = ("stable", "unit", "gd", "peft_stable")
 SVDS = ("lowrank", "exact")
-
-
-class LoRAGALinear(LoRALinear):
-    """LoRA whose update is measured from a non-zero start (A₀, B₀): ``(d_out, r)``, ``(r, d_in)``
-    buffers, zero until ``start_from`` (then the layer is plain LoRA with a non-zero start)."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, **lora_settings: Any) -> None:
-        super().__init__(base, rank, alpha, **lora_settings)
-        self.register_buffer("lora_A0", torch.zeros_like(self.lora_A, requires_grad=False))
-        self.register_buffer("lora_B0", torch.zeros_like(self.lora_B, requires_grad=False))
-
-    @torch.no_grad()
-    def start_from(self, down: torch.Tensor, up: torch.Tensor) -> None:
-        """A = A₀ = ``down`` ``(r, d_in)``, B = B₀ = ``up`` ``(d_out, r)``."""
-        for param, start, value in ((self.lora_A, self.lora_A0, down), (self.lora_B, self.lora_B0, up)):
-            param.copy_(value)
-            start.copy_(value)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
-        if self.merged or not self.active:
-            return result
-        # s·(B·A − B₀·A₀)·x = [d − d₀, d₀]·[B, B − B₀]ᵀ·s with d = A·x, d₀ = A₀·x: one GEMM over
-        # 2r into the base output (as LoRA's), and exactly 0 while A = A₀ and B = B₀
-        both = self.dropout(x).to(self.lora_A.dtype) @ torch.cat([self.lora_A, self.lora_A0]).t()
-        down, down0 = both.split(self.rank, dim=-1)
-        inner = torch.cat([down - down0, down0], dim=-1) * self.scaling
-        return self.add_up_projection(result, inner, torch.cat([self.lora_B, self.lora_B - self.lora_B0], dim=1))
-
-    def delta_weight(self) -> torch.Tensor:
-        """s·(B·A − B₀·A₀): ``(d_out, d_in)``, the change from the pretrained W0."""
-        return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
-
-    def initial_weight(self) -> torch.Tensor:
-        """The paper's W_init = W0 − s·B₀·A₀ (fp32): what the base layer would hold in its code."""
-        return self.frozen_weight() - (self.lora_B0 @ self.lora_A0) * self.scaling
 
 
 def gradient_factors(grad: torch.Tensor, rank: int, scaling: float, direction: str = "ArB2r",
@@ -110,7 +71,7 @@ def gradient_factors(grad: torch.Tensor, rank: int, scaling: float, direction: s
 
 @register_variant("lora_ga")
 class LoRAGA(LoRA):
-    """LoRA-GA on the targeted layers: ``LoRAGALinear`` each, started from the gradient.
+    """LoRA-GA on the targeted layers: ``OffsetLoRALinear`` each, started from the gradient.
 
     Settings (besides LoRA's):
         init_batches: training batches whose mean gradient is decomposed (the authors' code: 8).
@@ -144,8 +105,8 @@ class LoRAGA(LoRA):
         self.init_batches, self.direction, self.scale = init_batches, direction, scale
         self.stable_gamma, self.svd = stable_gamma, svd
 
-    def new_layer(self, base: nn.Linear) -> LoRAGALinear:
-        return LoRAGALinear(base, self.rank, self.alpha, **self.layer_settings())
+    def new_layer(self, base: nn.Linear) -> OffsetLoRALinear:
+        return OffsetLoRALinear(base, self.rank, self.alpha, **self.layer_settings())
 
     def prepare_model(self, model: nn.Module, targets: Sequence[str], exclude: Sequence[str]) -> None:
         """Before anything changes: every target must have the 2r singular vectors A and B take."""

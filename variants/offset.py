@@ -1,0 +1,58 @@
+"""LoRA from a non-zero start, for the methods that start A and B from something (LoRA-GA from
+the first gradients, PiSSA and MiLoRA from W0's singular vectors).
+
+Their papers subtract the start from the frozen weight, W_res = W0 − s·B₀·A₀, so that the
+wrapped model starts as the base model. This layer leaves W0 alone and keeps A₀ and B₀ instead:
+
+    h = W0·x + s·(B·A − B₀·A₀)·x
+
+the same model term by term. At the start the update is exactly 0 (not W_res + s·B₀·A₀ ≈ W0 up to
+rounding), so the model is the base model bit for bit; a saved adapter (A, B, A₀, B₀) rebuilds the
+trained model exactly on a fresh, unmodified base; and ΔW = s·(B·A − B₀·A₀) = [B, B₀]·[A; −A₀]·s
+is the rank-2r LoRA delta that PiSSA's and peft's conversion produces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .lora import LoRALinear
+
+
+class OffsetLoRALinear(LoRALinear):
+    """LoRA started at A₀ ``(r, d_in)``, B₀ ``(d_out, r)`` (buffers; zero until ``start_from``),
+    whose update is measured from there: h = W0·x + s·(B·A − B₀·A₀)·x, ΔW = s·(B·A − B₀·A₀)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, **lora_settings: Any) -> None:
+        super().__init__(base, rank, alpha, **lora_settings)
+        self.register_buffer("lora_A0", torch.zeros_like(self.lora_A, requires_grad=False))
+        self.register_buffer("lora_B0", torch.zeros_like(self.lora_B, requires_grad=False))
+
+    @torch.no_grad()
+    def start_from(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """A = A₀ = ``down`` ``(r, d_in)``, B = B₀ = ``up`` ``(d_out, r)``."""
+        for param, start, value in ((self.lora_A, self.lora_A0, down), (self.lora_B, self.lora_B0, up)):
+            param.copy_(value)
+            start.copy_(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged or not self.active:
+            return result
+        # s·(B·A − B₀·A₀)·x = [d − d₀, d₀]·[B, B − B₀]ᵀ·s with d = A·x, d₀ = A₀·x: one GEMM over
+        # 2r into the base output (as LoRA's), and exactly 0 while A = A₀ and B = B₀
+        both = self.dropout(x).to(self.lora_A.dtype) @ torch.cat([self.lora_A, self.lora_A0]).t()
+        down, down0 = both.split(self.rank, dim=-1)
+        inner = torch.cat([down - down0, down0], dim=-1) * self.scaling
+        return self.add_up_projection(result, inner, torch.cat([self.lora_B, self.lora_B - self.lora_B0], dim=1))
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·(B·A − B₀·A₀): ``(d_out, d_in)``, the change from the pretrained W0."""
+        return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
+
+    def initial_weight(self) -> torch.Tensor:
+        """W_res = W0 − s·B₀·A₀ (fp32): what the papers' code leaves in the base layer."""
+        return self.frozen_weight() - (self.lora_B0 @ self.lora_A0) * self.scaling
