@@ -9,7 +9,7 @@ import torch
 
 import variants
 
-ADAPTERS = ["lora", "dora", "qlora", "adalora", "staged", "lora_ga", "lora_pro"]
+ADAPTERS = ["lora", "dora", "qlora", "adalora", "staged", "lora_ga", "lora_pro", "pissa", "milora"]
 
 
 def training_stand_in(model):

@@ -12,7 +12,7 @@
 """
 
 # importing a variant's module registers it
-from . import adalora, bitfit, dora, full, head, lora, lora_ga, lora_pro, qlora, staged  # noqa: F401
+from . import adalora, bitfit, dora, full, head, lora, lora_ga, lora_pro, milora, pissa, qlora, staged  # noqa: F401
 from .base import (
     VARIANTS,
     AdapterLayer,
@@ -36,6 +36,8 @@ from .lora import LoRA, LoRALinear
 from .lora_ga import LoRAGA
 from .offset import OffsetLoRALinear
 from .lora_pro import LoRAPro
+from .milora import MiLoRA
+from .pissa import PiSSA
 from .qlora import QLoRA, QLoRALinear
 from .staged import Staged
 from .targets import ALL_LINEAR, find_target_modules

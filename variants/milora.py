@@ -1,0 +1,32 @@
+"""MiLoRA: Wang, Zhang, Zhang et al. 2024, "MiLoRA: Harnessing Minor Singular Components for
+Parameter-Efficient LLM Finetuning" (arXiv 2406.09044).
+
+PiSSA with the other end of the spectrum: A and B start at W0's r *smallest* singular components,
+so training adapts the directions pretraining used least and leaves the principal ones, which
+hold most of the pretrained knowledge, in the frozen residual (§3):
+
+    A₀ = √(S_m / s)·V_mᵀ,   B₀ = U_m·√(S_m / s),   m = the last r indices,   W_res = W0 − s·B₀·A₀
+
+The same layer as PiSSA (``OffsetLoRALinear``: W0 untouched, the start kept as buffers) and the
+exact SVD (a randomized SVD finds the largest components, not the smallest).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ConfigError, register_variant
+from .pissa import PiSSA
+
+
+@register_variant("milora")
+class MiLoRA(PiSSA):
+    """LoRA started at W0's smallest r singular components. Settings: LoRA's."""
+
+    components = "minor"
+
+    def __init__(self, rank: int, alpha: float, **lora_settings: Any) -> None:
+        if lora_settings.get("niter") is not None:
+            raise ConfigError("variant.niter is PiSSA's randomized SVD, which finds the largest singular components; "
+                              "MiLoRA needs the smallest: allowed: null")
+        super().__init__(rank, alpha, **lora_settings)
