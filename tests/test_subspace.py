@@ -133,11 +133,14 @@ def test_amplification_on_constructed_matrices():
     assert 0 <= stats["on_random_dirs"] <= 10.0
 
 
-def test_amplification_of_a_real_adapter(minilm, tmp_path, capsys):
+@pytest.mark.parametrize("variant, settings", [("lora", {}), ("lora", {"scaling": "rslora"}), ("pissa", {}),
+                                               ("milora", {})])
+def test_amplification_of_a_real_adapter(minilm, tmp_path, capsys, variant, settings):
+    """ΔW as the layer computes it: rsLoRA's α/√r, and PiSSA's and MiLoRA's change from their start."""
     import variants
 
     model, _ = minilm
-    variants.inject_adapters(model, "lora", ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
+    variants.inject_adapters(model, variant, ["query", "value"], rank=4, alpha=8, exclude=["classifier"], **settings)
     variants.mark_trainable(model, train_modules=["classifier"])
     with torch.no_grad():
         for _, layer in variants.adapter_layers(model):
