@@ -206,6 +206,7 @@ def model_state(model: nn.Module) -> dict[str, Any]:
 
 @torch.no_grad()
 def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    variants.fit_to_saved(model, state["tensors"])
     own = model.state_dict(keep_vars=True)
     for name, tensor in state["tensors"].items():
         own[name].copy_(tensor)

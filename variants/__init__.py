@@ -12,7 +12,7 @@
 """
 
 # importing a variant's module registers it
-from . import adalora, bitfit, dora, full, head, lora, lora_ga, lora_pro, milora, pissa, qlora, staged  # noqa: F401
+from . import adalora, bitfit, dora, eva, full, head, lora, lora_ga, lora_pro, milora, pissa, qlora, staged  # noqa: F401
 from .base import (
     VARIANTS,
     AdapterLayer,
@@ -30,6 +30,7 @@ from .base import (
 from .adalora import AdaLoRA, AdaLoRALinear
 from .bitfit import BitFit
 from .dora import DoRA, DoRALinear
+from .eva import EVA, EVALinear
 from .full import FullFineTuning
 from .head import HeadOnly
 from .lora import LoRA, LoRALinear
@@ -51,6 +52,7 @@ from .model import (
     check_total_steps,
     count_parameters,
     count_trainable_in,
+    fit_to_saved,
     init_adapters_from,
     initialize,
     inject_adapters,
@@ -88,6 +90,7 @@ __all__ = [
     "check_total_steps",
     "count_parameters",
     "count_trainable_in",
+    "fit_to_saved",
     "get_variant",
     "init_adapters_from",
     "initialize",

@@ -193,6 +193,10 @@ class Variant:
         be accumulated here. Returns metrics to log."""
         return {}
 
+    def fit_to_saved(self, model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Before saved adapter tensors (an adapter file, a checkpoint) are loaded into ``model``:
+        reshape what the method shaped from data (EVA's per-layer ranks) to fit them."""
+
     def training_state(self) -> dict[str, Any]:
         """What the method carries from step to step beyond tensors of the model (staged
         training's phase); checkpoints keep it so a resumed run continues exactly."""

@@ -61,6 +61,7 @@ class LoRALinear(AdapterLayer):
         self.rank = rank
         self.alpha = alpha
         self.scaling = lora_scaling(alpha, rank, scaling)
+        self.scaling_rule = scaling
         dtype = adapter_dtype(base)
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))

@@ -6,7 +6,7 @@ These work for every registered variant; nothing here knows one variant from ano
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,12 @@ def check_total_steps(model: nn.Module, total_steps: int) -> None:
         method.check_total_steps(total_steps)
 
 
+def fit_to_saved(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The variant's ``fit_to_saved``: shapes it chose from data, taken from saved tensors."""
+    if (method := variant_of(model)) is not None:
+        method.fit_to_saved(model, tensors)
+
+
 def initialize(model: nn.Module, data: InitData) -> dict[str, Any]:
     """The variant's data-driven initialisation (before the first step of a fresh run)."""
     method = variant_of(model)
@@ -259,6 +265,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict[str, Any]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"adapter file {str(path)!r} is not a readable safetensors file ({err})") from None
+    fit_to_saved(model, tensors)
     own = dict(model.state_dict(keep_vars=True))
     for name, tensor in tensors.items():
         if name not in own:
