@@ -1,0 +1,146 @@
+"""EVA: A starts at the principal components of each layer's (unpadded) inputs, by hand on
+inputs of known covariance; ranks are redistributed by explained variance under the same total
+budget with α scaled so α/r stays; estimation stops when the kept components stop moving; a
+saved or checkpointed EVA model reloads with its own ranks. (Start as the base, merge/unmerge
+and exact reload on MiniLM: tests/test_contract.py.)"""
+
+import pytest
+import torch
+from torch import nn
+
+import variants
+from variants.eva import redistribute
+
+D = 12
+
+
+class Tiny(nn.Module):
+    """Two linear layers on (batch, seq, D) inputs, called the way the trainer calls a model."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(D, D), nn.Linear(D, 4)
+
+    def forward(self, inputs, attention_mask=None):
+        return self.second(torch.tanh(self.first(inputs)))
+
+
+def batches(scales, count=6, padded=2, seed=0):
+    """Inputs whose covariance is Q·diag(scales²)·Qᵀ (Q random orthogonal); the last ``padded``
+    positions of every sequence are padding, filled with huge values the estimate must ignore."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=gen))
+    out = []
+    for _ in range(count):
+        x = torch.randn(8, 10, D, generator=gen) * torch.as_tensor(scales) @ q.t()
+        mask = torch.ones(8, 10, dtype=torch.long)
+        mask[:, -padded:] = 0
+        x[:, -padded:] = 1e4 * torch.randn(8, padded, D, generator=gen)
+        out.append({"inputs": x, "attention_mask": mask})
+    return out, q
+
+
+def eva_model(rank=2, alpha=4, targets=("first",), **settings):
+    torch.manual_seed(0)  # the same base weights every time
+    model = Tiny()
+    variants.inject_adapters(model, "eva", list(targets), rank=rank, alpha=alpha, **settings)
+    return model
+
+
+def initialize(model, data):
+    return variants.initialize(model, variants.InitData(iter(data), lambda m, b: None))
+
+
+def test_a_starts_at_the_principal_components_of_the_unpadded_inputs():
+    scales = [5.0, 4.0, 3.0] + [0.5] * (D - 3)
+    data, q = batches(scales)
+    model = eva_model(rank=2, rho=1.0)
+    report = initialize(model, data)
+    layer = model.first
+    assert layer.rank == 2 and not layer.lora_B.any()
+    kept = torch.cat([b["inputs"][b["attention_mask"].bool()] for b in data[:report["batches"]]]).double()
+    _, vectors = torch.linalg.eigh(torch.cov(kept.t()))
+    expected = vectors[:, [-1, -2]].t().float()  # the two largest
+    torch.testing.assert_close(layer.lora_A.abs(), expected.abs(), atol=1e-5, rtol=1e-4)
+    # and they are (near) the true directions of the two largest scales
+    assert (layer.lora_A @ q[:, :2]).abs().diagonal().min() > 0.95
+    torch.manual_seed(0)
+    base = Tiny()
+    with torch.no_grad():
+        assert torch.equal(model(data[0]["inputs"]), base(data[0]["inputs"]))  # B = 0: the base model
+
+
+def test_estimation_stops_when_the_kept_components_stop_moving():
+    scales = [5.0, 4.0, 3.0] + [0.5] * (D - 3)
+    same = [batches(scales, count=1)[0][0]] * 5  # the same batch again: the estimate cannot move
+    report = initialize(eva_model(rank=2, rho=1.0), same)
+    assert report["batches"] == 2 and report["not_converged"] == []
+    report = initialize(eva_model(rank=2, rho=1.0, max_batches=1), batches(scales)[0])
+    assert report["batches"] == 1 and report["not_converged"] == ["first"]
+
+
+def test_redistribution_by_hand():
+    ratios = {"a": torch.tensor([0.5, 0.3, 0.1, 0.05]), "b": torch.tensor([0.4, 0.2, 0.15, 0.1]),
+              "c": torch.tensor([0.01, 0.01, 0.0, 0.0])}
+    # the 6 largest of the 12: a 0.5, b 0.4, a 0.3, b 0.2, b 0.15, then a 0.1 and b 0.1 tie: a first
+    assert redistribute(ratios, 6) == {"a": 3, "b": 3, "c": 0}
+    assert redistribute(ratios, 2) == {"a": 1, "b": 1, "c": 0}
+
+
+def test_ranks_follow_explained_variance_with_alpha_scaled_to_keep_the_factor():
+    """Two layers, budget 2 × 2: the first layer's inputs are concentrated in 3 directions, the
+    second's (tanh of them) too, less so; every rank in [0, ρ·r] and the total is the budget."""
+    data, _ = batches([9.0, 8.0, 7.0] + [0.1] * (D - 3))
+    model = eva_model(targets=("first", "second"))
+    report = initialize(model, data)
+    ranks = report["ranks"]
+    # by hand: each layer's explained-variance ratios from its own inputs (B = 0, so the second
+    # layer sees tanh of the base first layer), the top ρ·r = 4 of each, the 4 largest of all 8
+    kept = [b["inputs"][b["attention_mask"].bool()] for b in data[:report["batches"]]]
+    with torch.no_grad():
+        inputs = {"first": torch.cat(kept), "second": torch.tanh(model.first.base(torch.cat(kept)))}
+    ratios = {}
+    for name, x in inputs.items():
+        variances = torch.linalg.eigvalsh(torch.cov(x.double().t())).flip(0)
+        ratios[name] = (variances / variances.sum())[:4]
+    largest = torch.cat(list(ratios.values())).argsort(descending=True)[:4]
+    assert ranks == {"first": int((largest < 4).sum()), "second": int((largest >= 4).sum())}
+    assert sum(ranks.values()) == 4 and ranks["first"] > 0
+    for name, layer in variants.layers_of(model).items():
+        assert layer.rank == ranks[name] and layer.lora_A.shape == (ranks[name], D)
+        assert layer.scaling == pytest.approx(2.0)  # α·r_l/r over r_l: still α/r
+    unscaled = eva_model(targets=("first", "second"), adjust_scaling=False)
+    initialize(unscaled, data)
+    assert unscaled.first.scaling == pytest.approx(4 / ranks["first"])
+
+
+def test_a_saved_eva_adapter_and_a_checkpoint_state_bring_their_ranks(tmp_path):
+    from training.checkpoint import load_model_state, model_state
+
+    data, _ = batches([10.0] + [0.01] * (D - 1))  # the first layer's inputs near a line: rank 1 there
+    model = eva_model(targets=("first", "second"))
+    initialize(model, data)
+    with torch.no_grad():
+        model.first.lora_B.normal_()
+    x = data[0]["inputs"]
+    path = tmp_path / "adapter.safetensors"
+    variants.save_adapter(model, path)
+    torch.manual_seed(0)
+    fresh = Tiny()  # the same base, no adapters
+    variants.load_adapter(fresh, path)
+    assert fresh.first.rank == model.first.rank != 2 and fresh.first.scaling == model.first.scaling
+    assert torch.equal(fresh(x), model(x))
+
+    resumed = eva_model(targets=("first", "second"))  # a resumed run: injected at rank 2, then the checkpoint
+    load_model_state(resumed, model_state(model))
+    assert resumed.first.rank == model.first.rank and torch.equal(resumed(x), model(x))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"rho": 0.5}, r"variant.rho=0.5 must be a number >= 1"),
+    ({"tau": 0}, r"variant.tau=0 must be in \(0, 1\]"),
+    ({"max_batches": 0}, "variant.max_batches=0 must be a positive integer"),
+])
+def test_bad_settings(settings, message):
+    with pytest.raises(variants.ConfigError, match=message):
+        variants.get_variant("eva").create(rank=4, alpha=8, **settings)
