@@ -151,7 +151,7 @@ peft = pytest.importorskip("peft")
 
 def test_ranks_and_components_match_peft_eva_on_the_same_batches(minilm):
     """peft's EVA (``init_lora_weights="eva"``, its incremental PCA with a randomized SVD) on
-    MiniLM's W_q, against the exact PCA here, on the same batches of the smoke task: the same
+    MiniLM's W_q and FFN input layers, against the exact PCA here, on the same batches of the smoke task: the same
     rank per layer, and each layer's A spanning the same subspace (its top directions nearly
     equal; the last ones within the two estimators' difference)."""
     from peft.tuners.lora.eva import initialize_lora_eva_weights
@@ -163,16 +163,17 @@ def test_ranks_and_components_match_peft_eva_on_the_same_batches(minilm):
     train, _ = generate(320, 10)
     loader = make_loader(train, tokenizer, ["sentence"], 64, 16, shuffle=False)
     data = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], init_lora_weights="eva",
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "intermediate.dense"], init_lora_weights="eva",
                              eva_config=peft.EvaConfig(rho=2.0, tau=0.99, use_label_mask=False), task_type="SEQ_CLS")
     import copy
 
     theirs = peft.get_peft_model(copy.deepcopy(model), config)
     initialize_lora_eva_weights(theirs, data, show_progress_bar=False)
-    variants.inject_adapters(model, "eva", ["query"], rank=4, alpha=8, rho=2.0, tau=0.99)
+    variants.inject_adapters(model, "eva", ["query", "intermediate.dense"], rank=4, alpha=8, rho=2.0, tau=0.99)
     report = variants.initialize(model, variants.InitData(iter(data * 10), lambda m, b: None))
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert len(set(report["ranks"].values())) > 1, report  # the ranks were redistributed
     for name, layer in variants.layers_of(model).items():
         a_theirs = peft_layers[name].lora_A["default"].weight.detach() if name in peft_layers else torch.zeros(0, 384)
         assert layer.rank == a_theirs.shape[0], (name, report["ranks"])
