@@ -54,6 +54,9 @@ VARIANT_SETTINGS = {
     "lora_ga": ["variant=lora_ga", "variant.init_batches=2"],
     "lora_pro": ["variant=lora_pro"],
     "loraplus": ["variant=lora", "variant.lr_ratio=16"],
+    # A data-driven start that also changes the layers' ranks: the resumed model takes them
+    # from the checkpoint before loading it.
+    "eva": ["variant=eva"],
 }
 
 
@@ -65,14 +68,14 @@ def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     result = run_py(*RUN, *extra, f"hydra.run.dir={whole}")
     assert result.returncode == 0, result.stderr
     assert not (whole / "checkpoint.pt").exists()  # removed once the run completed
-    assert ("initialised from training data" in result.stdout) == (variant == "lora_ga")  # Hydra logs to stdout
+    assert ("initialised from training data" in result.stdout) == (variant in ("lora_ga", "eva"))  # Hydra logs to stdout
 
     proc = start(*RUN, *extra, f"hydra.run.dir={broken}")
     killed_at = kill_after_checkpoint(proc, broken / "checkpoint.pt", min_step=10)
     assert not (broken / "summary.json").exists()
     result = run_py(f"resume={broken}")
     assert result.returncode == 0, result.stderr
-    assert "initialised from training data" not in result.stdout  # LoRA-GA's start came from the checkpoint
+    assert "initialised from training data" not in result.stdout  # LoRA-GA's and EVA's start came from the checkpoint
 
     expected = json.loads((whole / "summary.json").read_text())
     got = json.loads((broken / "summary.json").read_text())
