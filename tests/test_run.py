@@ -128,8 +128,12 @@ LEARN = ["task.train_size=1280", "task.eval_size=300", "trainer.max_steps=150", 
     ["variant=lora_ga", "trainer.lr=1e-3"], ["variant=lora_pro", "trainer.lr=3e-4"],
     ["variant=lora_pro", "variant.mode=efficient", "trainer.lr=3e-3"],
     ["variant=lora", "variant.lr_ratio=16", "trainer.lr=3e-4"],
-], ids=["lora_ga", "lora_pro", "lora_pro_efficient", "loraplus"])
-def test_gradient_guided_variants_learn_the_smoke_task_through_run_py(tmp_path, settings):
+    # Starts from W0's SVD (PiSSA 0.90 at 1e-3, 0.67 at 3e-4; MiLoRA 0.92 at 3e-3, 0.83 at 1e-3),
+    # from the inputs' principal components (EVA 0.92 at 1e-3), and rsLoRA's α/√r (0.95 at 1e-3).
+    ["variant=pissa", "trainer.lr=1e-3"], ["variant=milora", "trainer.lr=3e-3"], ["variant=eva", "trainer.lr=1e-3"],
+    ["variant=lora", "variant.scaling=rslora", "trainer.lr=1e-3"],
+], ids=["lora_ga", "lora_pro", "lora_pro_efficient", "loraplus", "pissa", "milora", "eva", "rslora"])
+def test_data_guided_variants_learn_the_smoke_task_through_run_py(tmp_path, settings):
     run_dir = tmp_path / "run"
     result = run_py(*LEARN, *settings, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
@@ -140,6 +144,9 @@ def test_gradient_guided_variants_learn_the_smoke_task_through_run_py(tmp_path, 
     assert summary["peak_lr"] == given  # trainer.lr=... wins over the variant's own rate (lora_pro's 3e-4)
     if "variant=lora_ga" in settings:
         assert summary["initialization"]["init_batches"] == 8 and len(summary["initialization"]["gradient_norm"]) == 12
+    elif "variant=eva" in settings:  # ranks redistributed under the budget of rank 8 on 12 layers
+        ranks = summary["initialization"]["ranks"]
+        assert sum(ranks.values()) == 96 and len(set(ranks.values())) > 1 and summary["initialization"]["batches"] > 1
     else:
         assert summary["initialization"] == {}
     log = (run_dir / "run.log").read_text()
@@ -244,10 +251,10 @@ def test_local_glue_folder_and_model_path(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [  # one case per place a mistake can surface: before Hydra, in the model, in tracking, in a baseline
-        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, bitfit, dora, full, head, lora, lora_ga, "
-                        "lora_pro, qlora, staged"),
+        ("variant=foo", "variant='foo' is not a known variant; allowed: adalora, bitfit, dora, eva, full, head, lora, "
+                        "lora_ga, lora_pro, milora, pissa, qlora, staged"),
         ("rank=0", "rank=0 must be an integer in [1, min(d_in, d_out)] of the targeted layers"),
-        ("+variant.foo=1", "variant.foo is not a setting of variant='lora'; allowed: dropout, init, lr_ratio, lr_ratio_on"),
+        ("+variant.foo=1", "variant.foo is not a setting of variant='lora'; allowed: dropout, init, lr_ratio, lr_ratio_on, scaling"),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
         ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
         ("variant=full variant.lr=0", "variant.lr=0 must be a number > 0 (or set trainer.lr)"),
