@@ -180,3 +180,49 @@ def test_ranks_and_components_match_peft_eva_on_the_same_batches(minilm):
         if layer.rank:
             overlap = torch.linalg.svdvals(layer.lora_A.detach() @ a_theirs.t())  # cosines of the principal angles
             assert overlap.min() > 0.95, (name, overlap)
+
+
+def test_a_layer_given_rank_0_is_its_base_layer_through_training_merge_and_reload(tmp_path):
+    data, _ = batches([9.0, 8.0, 7.0] + [0.1] * (D - 3))
+    model = eva_model(targets=("first", "second"))
+    initialize(model, data)
+    model.second.resize(0, 0.0)  # as redistribution leaves a layer whose components all lost
+    variants.mark_trainable(model)
+    x = data[0]["inputs"]
+    with torch.no_grad():
+        assert torch.equal(model.second(torch.tanh(model.first(x))), model.second.base(torch.tanh(model.first(x))))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    assert model.second.lora_A.shape == (0, D) and model.first.lora_B.abs().sum() > 0
+    expected = model(x).detach()
+    path = tmp_path / "adapter.safetensors"
+    variants.save_adapter(model, path)
+    torch.manual_seed(0)
+    fresh = Tiny()
+    variants.load_adapter(fresh, path)
+    assert fresh.second.rank == 0 and torch.equal(fresh(x), expected)
+    variants.merge_adapters(model)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_estimation_waits_for_the_kept_components_only():
+    """ρ·r = 4 components, rank 2 kept: two strong, stable directions and an isotropic rest whose
+    directions keep turning; the estimate stops once the two it keeps are stable."""
+    data, _ = batches([20.0, 10.0] + [1.0] * (D - 2), count=30)
+    report = initialize(eva_model(rank=2, rho=2.0, max_batches=30), data)
+    assert report["ranks"] == {"first": 2} and report["not_converged"] == [] and report["batches"] < 10
+
+
+def test_init_from_an_eva_run_takes_its_ranks_and_skips_the_data_driven_start(tmp_path):
+    data, _ = batches([9.0, 8.0, 7.0] + [0.1] * (D - 3))
+    source = eva_model(targets=("first", "second"))
+    initialize(source, data)
+    with torch.no_grad():
+        source.first.lora_B.normal_()
+    path = tmp_path / "adapter.safetensors"
+    variants.save_adapter(source, path)
+    warm = eva_model(targets=("first", "second"))
+    variants.init_adapters_from(warm, path)
+    assert initialize(warm, data) == {}  # not overwritten by a new start
+    assert warm.first.rank == source.first.rank and torch.equal(warm.first.lora_B, source.first.lora_B)

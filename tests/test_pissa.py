@@ -103,3 +103,24 @@ def test_a_rank_above_the_layer_is_one_line_and_leaves_the_model_alone():
     with pytest.raises(variants.ConfigError, match=r"rank=9 must be an integer in \[1, 8\]"):
         variants.inject_adapters(model, "pissa", ["0"], rank=9, alpha=9)
     assert isinstance(model[0], nn.Linear) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_adapter_dropout_acts_on_the_trained_path_alone_as_in_peft(minilm, batch):
+    """In train mode with adapter dropout, peft computes W_res·x + s·B·A·drop(x); so does the
+    offset layer (W0·x + s·B·A·drop(x) − s·B₀·A₀·x), given the same dropout masks."""
+    model, _ = minilm
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights="pissa",
+                             lora_dropout=0.5, task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(copy.deepcopy(model), config)
+    variants.inject_adapters(model, "pissa", ["query", "value"], rank=8, alpha=16, dropout=0.5)
+    model.train()
+    theirs.train()
+    outputs = []
+    for m in (model, theirs):
+        torch.manual_seed(0)  # the same masks: both draw one per adapted layer, in the same order
+        with torch.no_grad():
+            outputs.append(m(**batch).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, outputs[0], atol=1e-3)  # the masks matter

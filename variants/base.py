@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -61,6 +62,15 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     """What the model's variant was built with, as saved with an adapter; {} before it ran."""
     variant = variant_of(model)
     return variant.config() if variant is not None else {}
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Random draws from ``seed`` inside; every random stream (the CPU's and each CUDA device's)
+    is as it was afterwards, so a method's seeded start does not reseed the run."""
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        yield
 
 
 @dataclass
@@ -89,6 +99,7 @@ class Variant:
 
     rank: int | None = None
     alpha: float | None = None
+    started_from_file = False  # init_adapters_from loaded the adapters: no data-driven start
 
     @classmethod
     def create(cls, rank: int | None = None, alpha: float | None = None, **settings: Any) -> Variant:

@@ -50,6 +50,11 @@ class EVALinear(LoRALinear):
         self.rank, self.alpha = rank, alpha
         self.scaling = lora_scaling(alpha, rank, self.scaling_rule) if rank else 0.0
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank == 0:  # no components chosen here: the base layer alone (peft unwraps it)
+            return self.base(x)
+        return super().forward(x)
+
 
 class InputCovariance:
     """Token count, Σx and Σx·xᵀ of one layer's inputs, and the principal components they give."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ConfigError, InitData, layers_of, register_variant
+from .base import ConfigError, InitData, layers_of, register_variant, seeded
 from .lora import LoRA, LoRALinear
 from .offset import OffsetLoRALinear
 
@@ -51,8 +51,7 @@ def gradient_factors(grad: torch.Tensor, rank: int, scaling: float, direction: s
     if svd == "exact":
         u, s, vh = torch.linalg.svd(grad, full_matrices=False)
     else:
-        with torch.random.fork_rng(devices=[grad.device] if grad.device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with seeded(seed):
             u, s, v = torch.svd_lowrank(grad, q=min(4 * rank, min(grad.shape)), niter=4)
         vh = v.t()
     a_index, b_index = {"ArB2r": (slice(0, rank), slice(rank, 2 * rank)),

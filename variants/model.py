@@ -154,9 +154,12 @@ def fit_to_saved(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def initialize(model: nn.Module, data: InitData) -> dict[str, Any]:
-    """The variant's data-driven initialisation (before the first step of a fresh run)."""
+    """The variant's data-driven initialisation (before the first step of a fresh run); none
+    when the adapters were started from another run's (``init_adapters_from``)."""
     method = variant_of(model)
-    return method.initialize(model, data) if method is not None else {}
+    if method is None or method.started_from_file:
+        return {}
+    return method.initialize(model, data)
 
 
 def on_train_begin(model: nn.Module, total_steps: int) -> None:
@@ -299,6 +302,7 @@ def init_adapters_from(model: nn.Module, path: str | Path) -> list[str]:
         saved = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"init_from={str(path)!r} is not a readable safetensors file ({err})") from None
+    fit_to_saved(model, saved)
     own = dict(_adapter_tensors(model))
     if not own:
         raise ConfigError(f"init_from={str(path)!r}: variant {ours!r} has no adapter tensors to start from a file")
@@ -310,6 +314,7 @@ def init_adapters_from(model: nn.Module, path: str | Path) -> list[str]:
     with torch.no_grad():
         for name, tensor in own.items():
             tensor.copy_(saved[name])
+    variant_of(model).started_from_file = True  # a data-driven start would overwrite what was loaded
     return list(own)
 
 

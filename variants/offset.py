@@ -4,9 +4,10 @@ the first gradients, PiSSA and MiLoRA from W0's singular vectors).
 Their papers subtract the start from the frozen weight, W_res = W0 − s·B₀·A₀, so that the
 wrapped model starts as the base model. This layer leaves W0 alone and keeps A₀ and B₀ instead:
 
-    h = W0·x + s·(B·A − B₀·A₀)·x
+    h = W0·x + s·B·A·drop(x) − s·B₀·A₀·x
 
-the same model term by term. At the start the update is exactly 0 (not W_res + s·B₀·A₀ ≈ W0 up to
+the same model term by term (adapter dropout acts on the trained path alone, as on W_res·x +
+s·B·A·drop(x)). At the start the update is exactly 0 (not W_res + s·B₀·A₀ ≈ W0 up to
 rounding), so the model is the base model bit for bit; a saved adapter (A, B, A₀, B₀) rebuilds the
 trained model exactly on a fresh, unmodified base; and ΔW = s·(B·A − B₀·A₀) = [B, B₀]·[A; −A₀]·s
 is the rank-2r LoRA delta that PiSSA's and peft's conversion produces.
@@ -42,10 +43,15 @@ class OffsetLoRALinear(LoRALinear):
         result = self.base(x)
         if self.merged or not self.active:
             return result
-        # s·(B·A − B₀·A₀)·x = [d − d₀, d₀]·[B, B − B₀]ᵀ·s with d = A·x, d₀ = A₀·x: one GEMM over
-        # 2r into the base output (as LoRA's), and exactly 0 while A = A₀ and B = B₀
-        both = self.dropout(x).to(self.lora_A.dtype) @ torch.cat([self.lora_A, self.lora_A0]).t()
-        down, down0 = both.split(self.rank, dim=-1)
+        # s·(B·d − B₀·d₀) = s·[d − d₀, d₀]·[B, B − B₀]ᵀ with d = A·drop(x), d₀ = A₀·x: one GEMM over
+        # 2r into the base output (as LoRA's), exactly 0 while A = A₀ and B = B₀ (without dropout).
+        # The start term takes x undropped: in the papers it is part of the frozen weight W_res.
+        dropped = self.dropout(x)
+        if dropped is x:  # no dropout: one projection on [A; A₀]
+            down, down0 = (x.to(self.lora_A.dtype) @ torch.cat([self.lora_A, self.lora_A0]).t()).split(self.rank, -1)
+        else:
+            down = dropped.to(self.lora_A.dtype) @ self.lora_A.t()
+            down0 = x.to(self.lora_A.dtype) @ self.lora_A0.t()
         inner = torch.cat([down - down0, down0], dim=-1) * self.scaling
         return self.add_up_projection(result, inner, torch.cat([self.lora_B, self.lora_B - self.lora_B0], dim=1))
 

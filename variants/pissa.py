@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .base import ConfigError, register_variant
+from .base import ConfigError, register_variant, seeded
 from .lora import LoRA
 from .offset import OffsetLoRALinear
 
@@ -42,8 +42,7 @@ def singular_factors(weight: torch.Tensor, rank: int, scaling: float, components
     if niter is None:
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
     else:
-        with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
-            torch.manual_seed(0)
+        with seeded(0):
             u, s, v = torch.svd_lowrank(weight, q=rank, niter=niter)
         vh = v.t()
     index = slice(0, rank) if components == "principal" else slice(len(s) - rank, len(s))
