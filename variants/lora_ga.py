@@ -88,6 +88,10 @@ class LoRAGA(LoRA):
             "hold the initialisation as well as what training learned; the update is s*(B*A - B0*A0), of rank "
             "up to 2r."
         ),
+        "amplification": (
+            "this update, s*(B*A - B0*A0), has rank up to 2r; the factor is taken over its top r directions "
+            "(the rows of A), as for LoRA."
+        ),
     }
 
     def __init__(self, rank: int, alpha: float, init_batches: int = 8, direction: str = "ArB2r",

@@ -1,5 +1,5 @@
-"""MiLoRA: Wang, Zhang, Zhang et al. 2024, "MiLoRA: Harnessing Minor Singular Components for
-Parameter-Efficient LLM Finetuning" (arXiv 2406.09044).
+"""MiLoRA: Hanqing Wang, Yixia Li, Shuo Wang, Guanhua Chen and Yun Chen 2024, "MiLoRA: Harnessing
+Minor Singular Components for Parameter-Efficient LLM Finetuning" (arXiv 2406.09044).
 
 PiSSA with the other end of the spectrum: A and B start at W0's r *smallest* singular components,
 so training adapts the directions pretraining used least and leaves the principal ones, which

@@ -14,9 +14,12 @@ W0·x + s·(B·A − B₀·A₀)·x, the same model, exactly the base model at t
 A, B, A₀, B₀ rebuild the trained model on a fresh, unmodified base (ΔW = s·(B·A − B₀·A₀) is the
 rank-2r LoRA delta the paper converts to).
 
-``niter``: the paper's fast initialisation (§4, "fast SVD"): ``torch.svd_lowrank`` with q = r and
-``niter`` power iterations instead of the full SVD (peft's ``init_lora_weights="pissa_niter_<n>"``);
-its random projections are seeded, so every process and every rerun gets the same start.
+``niter``: the paper's fast SVD initialisation: ``torch.svd_lowrank`` with q = r and ``niter``
+power iterations instead of the full SVD (peft's ``init_lora_weights="pissa_niter_<n>"``); its
+random projections are seeded, so every process and every rerun gets the same start.
+
+Adapter dropout acts on the trained path only (W_res·x + s·B·A·drop(x), as the authors' code in
+peft), see ``variants/offset.py``.
 """
 
 from __future__ import annotations
@@ -61,7 +64,13 @@ class PiSSA(LoRA):
     analysis_caveats = {
         "subspace_overlap": (
             "PiSSA's and MiLoRA's A and B start at W0's singular vectors, so their subspaces hold that start as "
-            "well as what training learned; the update is s*(B*A - B0*A0), of rank up to 2r."
+            "well as what training learned; runs of different seeds start at the same A0, B0 (the SVD is "
+            "deterministic), so their overlap is not a measure of what independent runs learn alike; the update "
+            "is s*(B*A - B0*A0), of rank up to 2r."
+        ),
+        "amplification": (
+            "this update, s*(B*A - B0*A0), has rank up to 2r; the factor is taken over its top r directions "
+            "(the rows of A), as for LoRA."
         ),
     }
 
