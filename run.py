@@ -8,7 +8,9 @@
     python run.py --cfg job                        # print the composed config
 
 In a sweep (-m) a job that fails is recorded as failed in its run dir and the others go on;
-the sweep dir then holds sweep_summary.md listing every job's status and metric.
+the sweep dir then holds sweep_summary.md listing every job's status and metric. To complete a
+sweep that was cut off, run its command again with ``hydra.sweep.dir=<that dir>
+skip_completed=true``: jobs whose run dir holds a completed summary are not run again.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def main(cfg: DictConfig) -> float:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if sweep else None
     name = f"{group}/{run_dir.name}" if sweep else run_dir.name
+    done = rundir.read_summary(run_dir) if cfg.get("skip_completed") else None
+    if done and done.get("status") == "completed":
+        print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
+        return done["eval"][done["main_metric"]]
     try:
         summary = run_experiment(cfg, run_dir, group=group, run_name=name)
     except Exception as err:  # one line for the user; in a sweep, the other jobs go on

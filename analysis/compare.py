@@ -55,7 +55,7 @@ from training import rundir
 # budget...) and the summary's number of steps must be equal within a task.
 MAY_DIFFER = ("variant.", "seed", "trainer.lr", "rank", "alpha", "adapter_dropout", "lr_point", "lr_grid.", "lr_grid_of",
               "init_from", "resume", "tracking.", "glue_dir", "trainer.log_every", "trainer.checkpoint_every",
-              "trainer.eval_batch_size")
+              "trainer.eval_batch_size", "skip_completed")
 AT = ("final", "best_val")
 HIGHER_IS_BETTER = True  # every GLUE main metric (accuracy, F1, Matthews, Pearson)
 

@@ -195,6 +195,24 @@ def test_baselines_run_as_variants_in_one_sweep(tmp_path, capsys):
     assert rows == ["bitfit", "full", "head"]
 
 
+def test_a_cut_off_sweep_is_completed_by_rerunning_it_with_skip_completed(tmp_path):
+    """The same command and sweep dir with skip_completed=true: a completed job is left alone,
+    one that failed (or never finished) runs again from a clean metrics file."""
+    sweep_dir = tmp_path / "sweep"
+    command = [*TINY, "variant=head,bitfit", "tracking.mode=disabled", f"hydra.sweep.dir={sweep_dir}"]
+    assert run_py(*command, "-m").returncode == 0
+    done, cut = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    kept = (done / "summary.json").read_text()
+    (cut / "summary.json").write_text(json.dumps({"status": "failed", "error": "killed"}))
+    records = len((cut / "metrics.jsonl").read_text().splitlines())
+    result = run_py(*command, "skip_completed=true", "-m")
+    assert result.returncode == 0, result.stderr
+    assert f"skip: {done} already holds a completed run" in result.stderr and str(cut) not in result.stderr
+    assert (done / "summary.json").read_text() == kept
+    assert json.loads((cut / "summary.json").read_text())["status"] == "completed"
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == records  # not the old records twice
+
+
 def test_mnli_and_stsb_from_glue_folders(tmp_path):
     """Pair inputs, MNLI's two dev sets, and STS-B's regression head, end to end."""
     from test_glue import LAYOUTS, write_layout

@@ -39,7 +39,9 @@ class Tracker:
     ) -> None:
         if mode not in WANDB_MODES:
             raise ConfigError(f"tracking.mode={mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
-        self._metrics_file = (run_dir / METRICS).open("a", encoding="utf-8")
+        # a resumed run appends (its file was cut back to the checkpoint); a new one starts the file afresh,
+        # also in a run dir an unfinished run left behind
+        self._metrics_file = (run_dir / METRICS).open("a" if resumed else "w", encoding="utf-8")
         self._run_dir = run_dir
         # a resumed run keeps its earlier evaluations (cut back to its checkpoint); a new one starts empty
         self._predictions = rundir.read_predictions(run_dir) if resumed else {}
