@@ -59,12 +59,24 @@ def method(row: dict, by: Sequence[str] = ()) -> tuple[str, tuple[tuple[str, str
     keys in ``by``. Runs that share all of these are seeds of one
     method; the task's own settings (the paper's per-task learning rate) do not split a row."""
     config = row.get("config", {})
+    knobs = {k.removeprefix("variant."): v for k, v in config.items() if k.startswith("variant.") and k != "variant.name"}
+    # a run from before a knob existed ran at its default: counted so, it is a seed of the same method
+    knobs = {**_setting_defaults(row["variant"]), **knobs}
     parts = [("r", row["rank"]), ("alpha", row["alpha"])]
-    parts += sorted((k.removeprefix("variant."), v) for k, v in config.items()
-                    if k.startswith("variant.") and k != "variant.name")
+    parts += sorted(knobs.items())
     parts += [("warm_start", bool(config.get("init_from")))]  # init_from: started from another run's adapters
     parts += [(k, config.get(k)) for k in by]
     return row["variant"], tuple((k, json.dumps(v)) for k, v in parts)
+
+
+def _setting_defaults(variant: str) -> dict:
+    """The variant's setting defaults ({} for a variant this checkout does not know)."""
+    import variants
+
+    try:
+        return variants.get_variant(variant).setting_defaults()
+    except variants.ConfigError:
+        return {}
 
 
 def labels(methods: set[tuple[str, tuple[tuple[str, str], ...]]]) -> dict:

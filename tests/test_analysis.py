@@ -153,3 +153,23 @@ def test_warm_and_cold_starts_are_different_methods(tmp_path):
     _, table = glue_table.aggregate(glue_table.collect([tmp_path]))
     assert {row["method"]: row["rte"][0] for row in table} == {"lora warm_start=false": 70.0,
                                                                "lora warm_start=true": 80.0}
+
+
+def test_a_knob_at_its_default_does_not_split_a_method(tmp_path):
+    """Runs written before a knob existed (no variant.scaling, variant.lr_ratio) and runs that
+    carry it at its default are seeds of one method (n = 2); a knob away from its default is another."""
+    from analysis import glue_table
+
+    knobs = {"old": "", "new": "  lr_ratio: null\n  scaling: standard\n", "plus": "  lr_ratio: 16\n"}
+    for seed, (name, extra) in enumerate(knobs.items()):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(f"variant:\n  name: lora\n  dropout: 0.0\n{extra}")
+        (folder / "summary.json").write_text(json.dumps({
+            "status": "completed", "variant": "lora", "rank": 8, "alpha": 16, "seed": seed, "task": "rte",
+            "trainable_params": 1, "main_metric": "accuracy", "eval": {"accuracy": 0.7 + seed / 10},
+            "step_time_s": 0.1, "peak_memory_mb": 1,
+        }))
+    _, table = glue_table.aggregate(glue_table.collect([tmp_path]))
+    rows = {row["method"]: row["rte"] for row in table}
+    assert sorted(rows) == ["lora lr_ratio=16", "lora lr_ratio=null"] and rows["lora lr_ratio=null"][2] == 2

@@ -131,6 +131,19 @@ class Variant:
                 return names
         return names
 
+    @classmethod
+    def setting_defaults(cls) -> dict[str, Any]:
+        """The default of every keyword setting (``setting_names``) that has one."""
+        defaults: dict[str, Any] = {}
+        for klass in cls.__mro__:
+            parameters = inspect.signature(klass.__init__).parameters.values()
+            for p in parameters:
+                if p.name in cls.setting_names() and p.default is not p.empty:
+                    defaults.setdefault(p.name, p.default)
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters) or klass is Variant:
+                break
+        return defaults
+
     def config(self) -> dict[str, Any]:
         """What rebuilds this variant on a fresh model: saved as an adapter file's metadata."""
         targets = self.targets
