@@ -171,8 +171,7 @@ class EVA(LoRA):
         components, ratios, batches, unconverged = self._estimate(model, layers, data, wanted)
         ranks = redistribute(ratios, self.rank * len(layers))
         for name, layer in layers.items():
-            alpha = self.alpha * ranks[name] / self.rank if self.adjust_scaling else self.alpha
-            layer.resize(ranks[name], alpha)
+            layer.resize(ranks[name], self._layer_alpha(ranks[name]))
             with torch.no_grad():
                 layer.lora_A.copy_(components[name][:ranks[name]])
         parameters = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers.values())
@@ -212,6 +211,10 @@ class EVA(LoRA):
         unconverged = [n for n in layers if not self._converged(similar.get(n), ranks[n])]
         return components, ratios, batches, unconverged
 
+    def _layer_alpha(self, rank: int) -> float:
+        """α for a layer at ``rank``: α·r_l/r with ``adjust_scaling`` (its factor stays α/r), else α."""
+        return self.alpha * rank / self.rank if self.adjust_scaling else self.alpha
+
     def _converged(self, similarity: torch.Tensor | None, rank: int) -> bool:
         return rank == 0 or (similarity is not None and bool((similarity[:rank] >= self.tau).all()))
 
@@ -220,5 +223,4 @@ class EVA(LoRA):
         for name, layer in layers_of(model).items():
             saved = tensors.get(f"{name}.lora_A")
             if saved is not None and saved.shape[0] != layer.rank:
-                alpha = self.alpha * saved.shape[0] / self.rank if self.adjust_scaling else self.alpha
-                layer.resize(saved.shape[0], alpha)
+                layer.resize(saved.shape[0], self._layer_alpha(saved.shape[0]))
