@@ -16,8 +16,10 @@ Fig. 3, two runs of the same rank with different seeds for Fig. 4. The two runs 
 different seeds (else refused, see ``check_independent_init``): adapters drawn from one seed
 can start from the same random numbers, and the overlap would then be the shared start's.
 
-The matrices compared, per variant: LoRA, DoRA, QLoRA, staged: A (``--side up``: B, the
-column space of ΔW); AdaLoRA: Q restricted to the kept triplets (``up``: P·Λ).
+The matrices compared, per variant: LoRA, DoRA, QLoRA, staged, EVA: A (``--side up``: B, the
+column space of ΔW); AdaLoRA: Q restricted to the kept triplets (``up``: P·Λ); PiSSA, MiLoRA,
+LoRA-GA, whose A and B start at chosen directions: the factors √S·Vᵀ (``up``: U·√S) of their
+update B·A − B₀·A₀ = U·S·Vᵀ, rank up to 2r (A itself would show the start, the same for every seed).
 
 Outputs in --out (default: RUN_2/subspace_vs_<RUN_1 name>/):
   phi.json                 {module: {"r1", "r2", "phi": [[φ(i, j) for j] for i]}} (+ random baseline)

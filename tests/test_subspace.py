@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import variants
 from analysis import amplification, subspace_overlap
@@ -219,3 +219,43 @@ def test_runs_of_one_seed_are_refused(tmp_path, capsys):
     (b / "summary.json").unlink()
     assert subspace_overlap.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 2
     assert "has no summary.json with its seed" in capsys.readouterr().err
+
+
+def offset_run(folder, start, seed, d=48, rank=4):
+    """A PiSSA-like run dir: A and B started at ``start`` (A0, B0, shared by every seed, as W0's
+    SVD is) and moved by a small random update of this seed's."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    a0, b0 = start
+    tensors = {}
+    for name in MODULES:
+        tensors.update({f"{name}.lora_A0": a0.clone(), f"{name}.lora_B0": b0.clone(),
+                        f"{name}.lora_A": a0 + 0.1 * torch.randn(rank, d, generator=gen),
+                        f"{name}.lora_B": b0 + 0.1 * torch.randn(d, rank, generator=gen)})
+    meta = {"variant": "pissa", "rank": rank, "alpha": rank, "modules": MODULES, "model": "minilm"}
+    save_file(tensors, str(folder / "adapter.safetensors"), metadata={"adapter_config": json.dumps(meta)})
+    (folder / "summary.json").write_text(json.dumps({"status": "completed", "seed": seed}))
+    return folder
+
+
+def test_started_variants_compare_the_update_not_the_shared_start(tmp_path):
+    """PiSSA's A starts at W0's top singular vectors whatever the seed: φ of A would be ~1 for two
+    independent runs. The analyses read the update B·A − B₀·A₀ (rank 2r), whose factors multiply
+    back to it, ordered by singular value; two independent updates share nothing special."""
+    gen = torch.Generator().manual_seed(7)
+    start = (10 * torch.randn(4, 48, generator=gen), 10 * torch.randn(48, 4, generator=gen))
+    run_1, run_2 = offset_run(tmp_path / "s1", start, seed=1), offset_run(tmp_path / "s2", start, seed=2)
+
+    state = {k.split(".")[-1]: v for k, v in load_file(str(run_1 / "adapter.safetensors")).items()
+             if k.startswith(MODULES[0] + ".")}
+    down, up = variants.get_variant("pissa").low_rank_factors(state)
+    update = state["lora_B"] @ state["lora_A"] - state["lora_B0"] @ state["lora_A0"]
+    assert down.shape == (8, 48) and up.shape == (48, 8)  # rank 2r
+    assert torch.allclose(up @ down, update, atol=1e-4)
+    row_norms = down.norm(dim=1)
+    assert torch.all(row_norms[:-1] >= row_norms[1:])  # √S·Vᵀ: the update's largest direction first
+
+    entry = compare(run_1, run_2, random_baseline=True)[MODULES[0]]
+    assert (entry["r1"], entry["r2"]) == (8, 8)
+    assert entry["phi"][0][0] < 0.5  # A's own subspaces (the shared start) would give ~1
+    assert compare(run_1, run_2, side="up")[MODULES[0]]["phi"][0][0] < 0.5

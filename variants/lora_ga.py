@@ -34,7 +34,7 @@ from torch import nn
 
 from .base import ConfigError, InitData, layers_of, register_variant, seeded
 from .lora import LoRA, LoRALinear
-from .offset import OffsetLoRALinear
+from .offset import OffsetLoRA, OffsetLoRALinear
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 SCALES = ("stable", "unit", "gd", "peft_stable")
@@ -69,7 +69,7 @@ def gradient_factors(grad: torch.Tensor, rank: int, scaling: float, direction: s
 
 
 @register_variant("lora_ga")
-class LoRAGA(LoRA):
+class LoRAGA(OffsetLoRA):
     """LoRA-GA on the targeted layers: ``OffsetLoRALinear`` each, started from the gradient.
 
     Settings (besides LoRA's):
@@ -83,14 +83,11 @@ class LoRAGA(LoRA):
     """
 
     analysis_caveats = {
+        **OffsetLoRA.analysis_caveats,
         "subspace_overlap": (
-            "LoRA-GA's A and B start at the top singular vectors of the first gradients, so their subspaces "
-            "hold the initialisation as well as what training learned; the update is s*(B*A - B0*A0), of rank "
-            "up to 2r."
-        ),
-        "amplification": (
-            "this update, s*(B*A - B0*A0), has rank up to 2r; the factor is taken over its top r directions "
-            "(the rows of A), as for LoRA."
+            "LoRA-GA's subspaces are those of the update s*(B*A - B0*A0) (rank up to 2r), not of A, which starts "
+            "at the first gradients' singular vectors; those are much alike across seeds, so part of the "
+            "overlap of two runs can come from that start."
         ),
     }
 

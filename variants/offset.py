@@ -15,12 +15,13 @@ is the rank-2r LoRA delta that PiSSA's and peft's conversion produces.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .lora import LoRALinear
+from .lora import LoRA, LoRALinear
 
 
 class OffsetLoRALinear(LoRALinear):
@@ -62,3 +63,29 @@ class OffsetLoRALinear(LoRALinear):
     def initial_weight(self) -> torch.Tensor:
         """W_res = W0 − s·B₀·A₀ (fp32): what the papers' code leaves in the base layer."""
         return self.frozen_weight() - (self.lora_B0 @ self.lora_A0) * self.scaling
+
+
+class OffsetLoRA(LoRA):
+    """What the started-LoRA variants share at the model level: the factors the analyses read."""
+
+    analysis_caveats = {
+        "amplification": (
+            "the update s*(B*A - B0*A0) has rank up to 2r; the factor is taken over all its directions "
+            "(LoRA's: its r), so at one r it projects W on up to twice as many."
+        ),
+    }
+
+    @classmethod
+    def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of the update B·A − B₀·A₀ (ΔW up to s), not of A and B: A starts at directions
+        the method chose before training (PiSSA: W0's top singular vectors, the same for every
+        seed), so A's row space would show the start rather than what was learned. With the
+        update's SVD U·S·Vᵀ (rank up to 2r), down = √S·Vᵀ ``(k, d_in)`` and up = U·√S
+        ``(d_out, k)``, k the nonzero singular values: both spaces ordered by how much of the
+        update they carry, as A's singular values order LoRA's (ΔW = B·A from B = 0)."""
+        update = (state["lora_B"].double() @ state["lora_A"].double()
+                  - state["lora_B0"].double() @ state["lora_A0"].double())
+        u, s, vh = torch.linalg.svd(update, full_matrices=False)
+        k = int((s > s[0] * torch.finfo(torch.float32).eps * max(update.shape)).sum()) if s[0] > 0 else 0
+        root = s[:k].sqrt()
+        return (root[:, None] * vh[:k]).to(state["lora_A"].dtype), (u[:, :k] * root).to(state["lora_B"].dtype)

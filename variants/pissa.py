@@ -31,7 +31,7 @@ from torch import nn
 
 from .base import ConfigError, register_variant, seeded
 from .lora import LoRA
-from .offset import OffsetLoRALinear
+from .offset import OffsetLoRA, OffsetLoRALinear
 
 COMPONENTS = ("principal", "minor")
 
@@ -54,7 +54,7 @@ def singular_factors(weight: torch.Tensor, rank: int, scaling: float, components
 
 
 @register_variant("pissa")
-class PiSSA(LoRA):
+class PiSSA(OffsetLoRA):
     """LoRA started at W0's top-r singular components: ``OffsetLoRALinear`` layers.
 
     Settings (besides LoRA's): ``niter`` (null: the exact SVD; n: the randomized SVD with n
@@ -62,15 +62,11 @@ class PiSSA(LoRA):
 
     components: ClassVar[str] = "principal"
     analysis_caveats = {
+        **OffsetLoRA.analysis_caveats,
         "subspace_overlap": (
-            "PiSSA's and MiLoRA's A and B start at W0's singular vectors, so their subspaces hold that start as "
-            "well as what training learned; runs of different seeds start at the same A0, B0 (the SVD is "
-            "deterministic), so their overlap is not a measure of what independent runs learn alike; the update "
-            "is s*(B*A - B0*A0), of rank up to 2r."
-        ),
-        "amplification": (
-            "this update, s*(B*A - B0*A0), has rank up to 2r; the factor is taken over its top r directions "
-            "(the rows of A), as for LoRA."
+            "PiSSA's and MiLoRA's subspaces are those of the update s*(B*A - B0*A0) (rank up to 2r), not of A, "
+            "which starts at W0's singular vectors; runs of different seeds still share that start (the SVD is "
+            "deterministic), so part of their overlap can come from it."
         ),
     }
 
