@@ -19,6 +19,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_S
        "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 COMMON = ["trainer.max_steps=6", "trainer.batch_size=8", "trainer.log_every=2", "trainer.eval_every=3",
           "task.train_size=64", "task.eval_size=32", "model.dropout=0", "variant.dropout=0"]
+# torchrun's default rendezvous port is one per machine: under pytest-xdist these tests share a worker.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 SETTINGS = {
     "lora": ["tracking.mode=offline"],
     # The switch at step 3 changes what trains: the data-parallel wrapper must be rebuilt there.
