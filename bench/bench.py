@@ -14,8 +14,9 @@ alike; each round times ``--steps`` full training steps per configuration (forwa
 any regulariser, backward, gradient clipping, optimizer step, the variant's after-step hook)
 after ``--warmup`` untimed ones. The step is the trainer's: the optimizer's parameter groups
 come from the variant's ``learning_rate_scale`` (LoRA+), and the variant's
-``transform_gradients`` runs between clipping and the step (LoRA-Pro); a data-driven start
-(LoRA-GA's ``initialize``, on ``init_batches`` copies of the batch) is timed once, apart.
+``transform_gradients`` runs between clipping and the step (LoRA-Pro); a start of the
+variant's own (``initialize``: LoRA-GA's gradients and EVA's activations, on copies of the one
+batch) is timed once, apart; PiSSA's and MiLoRA's SVD happen when the layers are built, untimed.
 Reported: median step time, tokens/s, trainable parameters, memory, and the ratios the project tracks. Memory is ``torch.cuda.max_memory_allocated`` on
 CUDA; on CPU (where no per-configuration peak exists inside one process) it is the bytes of
 weights + gradients + optimizer state + the activations autograd saves for backward.
@@ -79,7 +80,7 @@ class Config:
     extra_loss: Callable[[nn.Module], torch.Tensor | None] = lambda model: None
     after_step: Callable[[nn.Module, int], None] = lambda model, step: None
     optimizer: torch.optim.Optimizer | None = None
-    init_s: float | None = None  # a data-driven initialisation's wall time (LoRA-GA), once
+    init_s: float | None = None  # the variant's own start (initialize), timed once
     times: list[float] = field(default_factory=list)
     step: int = 0
 
@@ -151,6 +152,10 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
         "lora_pro-qv": lambda: hooked("lora_pro-qv", ours(base, "lora_pro", qv, r, p, head)),
         "lora_pro_efficient-qv": lambda: hooked("lora_pro_efficient-qv",
                                                 ours(base, "lora_pro", qv, r, p, head, mode="efficient")),
+        "rslora-qv": lambda: hooked("rslora-qv", ours(base, "lora", qv, r, p, head, scaling="rslora")),
+        "pissa-qv": lambda: hooked("pissa-qv", ours(base, "pissa", qv, r, p, head)),
+        "milora-qv": lambda: hooked("milora-qv", ours(base, "milora", qv, r, p, head)),
+        "eva-qv": lambda: hooked("eva-qv", ours(base, "eva", qv, r, p, head)),
     }
 
 
@@ -316,6 +321,10 @@ RATIOS = {
     "lora_ga-qv / lora-qv": ("lora_ga-qv", "lora-qv"),
     "lora_pro-qv / lora-qv": ("lora_pro-qv", "lora-qv"),
     "lora_pro_efficient-qv / lora-qv": ("lora_pro_efficient-qv", "lora-qv"),
+    "rslora-qv / lora-qv": ("rslora-qv", "lora-qv"),
+    "pissa-qv / lora-qv": ("pissa-qv", "lora-qv"),
+    "milora-qv / lora-qv": ("milora-qv", "lora-qv"),
+    "eva-qv / lora-qv": ("eva-qv", "lora-qv"),
 }
 
 

@@ -38,14 +38,15 @@ def test_unknown_configuration_is_an_error():
 
 
 def test_the_step_is_the_trainers_with_the_variants_hooks(tmp_path):
-    """LoRA-GA's start is timed once; LoRA-Pro's transform_gradients runs in each step, so its
+    """LoRA-GA's and EVA's starts are timed once (PiSSA's SVD is part of building it); LoRA-Pro's transform_gradients runs in each step, so its
     full-size moments (bf16 m and v of every adapted 384 x 384 layer) count in its memory."""
     out = tmp_path / "bench.json"
-    only = "lora-qv,loraplus-qv,lora_ga-qv,lora_pro-qv"
+    only = "lora-qv,loraplus-qv,lora_ga-qv,lora_pro-qv,rslora-qv,pissa-qv,milora-qv,eva-qv"
     assert bench.main(["--batch", "2", "--seq", "8", "--rounds", "1", "--steps", "1", "--warmup", "1",
                        "--only", only, "--skip-inference", "--json", str(out)]) == 0
     train = json.loads(out.read_text())["train"]
-    assert train["lora_ga-qv"]["init_s"] > 0 and "init_s" not in train["lora-qv"]
+    assert train["lora_ga-qv"]["init_s"] > 0 and train["eva-qv"]["init_s"] > 0
+    assert not {"lora-qv", "rslora-qv", "pissa-qv", "milora-qv"} & {name for name in train if "init_s" in train[name]}
     moments = 12 * 384 * 384 * 2 * 2 / 2**20  # 12 layers (q, v of 6 blocks), m and v, bf16
     adamw_of_a_and_b = 12 * 8 * (384 + 384) * 2 * 4 / 2**20  # which LoRA-Pro's own step replaces
     assert train["lora_pro-qv"]["memory_mb"] - train["lora-qv"]["memory_mb"] == pytest.approx(
