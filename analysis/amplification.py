@@ -104,10 +104,17 @@ def _num_labels(path: Path) -> int:
     return 2
 
 
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's dir name, or parent/name where two runs share a name (r8_s0 of two sweeps)."""
+    names = [run_dir.name for run_dir in run_dirs]
+    return [f"{run_dir.parent.name}/{name}" if names.count(name) > 1 else name
+            for run_dir, name in zip(run_dirs, names)]
+
+
 def analyse(run_dirs: list[Path], modules: str | None = None, seed: int = 0) -> list[dict]:
     rows = []
     generator = torch.Generator().manual_seed(seed)
-    for run_dir in run_dirs:
+    for run_dir, label in zip(run_dirs, run_labels(run_dirs)):
         model = load_run(run_dir)
         with torch.no_grad():
             for name, layer in variants.adapter_layers(model):
@@ -115,7 +122,7 @@ def analyse(run_dirs: list[Path], modules: str | None = None, seed: int = 0) -> 
                     continue
                 rank = effective_rank(model, layer)
                 stats = module_stats(layer.frozen_weight(), layer.delta_weight().float(), rank, generator)
-                rows.append({"run": run_dir.name, "module": name, "rank": rank, **stats})
+                rows.append({"run": label, "module": name, "rank": rank, **stats})
     return rows
 
 

@@ -259,3 +259,8 @@ def test_started_variants_compare_the_update_not_the_shared_start(tmp_path):
     assert (entry["r1"], entry["r2"]) == (8, 8)
     assert entry["phi"][0][0] < 0.5  # A's own subspaces (the shared start) would give ~1
     assert compare(run_1, run_2, side="up")[MODULES[0]]["phi"][0][0] < 0.5
+
+
+def test_amplification_labels_runs_of_one_name_by_their_sweep(tmp_path):
+    runs = [tmp_path / "lora_stsb" / "r8_s0", tmp_path / "pissa_stsb" / "r8_s0", tmp_path / "pissa_stsb" / "r64_s0"]
+    assert amplification.run_labels(runs) == ["lora_stsb/r8_s0", "pissa_stsb/r8_s0", "r64_s0"]
