@@ -38,7 +38,8 @@ def test_unknown_configuration_is_an_error():
 
 
 def test_the_step_is_the_trainers_with_the_variants_hooks(tmp_path):
-    """LoRA-GA's and EVA's starts are timed once (PiSSA's SVD is part of building it); LoRA-Pro's transform_gradients runs in each step, so its
+    """LoRA-GA's and EVA's starts are timed once (PiSSA's SVD is part of building it); LoRA-Pro's
+    transform_gradients runs in each step, so its
     full-size moments (bf16 m and v of every adapted 384 x 384 layer) count in its memory."""
     out = tmp_path / "bench.json"
     only = "lora-qv,loraplus-qv,lora_ga-qv,lora_pro-qv,rslora-qv,pissa-qv,milora-qv,eva-qv"
