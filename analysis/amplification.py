@@ -81,27 +81,12 @@ def effective_rank(model: nn.Module, layer: variants.AdapterLayer) -> int:
 
 def load_run(run_dir: Path):
     """The run's base model with its adapter loaded."""
-    from training.models import load_model
+    from training.models import load_trained
 
     path = run_dir / rundir.ADAPTER
     if not path.is_file():
         raise variants.ConfigError(f"{run_dir} has no {rundir.ADAPTER} (is it a finished run dir?)")
-    config = variants.read_adapter_config(path)
-    if "model" not in config:
-        raise variants.ConfigError(f"{path} does not name its base model in its metadata")
-    model, _ = load_model(config["model"], _num_labels(path))
-    variants.load_adapter(model, path)
-    return model
-
-
-def _num_labels(path: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            if key.endswith("classifier.weight") or key.endswith("classifier.out_proj.weight"):
-                return f.get_slice(key).get_shape()[0]
-    return 2
+    return load_trained(path)[0]
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:

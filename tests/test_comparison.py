@@ -311,7 +311,7 @@ def test_predictions_come_back_in_the_eval_sets_order(minilm):
     """Evaluation runs length-sorted batches; each example's scores must still be its own."""
     from training.data import make_loader
     from training.device import Runtime
-    from training.trainer import evaluate_with_predictions
+    from training.evaluation import evaluate_with_predictions
 
     model, tokenizer = minilm
     texts = ["a fine film , truly .", "no", "the acting was superb but the ending , alas , was clumsy and far too long .",

@@ -8,7 +8,7 @@ import variants
 from training.data import make_loader
 from training.smoke_task import generate
 from training.device import Runtime
-from training.trainer import evaluate
+from training.evaluation import evaluate
 from helpers.loop import train_in_process
 
 def trainer_cfg(lr: float):

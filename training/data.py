@@ -25,11 +25,11 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from variants import ConfigError
 
-from . import smoke_task
+from . import sft_data, smoke_task
 from .distributed import Context, ShardedBatches
 
 Example = dict[str, Any]
-SOURCES = ("smoke", "glue")
+SOURCES = ("smoke", "glue", *sft_data.SOURCES)
 
 
 Splits = tuple[list[Example], dict[str, list[Example]]]
@@ -38,7 +38,9 @@ Splits = tuple[list[Example], dict[str, list[Example]]]
 def load_task(task: DictConfig, seed: int = 0) -> Splits:
     """(train, {eval name: examples}) for the task config, ``main`` evaluation first, then
     ``val`` when ``task.val_fraction`` is set (carved out with ``seed``), each truncated to
-    ``max_*_examples`` if set."""
+    ``max_*_examples`` if set. A causal-LM task's sources are ``training/sft_data.py``'s."""
+    if task.source in sft_data.SOURCES:
+        return sft_data.load_sft_task(task, seed)
     if task.source == "smoke":
         train, main = smoke_task.generate(task.train_size, task.eval_size)
         evaluations = {"main": main}

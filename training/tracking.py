@@ -87,8 +87,7 @@ class Tracker:
 
     def log_predictions(self, step: int, eval_set: str, predictions: Predictions) -> None:
         """Add one evaluation's per-example scores to ``predictions.npz`` (the run dir only)."""
-        self._predictions[f"{eval_set}.labels"] = predictions.labels
-        self._predictions[f"{eval_set}.step{step}"] = predictions.scores.astype("float32")
+        self._predictions.update(predictions.arrays(eval_set, step))
         rundir.write_predictions(self._run_dir, self._predictions)
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from variants import ConfigError
 from . import checkpoint, distributed, optim
 from .checkpoint import DataPosition, TrainState
 from .device import Runtime
-from .metrics import Predictions, compute_metrics
+from .evaluation import ClassifierEvaluator, Evaluator
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,13 @@ class Plan:
     steps: int
     steps_per_epoch: int
     eval_every: int
-    metric_names: tuple[str, ...] = ("accuracy",)
+    evaluator: Evaluator = ClassifierEvaluator()
 
 
-def plan_run(cfg: DictConfig, steps_per_epoch: int, metric_names: Sequence[str] = ("accuracy",)) -> Plan:
+def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None = None) -> Plan:
     """``trainer.epochs`` (when set) or ``trainer.max_steps``, and ``trainer.eval_every`` (steps
-    or ``epoch``), for a loader of ``steps_per_epoch`` batches; ``metric_names``: the task's."""
+    or ``epoch``), for a loader of ``steps_per_epoch`` batches; ``evaluator``: the task's
+    (``training/evaluation.py``; default: a classifier's accuracy)."""
     if cfg.get("epochs"):
         steps = int(math.ceil(cfg.epochs * steps_per_epoch))
     elif isinstance(cfg.max_steps, int) and not isinstance(cfg.max_steps, bool) and cfg.max_steps >= 1:
@@ -67,7 +68,8 @@ def plan_run(cfg: DictConfig, steps_per_epoch: int, metric_names: Sequence[str] 
         eval_every = cfg.eval_every
     else:
         raise ConfigError(f"trainer.eval_every={cfg.eval_every!r} must be a positive integer or 'epoch'")
-    return Plan(steps=steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every, metric_names=tuple(metric_names))
+    return Plan(steps=steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
+                evaluator=evaluator or ClassifierEvaluator())
 
 
 def _number(value: Any) -> bool:
@@ -97,6 +99,8 @@ def check_trainer_config(cfg: DictConfig) -> None:
     every = cfg.get("checkpoint_every")
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         fail("checkpoint_every", "null or a positive integer")
+    if not isinstance(cfg.get("eval_at_start", False), bool):
+        fail("eval_at_start", "true or false")
     if cfg.scheduler not in optim.SCHEDULERS:
         fail("scheduler", f"one of {', '.join(optim.SCHEDULERS)}")
     if cfg.get("optimizer", "auto") not in optim.OPTIMIZERS:
@@ -140,6 +144,8 @@ def train(
     main = runtime.context.is_main
     progress = tqdm(total=plan.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not main)
     try:
+        if resume is None and cfg.get("eval_at_start"):  # step 0: the model before training (the base, for most variants)
+            _evaluate_and_log(raw_model, eval_loaders, plan.evaluator, runtime, state, tracker, progress)
         for batch in _batches(train_loader, state.data):
             started = time.perf_counter()
             loss, adapter_loss = _forward_backward(model, raw_model, runtime.to_device(batch), runtime, state.step)
@@ -157,7 +163,7 @@ def train(
             if state.step % cfg.log_every == 0 or last:
                 _log_training(tracker, state, opt.lr, plan, adapter_loss is not None, runtime, progress)
             if state.step % plan.eval_every == 0 or last:
-                _evaluate_and_log(raw_model, eval_loaders, plan.metric_names, runtime, state, tracker, progress)
+                _evaluate_and_log(raw_model, eval_loaders, plan.evaluator, runtime, state, tracker, progress)
             if not last and not opt.covers(raw_model):  # a variant changed what trains (staged's switch)
                 opt = new_optimization(state.step)
                 model = distributed.wrap(raw_model, runtime.context)  # DDP must know the new set
@@ -256,11 +262,11 @@ def _log_training(tracker: Tracker, state: TrainState, lr: float, plan: Plan, ha
     state.clear_running()
 
 
-def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoader], metric_names: Sequence[str],
+def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoader], evaluator: Evaluator,
                       runtime: Runtime, state: TrainState, tracker: Tracker, progress: tqdm) -> None:
     record: dict[str, Any] = {"step": state.step, "phase": state.phase}
     for name, loader in eval_loaders.items():
-        metrics, predictions = evaluate_with_predictions(raw_model, loader, metric_names, runtime)
+        metrics, predictions = evaluator(raw_model, loader, runtime)
         tracker.log_predictions(state.step, name, predictions)
         prefix = "eval" if name == "main" else f"eval_{name}"
         record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
@@ -269,35 +275,3 @@ def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoade
     if runtime.context.is_main:  # tqdm.write prints whatever the bar's disable says
         progress.write(f"step {state.step}: " + ", ".join(
             f"{k}={v:.4f}" for k, v in record.items() if k not in ("step", "phase")))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, metric_names: Sequence[str], runtime: Runtime) -> dict[str, float]:
-    """Mean loss and ``metric_names`` over ``loader``; the model's train/eval mode is kept."""
-    return evaluate_with_predictions(model, loader, metric_names, runtime)[0]
-
-
-@torch.no_grad()
-def evaluate_with_predictions(model: nn.Module, loader: DataLoader, metric_names: Sequence[str], runtime: Runtime
-                              ) -> tuple[dict[str, float], Predictions]:
-    """``evaluate``'s metrics, and the per-example labels and scores (logits ``(n, classes)``, or
-    the regression output ``(n,)``) in the loader's order."""
-    was_training = model.training
-    model.eval()
-    scores, labels, losses = [], [], []
-    for batch in loader:
-        batch = runtime.to_device(batch)
-        with runtime.autocast():
-            out = model(**batch)
-        logits = out.logits.float()
-        scores.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits)
-        labels.append(batch["labels"])
-        losses.append(out.loss.float() * len(batch["labels"]))
-    model.train(was_training)
-    predictions = Predictions(labels=torch.cat(labels).cpu().numpy(), scores=torch.cat(scores).cpu().numpy())
-    order = getattr(loader, "example_order", None)
-    if order is not None:  # back to the eval set's own order, so runs can be paired example by example
-        predictions = predictions.reordered(order)
-    result = {"loss": float(torch.stack(losses).sum() / len(predictions.labels))}
-    result.update(compute_metrics(list(metric_names), predictions.predicted, predictions.labels))
-    return result, predictions

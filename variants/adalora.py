@@ -124,6 +124,10 @@ class AdaLoRALinear(AdapterLayer):
         """(α/r)·P·Λ·Q: ``(d_out, d_in)``."""
         return (self.lora_P * self.lora_E) @ self.lora_Q * self.scaling
 
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        """A = Q, B = P·Λ (pruned triplets have λ = 0): the same ΔW at rank r."""
+        return {"lora_A": self.lora_Q, "lora_B": self.lora_P * self.lora_E, "scaling": self.scaling}
+
     def orthogonality_residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared, in the factors' fp32 also under autocast (a
         bf16 Gram matrix would be rounded by ~4e-3 near 1 before I is subtracted)."""

@@ -276,6 +276,12 @@ class AdapterLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        """The layer as a LoRA in peft's terms, on an unmodified frozen layer: ``lora_A`` ``(k, d_in)``,
+        ``lora_B`` ``(d_out, k)`` and ``scaling`` with ΔW = scaling·B·A (DoRA adds its magnitude).
+        A method whose update is no LoRA (or whose base is not the original weight) raises."""
+        raise NotImplementedError(f"{type(self).__name__} has no equivalent LoRA in peft's format")
+
     def frozen_weight(self) -> torch.Tensor:
         """W0 as the layer computes with it, fp32 ``(d_out, d_in)``, also while merged."""
         if self.merged:

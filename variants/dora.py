@@ -94,6 +94,10 @@ class DoRALinear(LoRALinear):
         direction = self.direction()
         return self.magnitude.unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
 
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        """peft's DoRA: LoRA's A, B and scaling, and m as ``lora_magnitude_vector``."""
+        return {**super().as_lora(), "lora_magnitude_vector": self.magnitude}
+
     def delta_weight(self) -> torch.Tensor:
         """W' − W0."""
         return self.merged_weight() - self.frozen_weight()

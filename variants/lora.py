@@ -98,6 +98,9 @@ class LoRALinear(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.low_rank_weight()
 
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "scaling": self.scaling}
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, {super().extra_repr()}"
 

@@ -60,6 +60,11 @@ class OffsetLoRALinear(LoRALinear):
         """s·(B·A − B₀·A₀): ``(d_out, d_in)``, the change from the pretrained W0."""
         return (self.lora_B @ self.lora_A - self.lora_B0 @ self.lora_A0) * self.scaling
 
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        """The rank-2r LoRA of the update on the unmodified W0: [A; A₀] and [B, −B₀]."""
+        return {"lora_A": torch.cat([self.lora_A, self.lora_A0]), "lora_B": torch.cat([self.lora_B, -self.lora_B0], 1),
+                "scaling": self.scaling}
+
     def initial_weight(self) -> torch.Tensor:
         """W_res = W0 − s·B₀·A₀ (fp32): what the papers' code leaves in the base layer."""
         return self.frozen_weight() - (self.lora_B0 @ self.lora_A0) * self.scaling

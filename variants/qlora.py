@@ -182,6 +182,10 @@ class QLoRALinear(LoRALinear):
         self.base = self._quantized_base
         self._quantized_base = None
 
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        raise NotImplementedError("QLoRA's A and B were trained on the 4-bit base, so on the original weights they "
+                                  "would not give the trained model; export the merged model instead (--merged)")
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant_args.get('quant_type', 'nf4')}"
 

@@ -5,6 +5,7 @@ from omegaconf import DictConfig
 
 from training.device import Runtime
 from training.tracking import Tracker
+from training.evaluation import ClassifierEvaluator
 from training.trainer import plan_run, train
 
 
@@ -12,7 +13,7 @@ def train_in_process(model, loader, eval_loader, trainer_cfg: DictConfig, run_di
                      tracking: str = "disabled"):
     """Train on CPU in fp32 with ``trainer_cfg``; metrics.jsonl goes to ``run_dir``. Returns the TrainState."""
     tracker = Tracker(run_dir, {}, mode=tracking)
-    plan = plan_run(trainer_cfg, len(loader), metrics)
+    plan = plan_run(trainer_cfg, len(loader), ClassifierEvaluator(metrics))
     state = train(model, loader, {"main": eval_loader}, plan, trainer_cfg, tracker, Runtime(torch.device("cpu")))
     tracker.finish()
     return state

@@ -1,0 +1,287 @@
+"""Causal-LM task data: instruction/response pairs, tokenized so the loss falls on the response.
+
+Sources (``task.source``): ``sft_smoke``, generated here (``training/sft_smoke.py``);
+``jsonl``, files with one JSON object per line (``task.train_file``, ``task.eval_files``);
+``hub``, a Hugging Face dataset by name (``task.hf_path``, ``task.hf_name``, ``task.splits``).
+``task.prompt_field`` and ``task.response_field`` name the two fields in the last two.
+
+Each example becomes ``prompt ids + response ids``: the prompt formatted by the tokenizer's
+chat template (a user turn and the assistant's header), the response as the template closes
+the assistant's turn (for SmolLM2: ``"9<|im_end|>\\n"``); without a template, the raw prompt and
+the response followed by the EOS token. Prompt and response are tokenized apart, as generation
+sees them: the model is trained to continue exactly the ids it is given at evaluation.
+``labels`` are the response ids, and -100 (ignored by the loss) on the prompt and on padding.
+Batches are padded to their longest sequence; with ``task.packing`` whole examples are packed
+into rows of up to ``model.max_length`` tokens, with position ids restarting at each example,
+from which transformers builds a mask that keeps the examples from attending to each other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from transformers import PreTrainedTokenizerBase
+
+from variants import ConfigError
+
+from . import sft_smoke
+from .distributed import Context, ShardedBatches
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("sft_smoke", "jsonl", "hub")
+CHAT_TEMPLATE = ("auto", True, False)
+IGNORE = -100  # the label the loss skips
+
+Example = dict[str, Any]  # {"prompt": str, "response": str, "where": "train.jsonl line 3"}
+Splits = tuple[list[Example], dict[str, list[Example]]]
+
+
+def load_sft_task(task: DictConfig, seed: int = 0) -> Splits:
+    """(train, {eval name: examples}), ``main`` first, then ``val`` when ``task.val_fraction``
+    is set (a seeded random share of the training set), each cut to ``max_*_examples``."""
+    if task.source == "sft_smoke":
+        train, main = sft_smoke.generate(task.train_size, task.eval_size)
+        train = [{**ex, "where": f"sft_smoke train example {i + 1}"} for i, ex in enumerate(train)]
+        evaluations = {"main": [{**ex, "where": f"sft_smoke eval example {i + 1}"} for i, ex in enumerate(main)]}
+    elif task.source == "jsonl":
+        train = read_jsonl(task.train_file, task, "task.train_file")
+        evaluations = {name: read_jsonl(path, task, f"task.eval_files.{name}") for name, path in task.eval_files.items()}
+    elif task.source == "hub":
+        train, evaluations = _load_hub(task)
+    else:
+        raise ConfigError(f"task.source={task.source!r} is not supported; allowed: {', '.join(SOURCES)}")
+    if "main" not in evaluations:
+        raise ConfigError(f"task={task.name}: the evaluation sets {list(evaluations)} have no 'main'")
+    evaluations = {"main": evaluations.pop("main"), **evaluations}
+    if task.get("val_fraction") is not None:
+        train, evaluations["val"] = random_split(train, task.val_fraction, seed)
+    if task.get("max_train_examples"):
+        train = train[: task.max_train_examples]
+    if task.get("max_eval_examples"):
+        evaluations = {name: examples[: task.max_eval_examples] for name, examples in evaluations.items()}
+    return train, evaluations
+
+
+def random_split(train: list[Example], fraction: Any, seed: int) -> tuple[list[Example], list[Example]]:
+    """(what trains, validation): ``fraction`` of ``train`` held out at random with ``seed``;
+    both keep the file's order."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
+        raise ConfigError(f"task.val_fraction={fraction!r} must be null or a number in (0, 0.5]")
+    n_val = max(1, round(fraction * len(train)))
+    if n_val >= len(train):
+        raise ConfigError(f"task.val_fraction={fraction} leaves no training example of {len(train)}")
+    held_out = set(random.Random(seed).sample(range(len(train)), n_val))
+    return ([ex for i, ex in enumerate(train) if i not in held_out],
+            [ex for i, ex in enumerate(train) if i in held_out])
+
+
+def read_jsonl(path: Any, task: DictConfig, key: str) -> list[Example]:
+    """The examples of a JSONL file; a bad line is a ``ConfigError`` naming the file and line."""
+    if not path:
+        raise ConfigError(f"{key} is not set; allowed: the path of a JSONL file with "
+                          f"{task.prompt_field!r} and {task.response_field!r} fields")
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{key}={str(file)!r} is not a file")
+    examples = []
+    with file.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{file.name} line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{key}: {str(file)!r} line {line_no} is not valid JSON ({err.msg})") from None
+            examples.append(_example(record, task, where, f"{key}: {str(file)!r} line {line_no}"))
+    if not examples:
+        raise ConfigError(f"{key}={str(file)!r} has no examples")
+    return examples
+
+
+def _example(record: Any, task: DictConfig, where: str, context: str) -> Example:
+    fields = (task.prompt_field, task.response_field)
+    if not isinstance(record, dict):
+        raise ConfigError(f"{context} is a JSON {type(record).__name__}; allowed: an object with fields {list(fields)}")
+    for field, key in zip(fields, ("task.prompt_field", "task.response_field")):
+        if not isinstance(record.get(field), str):
+            found = "missing" if field not in record else f"a {type(record[field]).__name__}, not text"
+            raise ConfigError(f"{context}: field {field!r} ({key}) is {found}; fields there: {sorted(record)}")
+    return {"prompt": record[task.prompt_field], "response": record[task.response_field], "where": where}
+
+
+def _load_hub(task: DictConfig) -> Splits:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(task.hf_path, task.get("hf_name"))
+    except Exception as err:  # the hub raises many types (connection, offline mode, not found)
+        raise ConfigError(f"task={task.name}: could not load {task.hf_path} from the Hugging Face hub "
+                          f"({type(err).__name__}); without network use task.source=jsonl") from None
+
+    def rows(name: str, split: str) -> list[Example]:
+        if split not in ds:
+            raise ConfigError(f"task.splits.{name}={split!r} is not a split of {task.hf_path}; allowed: {list(ds)}")
+        return [_example(row, task, f"{split} row {i + 1}", f"task={task.name}: {task.hf_path} {split} row {i + 1}")
+                for i, row in enumerate(ds[split])]
+
+    splits = dict(task.splits)
+    return rows("train", splits.pop("train")), {name: rows(name, split) for name, split in splits.items()}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How an example becomes text: through the tokenizer's chat template or as given."""
+
+    tokenizer: PreTrainedTokenizerBase
+    chat: bool
+    system_prompt: str | None = None
+
+    def _messages(self, prompt: str) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": prompt}]
+
+    def prompt_text(self, prompt: str) -> str:
+        """What the model reads before it answers."""
+        if not self.chat:
+            return prompt
+        return self.tokenizer.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
+
+    def response_text(self, prompt: str, response: str) -> str:
+        """What the model learns to write after ``prompt_text``: the response and what ends it."""
+        if not self.chat:
+            return response + (self.tokenizer.eos_token or "")
+        head = self.prompt_text(prompt)
+        whole = self.tokenizer.apply_chat_template(
+            [*self._messages(prompt), {"role": "assistant", "content": response}], tokenize=False)
+        if not whole.startswith(head):
+            raise ConfigError("task.chat_template: this tokenizer's template does not write the assistant's turn "
+                              "after the prompt it formats for generation; allowed: task.chat_template=false")
+        return whole[len(head):]
+
+
+def prompt_format(tokenizer: PreTrainedTokenizerBase, task: DictConfig) -> PromptFormat:
+    """``task.chat_template``: ``auto`` uses the tokenizer's when it has one; ``true`` requires it."""
+    wanted = task.get("chat_template", "auto")
+    if wanted not in CHAT_TEMPLATE:
+        raise ConfigError(f"task.chat_template={wanted!r} is not supported; allowed: auto, true, false")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if wanted is True and not has_template:
+        raise ConfigError("task.chat_template=true but this model's tokenizer has no chat template; "
+                          "allowed: auto or false (the prompt is then used as written)")
+    return PromptFormat(tokenizer, chat=has_template and wanted is not False, system_prompt=task.get("system_prompt"))
+
+
+def encode(examples: list[Example], fmt: PromptFormat, max_length: int) -> list[dict[str, Any]]:
+    """Token ids of each example: ``input_ids`` (prompt then response), ``labels`` (-100 on the
+    prompt), ``prompt_len``. A prompt that leaves no room for a response is a ``ConfigError``;
+    a response that does not fit is cut at ``max_length`` (and counted in the log)."""
+    tokenizer = fmt.tokenizer
+    prompts = tokenizer([fmt.prompt_text(ex["prompt"]) for ex in examples], add_special_tokens=not fmt.chat)["input_ids"]
+    responses = tokenizer([fmt.response_text(ex["prompt"], ex["response"]) for ex in examples],
+                          add_special_tokens=False)["input_ids"]
+    features, cut = [], 0
+    for ex, prompt, response in zip(examples, prompts, responses):
+        if len(prompt) >= max_length:
+            raise ConfigError(f"{ex['where']}: the prompt alone is {len(prompt)} tokens, model.max_length={max_length}; "
+                              "allowed: prompts shorter than model.max_length (raise it, or shorten the prompt)")
+        kept = response[: max_length - len(prompt)]
+        cut += len(kept) < len(response)
+        features.append({"input_ids": prompt + kept, "labels": [IGNORE] * len(prompt) + kept, "prompt_len": len(prompt)})
+    if cut:
+        log.warning("%d of %d responses were cut to fit model.max_length=%d", cut, len(examples), max_length)
+    return features
+
+
+def pack(features: list[dict[str, Any]], max_length: int, seed: int) -> list[dict[str, Any]]:
+    """Whole examples, in an order shuffled with ``seed``, filled greedily into rows of at most
+    ``max_length`` tokens; ``position_ids`` restart at 0 with each example."""
+    order = list(range(len(features)))
+    random.Random(seed).shuffle(order)
+    rows: list[dict[str, Any]] = []
+    for i in order:
+        ids, labels = features[i]["input_ids"], features[i]["labels"]
+        if not rows or len(rows[-1]["input_ids"]) + len(ids) > max_length:
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+        row = rows[-1]
+        row["input_ids"] += ids
+        row["labels"] += labels
+        row["position_ids"] += list(range(len(ids)))
+    return rows
+
+
+class CausalLMCollator:
+    """Pads a batch to its longest row: ``input_ids`` with the pad id, ``labels`` with -100.
+
+    Unpacked rows get an ``attention_mask`` (right padding). Packed rows carry ``position_ids``
+    and no mask, so transformers builds one example-by-example from them; their padding is given
+    positions of its own (0, 1, ...), a separate sequence that no real token attends to. With
+    ``with_prompts`` (evaluation) the batch also holds the prompts alone, left-padded for
+    generation (``prompt_ids``, ``prompt_mask``), and each example's ``index``.
+    """
+
+    def __init__(self, pad_id: int, with_prompts: bool = False):
+        self.pad_id, self.with_prompts = pad_id, with_prompts
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {
+            "input_ids": self._pad([r["input_ids"] for r in rows], width, self.pad_id),
+            "labels": self._pad([r["labels"] for r in rows], width, IGNORE),
+        }
+        if "position_ids" in rows[0]:
+            batch["position_ids"] = torch.tensor(
+                [r["position_ids"] + list(range(width - len(r["position_ids"]))) for r in rows])
+        else:
+            batch["attention_mask"] = self._pad([[1] * len(r["input_ids"]) for r in rows], width, 0)
+        if self.with_prompts:
+            prompts = [r["input_ids"][: r["prompt_len"]] for r in rows]
+            longest = max(map(len, prompts))
+            batch["prompt_ids"] = torch.tensor([[self.pad_id] * (longest - len(p)) + p for p in prompts])
+            batch["prompt_mask"] = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+            batch["index"] = torch.tensor([r["index"] for r in rows])
+        return batch
+
+    @staticmethod
+    def _pad(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad token's id, or EOS's for tokenizers without one (padding is masked either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def make_train_loader(examples: list[Example], fmt: PromptFormat, max_length: int, batch_size: int, seed: int,
+                      packing: bool = False, shard: Context | None = None) -> DataLoader:
+    """Shuffled batches of ``batch_size`` rows (the global batch; with ``shard``, this process's
+    slice); rows are examples, or packs of them with ``packing``."""
+    features = encode(examples, fmt, max_length)
+    if packing:
+        features = pack(features, max_length, seed)
+        log.info("packing: %d examples in %d rows of up to %d tokens", len(examples), len(features), max_length)
+    generator = torch.Generator().manual_seed(seed)
+    batches = BatchSampler(RandomSampler(features, generator=generator), batch_size, drop_last=False)
+    if shard is not None and shard.enabled:
+        batches = ShardedBatches(batches, shard)
+    return DataLoader(features, batch_sampler=batches, generator=generator, collate_fn=CausalLMCollator(pad_id(fmt.tokenizer)))
+
+
+def make_eval_loader(examples: list[Example], fmt: PromptFormat, max_length: int, batch_size: int) -> DataLoader:
+    """Batches sorted by prompt length (generation pads little), each with its examples'
+    ``index``; ``loader.references`` holds the reference responses in the eval set's order."""
+    features = [{**f, "index": i} for i, f in enumerate(encode(examples, fmt, max_length))]
+    features.sort(key=lambda f: f["prompt_len"])
+    batches = BatchSampler(SequentialSampler(features), batch_size, drop_last=False)
+    loader = DataLoader(features, batch_sampler=batches, collate_fn=CausalLMCollator(pad_id(fmt.tokenizer), True))
+    loader.references = [ex["response"] for ex in examples]
+    return loader
