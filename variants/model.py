@@ -229,7 +229,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if (method := variant_of(model)) is not None:
         state.update(method.state_to_save(model))
     state.update(_adapter_tensors(model))
-    return {n: t.detach().contiguous().cpu() for n, t in state.items()}
+    return {n: t.detach().contiguous().cpu() for n, t in _without_aliases(state).items()}
+
+
+def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor once: a weight tied to another (a causal LM's lm_head and input embeddings)
+    is kept under its first name; loading it there loads both."""
+    kept, seen = {}, set()
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        kept[name] = tensor
+    return kept
 
 
 def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, Any] | None = None) -> None:
