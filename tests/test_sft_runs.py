@@ -105,3 +105,19 @@ def test_bitfit_is_refused_on_a_model_without_biases(tmp_path):
     with pytest.raises(ConfigError, match="LlamaForCausalLM has no bias terms to train"):
         short_run(tmp_path / "run", "variant=bitfit")
     assert not (tmp_path / "run").exists()
+
+
+def test_subspace_and_amplification_analyses_read_the_causal_lm_adapters(tmp_path):
+    from analysis import amplification, subspace_overlap
+
+    r8, r16 = tmp_path / "r8_s0", tmp_path / "r16_s1"
+    short_run(r8, "rank=8", "seed=0", "trainer.lr=0.01")
+    short_run(r16, "rank=16", "seed=1", "trainer.lr=0.01")
+    assert subspace_overlap.main([str(r8), str(r16), "--out", str(tmp_path / "phi")]) == 0
+    modules = json.loads((tmp_path / "phi" / "phi.json").read_text())["modules"]
+    assert sorted(modules) == [f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]
+    assert len(modules["model.layers.1.self_attn.v_proj"]["phi"]) == 8
+    csv = tmp_path / "amplification.csv"
+    assert amplification.main([str(r8), str(r16), "--csv", str(csv)]) == 0
+    rows = csv.read_text().splitlines()
+    assert len(rows) == 1 + 8 and all("_proj" in row for row in rows[1:])
