@@ -49,6 +49,7 @@ from scipy import stats
 from analysis.collect_runs import flatten
 from analysis.glue_table import PAPER_ORDER, labels, method
 from training import rundir
+from training.metrics import higher_is_better
 
 # Config keys that may differ between the runs of one comparison: the method and its rate, the seed,
 # and what does not change results. Every other key (data, model, steps, schedule, precision,
@@ -57,7 +58,7 @@ MAY_DIFFER = ("variant.", "seed", "trainer.lr", "rank", "alpha", "adapter_dropou
               "init_from", "resume", "tracking.", "glue_dir", "trainer.log_every", "trainer.checkpoint_every",
               "trainer.eval_batch_size", "skip_completed")
 AT = ("final", "best_val")
-HIGHER_IS_BETTER = True  # every GLUE main metric (accuracy, F1, Matthews, Pearson)
+HIGHER_IS_BETTER = True  # every GLUE main metric (accuracy, F1, Matthews, Pearson), and exact match; runs selected on a loss are skipped
 
 
 class CompareError(ValueError):
@@ -163,6 +164,9 @@ def _run(summary: dict, config: dict, at: str, run_dir: Path | None) -> tuple[Ru
     if "val" not in (summary.get("eval_extra") or {}):
         return None, "no val split (task.val_fraction unset): its learning rate could only be chosen on the test set"
     metric = summary["main_metric"]
+    if not higher_is_better(metric):
+        return None, (f"main metric {metric!r} is better lower; the comparison selects and ranks by a metric that is "
+                      "better higher (accuracy, F1, Matthews, Pearson, exact_match)")
     if at == "best_val":
         if not summary.get("eval_at_best_val"):
             return None, "no eval_at_best_val in its summary (written by runs since 2026-11-23)"
