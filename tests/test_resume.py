@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from test_causal_lm import needs_smollm2
 from test_run import ROOT, run_py
 
 RUN = ["trainer.max_steps=30", "trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.eval_every=10",
@@ -57,10 +58,15 @@ VARIANT_SETTINGS = {
     # A data-driven start that also changes the layers' ranks: the resumed model takes them
     # from the checkpoint before loading it.
     "eva": ["variant=eva"],
+    # A causal LM (its first 2 blocks): response-only loss, generation at each evaluation, and the
+    # step-0 evaluation, which the resumed run must not repeat.
+    "smollm2_lora": ["model=smollm2", "task=sft_smoke", "model.keep_layers=2", "trainer.batch_size=4",
+                     "task.train_size=28", "task.eval_size=8", "task.max_new_tokens=4", "trainer.eval_at_start=true"],
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANT_SETTINGS))
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=needs_smollm2) if v.startswith("smollm2") else v
+                                     for v in VARIANT_SETTINGS])
 def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     """Mid-epoch kill (7 batches per epoch, checkpoints every 5 steps), then resume=<run dir>."""
     extra = VARIANT_SETTINGS[variant]
