@@ -6,6 +6,7 @@ fine-tuning, side by side in one process.
     python bench/bench.py --arch roberta-base --device cuda # random-weight RoBERTa-base from its config
     python bench/bench.py --arch llama-1b --device cuda --batch 8 --seq 512
     python bench/bench.py --only lora-qv,peft-lora-qv --rounds 9 --json out.json
+    python bench/bench.py --arch smollm2 --batch 8 --seq 64  # the pretrained causal LM (model=smollm2)
 
 Every configuration gets its own copy of the same base weights, optimizer (AdamW) and the same
 synthetic batch (random token ids, all positions attended). Rounds alternate over the
@@ -46,16 +47,23 @@ from torch import nn
 import variants
 from training.optim import make_optimizer, param_groups
 
-ARCHS = ("minilm", "roberta-base", "llama-1b")
+ARCHS = ("minilm", "roberta-base", "llama-1b", "smollm2")
+HEADS = {"minilm": "classifier", "roberta-base": "classifier", "llama-1b": "score", "smollm2": None}  # None: a causal LM
 LR = 1e-4  # every configuration's peak rate (speed does not depend on it)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]  # --clock cpu: the process's CPU time, for a machine other jobs share
 
 
 def build_base(arch: str, num_labels: int = 2) -> tuple[nn.Module, list[str], int]:
-    """(model, attention q/v module names, vocab size), pretrained for minilm, random otherwise."""
+    """(model, attention q/v module names, vocab size), pretrained for minilm and smollm2 (a causal
+    LM: the loss is next-token prediction at every position), random otherwise."""
     from transformers import AutoModelForSequenceClassification, LlamaConfig, RobertaConfig
 
+    if arch == "smollm2":
+        from training.models import load_model
+
+        model, tokenizer = load_model("smollm2", model_type="causal_lm")
+        return model, ["q_proj", "v_proj"], len(tokenizer)
     if arch == "minilm":
         from training.models import load_model
 
@@ -85,10 +93,11 @@ class Config:
     step: int = 0
 
 
-def ours(base: nn.Module, variant: str, targets, rank: int, dropout: float, head: str, **kw) -> nn.Module:
+def ours(base: nn.Module, variant: str, targets, rank: int, dropout: float, head: str | None, **kw) -> nn.Module:
     model = copy.deepcopy(base)
-    variants.inject_adapters(model, variant, targets, rank=rank, alpha=2 * rank, exclude=[head], dropout=dropout, **kw)
-    variants.mark_trainable(model, train_modules=[head])
+    heads = [head] if head else []
+    variants.inject_adapters(model, variant, targets, rank=rank, alpha=2 * rank, exclude=heads, dropout=dropout, **kw)
+    variants.mark_trainable(model, train_modules=heads)
     return model
 
 
@@ -96,13 +105,14 @@ def theirs(base: nn.Module, variant: str, targets, rank: int, dropout: float, to
     import peft
 
     model = copy.deepcopy(base)
+    task_type = "CAUSAL_LM" if model.config.architectures and "CausalLM" in model.config.architectures[0] else "SEQ_CLS"
     if variant == "adalora":
         config = peft.AdaLoraConfig(init_r=rank, target_r=max(1, 2 * rank // 3), lora_alpha=2 * rank,
-                                    lora_dropout=dropout, target_modules=targets, task_type="SEQ_CLS",
+                                    lora_dropout=dropout, target_modules=targets, task_type=task_type,
                                     total_step=total_steps, tinit=0, tfinal=0, deltaT=10)
     else:
         config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=targets,
-                                 use_dora=variant == "dora", task_type="SEQ_CLS")
+                                 use_dora=variant == "dora", task_type=task_type)
     return peft.get_peft_model(model, config)
 
 
@@ -125,7 +135,7 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
         from variants.targets import task_head
 
         model = copy.deepcopy(base)
-        quantize_model(model, keep=[head, *task_head(model)])  # the same 4-bit base as ours
+        quantize_model(model, keep=[*([head] if head else []), *task_head(model)])  # the same 4-bit base as ours
         return theirs(model, "lora", qv, r, p, total_steps)
 
     def full() -> Config:
@@ -217,7 +227,7 @@ def tensor_bytes(tree) -> int:
     return 0
 
 
-def inference_latency(base: nn.Module, qv: list[str], head: str, args, batch, device, sync) -> dict[str, float]:
+def inference_latency(base: nn.Module, qv: list[str], head: str | None, args, batch, device, sync) -> dict[str, float]:
     models = {"base": copy.deepcopy(base)}
     unmerged = ours(base, "lora", qv, args.rank, 0.0, head)
     with torch.no_grad():
@@ -249,11 +259,12 @@ def run(args) -> dict:
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     base, qv, vocab = build_base(args.arch)
-    head = "score" if args.arch == "llama-1b" else "classifier"
+    head = HEADS[args.arch]
+    ids = torch.randint(5, vocab, (args.batch, args.seq))
     batch = {
-        "input_ids": torch.randint(5, vocab, (args.batch, args.seq)),
+        "input_ids": ids,
         "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
-        "labels": torch.randint(0, 2, (args.batch,)),
+        "labels": ids.clone() if head is None else torch.randint(0, 2, (args.batch,)),
     }
     batch = {k: v.to(device) for k, v in batch.items()}
     total_steps = args.warmup + args.rounds * args.steps + 1
