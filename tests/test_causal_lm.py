@@ -205,6 +205,12 @@ def test_jsonl_reading_and_its_errors(tmp_path):
         read_jsonl(missing, task, "task.train_file")
     with pytest.raises(ConfigError, match="task.eval_files.main is not set"):
         read_jsonl(None, task, "task.eval_files.main")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps({"prompt": "caf\u00e9", "response": "r"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.jsonl' is not UTF-8 text"):
+        read_jsonl(latin1, task, "task.train_file")
+    separator = write_jsonl(tmp_path / "sep.jsonl", [json.dumps({"prompt": "a\u2028b", "response": "r"}, ensure_ascii=False)])
+    assert read_jsonl(separator, task, "task.train_file")[0]["prompt"] == "a\u2028b"
 
 
 def compose_cfg(*overrides):
@@ -219,6 +225,12 @@ def compose_cfg(*overrides):
                          "allowed: a causal_lm model, e.g. model=smollm2"),
     (["model=smollm2", "task=sft_smoke", "task.metrics=[accuracy]"], "task.metrics has ['accuracy']; allowed for a "
                                                                      "causal_lm task: loss, perplexity"),
+    (["model=smollm2", "task=sft_smoke", "task.max_new_tokens=0"], "task.max_new_tokens=0 must be a positive integer"),
+    (["model=smollm2", "task=sft_smoke", "task.train_size=0"], "task.train_size=0 must be a positive integer"),
+    (["model=smollm2", "task=sft", "task.eval_files=dev.jsonl"], "task.eval_files='dev.jsonl' must map set names"),
+    (["model=smollm2", "task=sft", "task.source=hub", "task.hf_path=x/y", "~task.splits.train"],
+     "task.source=hub needs task.hf_path (got 'x/y') and task.splits with train and main"),
+    (["model=smollm2", "task=sft", "task.source=csv"], "task.source='csv' is not supported for a causal_lm task"),
 ])
 def test_task_and_model_types_must_match(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as failure:

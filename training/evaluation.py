@@ -117,9 +117,7 @@ class GenerationEvaluator:
 
     def __init__(self, metric_names: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_new_tokens: int):
         self.metric_names, self.tokenizer = tuple(metric_names), tokenizer
-        self.generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                           eos_token_id=tokenizer.eos_token_id,
-                                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        self.max_new_tokens = max_new_tokens
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, loader: DataLoader, runtime: Runtime) -> tuple[dict[str, float], Generations]:
@@ -150,11 +148,22 @@ class GenerationEvaluator:
             counts.append((targets != IGNORE).sum(-1))
         return torch.cat(sums).cpu().numpy(), torch.cat(counts).cpu().numpy()
 
+    def _generation_config(self, model: nn.Module) -> GenerationConfig:
+        """Greedy, stopping at the tokenizer's EOS or any the model's generation config names
+        (a chat turn may end on its own token, e.g. Llama-3's <|eot_id|>)."""
+        stops = {self.tokenizer.eos_token_id}
+        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stops.update(own if isinstance(own, list) else [own])
+        stops.discard(None)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stops)
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, use_cache=True,
+                                eos_token_id=sorted(stops), pad_token_id=pad)
+
     def _generate(self, model: nn.Module, batch: dict[str, torch.Tensor], runtime: Runtime) -> list[str]:
         prompts = batch["prompt_ids"]
         with runtime.autocast():
             out = model.generate(input_ids=prompts, attention_mask=batch["prompt_mask"],
-                                 generation_config=self.generation)
+                                 generation_config=self._generation_config(model))
         return self.tokenizer.batch_decode(out[:, prompts.shape[1]:], skip_special_tokens=True)
 
     def _metrics(self, result: Generations) -> dict[str, float]:

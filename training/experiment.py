@@ -102,6 +102,8 @@ def _check_top_level(cfg: DictConfig) -> None:
     if cfg.tracking.mode not in WANDB_MODES:  # before torchrun's processes part ways: rank 0 alone opens the tracker
         raise ConfigError(f"tracking.mode={cfg.tracking.mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
     _check_task_matches_model(cfg)
+    if task_type(cfg) == "causal_lm":
+        sft_data.check_sft_task(cfg.task)
     check_metric_names(list(cfg.task.metrics), task_type(cfg))
     if cfg.task.main_metric not in cfg.task.metrics:
         raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")

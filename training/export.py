@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -31,8 +32,10 @@ from .models import load_trained
 
 def export_merged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     """Merge the adapters into their layers (not reversible) and save model and tokenizer."""
+    # 4-bit bases first become plain fp32 layers, so W0 + ΔW is formed and kept in fp32 (merging
+    # onto the quantized layer would round it to the layer's compute dtype, bf16 on some machines)
+    dequantize_model(model, dtype=torch.float32)
     variants.merge_and_unwrap(model)
-    dequantize_model(model, dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
     model.config.use_cache = True  # what a plain model is saved with; training turned it off
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "f
         tokenizer = AutoTokenizer.from_pretrained(source.path, **where)
         if model_type == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], **where)
+            if source.gguf_file:  # a GGUF on the hub, dequantized like a local one
+                forget_gguf(model)
             # training needs no KV cache, and with one transformers ignores packed rows' position ids;
             # generation asks for its cache itself
             model.config.use_cache = False
@@ -134,12 +137,15 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         forget_gguf(model)
-        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial-", dir=folder.parent))
         try:
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
             partial.rename(folder)
-        except OSError:  # another process converted it meanwhile
+        except OSError:  # another process converted it meanwhile (or the disk is full: the load says so)
+            pass
+        finally:
             shutil.rmtree(partial, ignore_errors=True)
     return ModelSource(str(folder))
 

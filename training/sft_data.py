@@ -45,6 +45,33 @@ Example = dict[str, Any]  # {"prompt": str, "response": str, "where": "train.jso
 Splits = tuple[list[Example], dict[str, list[Example]]]
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_sft_task(task: DictConfig) -> None:
+    """A causal-LM task's keys, before anything loads: one ``ConfigError`` naming the key."""
+    if task.get("source") not in SOURCES:
+        raise ConfigError(f"task.source={task.get('source')!r} is not supported for a causal_lm task; "
+                          f"allowed: {', '.join(SOURCES)}")
+    if not _positive_int(task.get("max_new_tokens")):
+        raise ConfigError(f"task.max_new_tokens={task.get('max_new_tokens')!r} must be a positive integer")
+    if not isinstance(task.get("packing", False), bool):
+        raise ConfigError(f"task.packing={task.get('packing')!r} must be true or false")
+    if task.source == "sft_smoke":
+        for key in ("train_size", "eval_size"):
+            if not _positive_int(task.get(key)):
+                raise ConfigError(f"task.{key}={task.get(key)!r} must be a positive integer")
+    elif task.source == "jsonl" and (not isinstance(task.get("eval_files"), DictConfig) or "main" not in task.eval_files):
+        raise ConfigError(f"task.eval_files={task.get('eval_files')!r} must map set names to JSONL files, "
+                          "with main, e.g. task.eval_files.main=dev.jsonl")
+    elif task.source == "hub":
+        splits = task.get("splits")
+        if not task.get("hf_path") or not isinstance(splits, DictConfig) or not {"train", "main"} <= set(splits):
+            raise ConfigError(f"task.source=hub needs task.hf_path (got {task.get('hf_path')!r}) and task.splits with "
+                              f"train and main (got {dict(splits) if isinstance(splits, DictConfig) else splits!r})")
+
+
 def load_sft_task(task: DictConfig, seed: int = 0) -> Splits:
     """(train, {eval name: examples}), ``main`` first, then ``val`` when ``task.val_fraction``
     is set (a seeded random share of the training set), each cut to ``max_*_examples``."""
@@ -93,16 +120,19 @@ def read_jsonl(path: Any, task: DictConfig, key: str) -> list[Example]:
     if not file.is_file():
         raise ConfigError(f"{key}={str(file)!r} is not a file")
     examples = []
-    with file.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{file.name} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{key}: {str(file)!r} line {line_no} is not valid JSON ({err.msg})") from None
-            examples.append(_example(record, task, where, f"{key}: {str(file)!r} line {line_no}"))
+    try:
+        lines = file.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON text may hold U+2028
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{key}={str(file)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{file.name} line {line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{key}: {str(file)!r} line {line_no} is not valid JSON ({err.msg})") from None
+        examples.append(_example(record, task, where, f"{key}: {str(file)!r} line {line_no}"))
     if not examples:
         raise ConfigError(f"{key}={str(file)!r} has no examples")
     return examples
@@ -258,7 +288,11 @@ class CausalLMCollator:
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The pad token's id, or EOS's for tokenizers without one (padding is masked either way)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    found = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if found is None:
+        raise ConfigError("the model's tokenizer has neither a pad nor an EOS token; allowed: a causal LM whose "
+                          "tokenizer defines one of them")
+    return found
 
 
 def make_train_loader(examples: list[Example], fmt: PromptFormat, max_length: int, batch_size: int, seed: int,

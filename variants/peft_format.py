@@ -53,6 +53,8 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, task_type: str, base
             lora = layer.as_lora()
         except NotImplementedError as err:
             raise ConfigError(f"variant={variant!r}: {err}") from None
+        if lora["lora_A"].shape[0] == 0:  # EVA gave this layer no rank: its update is 0, peft has no r = 0
+            continue
         ranks[name], alphas[name] = lora["lora_A"].shape[0], float(lora["scaling"]) * lora["lora_A"].shape[0]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = lora["lora_A"]
         tensors[f"{PREFIX}{name}.lora_B.weight"] = lora["lora_B"]
