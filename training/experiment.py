@@ -28,7 +28,7 @@ from .data import load_task, make_loader
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
 from .metrics import check_metric_names, higher_is_better
-from .models import MODEL_TYPES, keep_first_layers, load_model
+from .models import MODEL_TYPES, load_model
 from .tracking import WANDB_MODES, NullTracker, Tracker
 from variants.budget import rank_for_budget
 
@@ -152,9 +152,7 @@ def _setup_model(cfg: DictConfig, runtime: Runtime
     device; the tokenizer; the adapted module names; the runtime its weights' dtype asks for;
     what ``budget`` chose (None without one)."""
     model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.get("num_labels"), cfg.model.get("dtype", "float32"),
-                                  task_type(cfg), cfg.model.get("gguf_file"))
-    if cfg.model.get("keep_layers") is not None:
-        keep_first_layers(model, cfg.model.keep_layers)
+                                  task_type(cfg), cfg.model.get("gguf_file"), cfg.model.get("keep_layers"))
     runtime = for_weights(runtime, next(model.parameters()).dtype, cfg.trainer.precision)
     if cfg.model.get("dropout") is not None:
         set_dropout(model, cfg.model.dropout)
@@ -310,16 +308,20 @@ def best_eval(history: list[tuple[int, dict[str, float]]], main_metric: str) -> 
     """The evaluation with the best main metric (the highest; the lowest for a loss or
     perplexity; the LoRA paper reports the best epoch) and its step; ``eval`` in the summary
     stays the last one."""
-    sign = 1 if higher_is_better(main_metric) else -1
-    step, metrics = max(history, key=lambda item: sign * item[1][main_metric])
+    step, metrics = _best(history, main_metric)
     return {"step": step, **metrics}
+
+
+def _best(history: list[tuple[int, dict[str, float]]], metric: str) -> tuple[int, dict[str, float]]:
+    """The (step, metrics) whose ``metric`` is best: highest, or lowest for a loss or perplexity."""
+    sign = 1 if higher_is_better(metric) else -1
+    return max(history, key=lambda item: sign * item[1][metric])
 
 
 def at_best_val(state: TrainState, main_metric: str) -> dict[str, Any]:
     """The step whose ``val`` main metric is highest, with the ``val`` and ``main`` (test)
     metrics there: the honest counterpart of ``eval_best``, which picks on the reported set."""
-    sign = 1 if higher_is_better(main_metric) else -1
-    step, val = max(state.extra_eval_history["val"], key=lambda item: sign * item[1][main_metric])
+    step, val = _best(state.extra_eval_history["val"], main_metric)
     return {"step": step, "val": val, "test": dict(state.eval_history)[step]}
 
 

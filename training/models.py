@@ -73,7 +73,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", model_type: str = "classification",
-               gguf_file: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+               gguf_file: str | None = None, keep_layers: int | None = None
+               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The model and its tokenizer.
 
     ``classification``: the encoder comes pretrained and the head (``num_labels`` outputs;
@@ -81,6 +82,7 @@ def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "f
     pretrained. ``dtype`` is the weights' dtype (``model.dtype``): ``float32`` (default),
     ``bfloat16``, ``float16``, or ``auto`` (as the checkpoint stores them); a GGUF file's
     quantized tensors are dequantized to it. Adapters train in fp32 whatever it is.
+    ``keep_layers``: keep only the first N transformer blocks (``keep_first_layers``).
     """
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
@@ -110,6 +112,8 @@ def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "f
             f"model.name_or_path={name_or_path!r} is neither a local model folder nor loadable from the "
             f"Hugging Face hub ({reason}); built-in: {', '.join(BUILTIN_MODELS)}"
         ) from None
+    if keep_layers is not None:
+        keep_first_layers(model, keep_layers)
     return model, tokenizer
 
 
@@ -195,9 +199,7 @@ def load_trained(adapter_path: str | Path) -> tuple[nn.Module, PreTrainedTokeniz
     model_type = config.get("model_type", "classification")
     num_labels = config.get("num_labels") or (_num_labels(adapter_path) if model_type == "classification" else None)
     model, tokenizer = load_model(config["model"], num_labels, config.get("model_dtype", "float32"), model_type,
-                                  config.get("gguf_file"))
-    if config.get("keep_layers"):
-        keep_first_layers(model, config["keep_layers"])
+                                  config.get("gguf_file"), config.get("keep_layers"))
     variants.load_adapter(model, adapter_path)
     return model, tokenizer
 
