@@ -80,14 +80,18 @@ def _setting_defaults(variant: str) -> dict:
 
 
 def labels(methods: set[tuple[str, tuple[tuple[str, str], ...]]]) -> dict:
-    """A name per method: the variant, plus the settings that differ between its methods."""
+    """A name per method: the variant, plus the settings that differ between its methods, except a
+    knob at its default (LoRA and LoRA+ are ``lora`` and ``lora lr_ratio=16``). Names stay unique:
+    two methods that differ in a knob cannot both hold its default."""
     by_variant = defaultdict(list)
     for variant, settings in methods:
         by_variant[variant].append(dict(settings))
     names = {}
     for variant, settings in methods:
         own = dict(settings)
-        varying = [k for k in own if len({json.dumps(other.get(k)) for other in by_variant[variant]}) > 1]
+        defaults = {k: json.dumps(v) for k, v in _setting_defaults(variant).items()}
+        varying = [k for k in own if len({json.dumps(other.get(k)) for other in by_variant[variant]}) > 1
+                   and own[k] != defaults.get(k)]
         names[(variant, settings)] = " ".join([variant, *(f"{k}={own[k]}" for k in varying)])
     return names
 
