@@ -124,11 +124,22 @@ def test_a_prompt_too_long_for_max_length_names_its_example(tokenizer):
 def test_packed_rows_give_each_example_its_own_attention(tokenizer):
     """A pack's logits for each example equal the example's alone, and its loss equals the
     unpacked batch's: position ids restart per example and transformers masks across them."""
+    assert_packs_attend_alone(tiny_llama(tokenizer), tokenizer)
+
+
+@needs_smollm2
+def test_smollm2_as_loaded_gives_packed_examples_their_own_attention(tokenizer):
+    """The same through load_model, whose model must not keep a KV cache in training: with one,
+    transformers builds no mask from the position ids and packed examples attend to each other."""
+    model, _ = load_model("smollm2", model_type="causal_lm", keep_layers=2)
+    assert_packs_attend_alone(model.eval(), tokenizer)
+
+
+def assert_packs_attend_alone(model, tokenizer):
     fmt = prompt_format(tokenizer, task_cfg())
     features = encode(EXAMPLES, fmt, max_length=256)
     rows = pack(features, max_length=256, seed=0)
     assert len(rows) == 1 and sorted(rows[0]["position_ids"]).count(0) == 3
-    model = tiny_llama(tokenizer)
     collate = CausalLMCollator(tokenizer.pad_token_id)
     with torch.no_grad():
         packed = model(**collate(rows))
@@ -181,6 +192,19 @@ def test_generation_is_scored_by_exact_match_in_the_eval_sets_order(tokenizer):
     assert list(arrays["main.references"]) == ["85", "17 42 93", "9"] and arrays["main.generated.step5"].dtype.kind == "U"
 
 
+@needs_smollm2
+def test_batched_generation_is_each_prompt_generated_alone(tokenizer):
+    """Prompts of different lengths share a left-padded batch: each generation must be what the
+    model writes for that prompt alone (a right-padded batch or a wrong mask would change them).
+    SmolLM2's first 2 blocks: a random model writes the same token whatever the prompt."""
+    fmt, model = prompt_format(tokenizer, task_cfg()), load_model("smollm2", model_type="causal_lm", keep_layers=2)[0]
+    evaluator = GenerationEvaluator(["exact_match"], tokenizer, max_new_tokens=6)
+    _, together = evaluator(model, make_eval_loader(EXAMPLES, fmt, 256, batch_size=3), CPU)
+    alone = [evaluator(model, make_eval_loader([ex], fmt, 256, batch_size=1), CPU)[1].generated[0] for ex in EXAMPLES]
+    assert len({len(fmt.prompt_text(ex["prompt"])) for ex in EXAMPLES}) == 3
+    assert list(together.generated) == alone and len(set(alone)) > 1
+
+
 def test_exact_match_and_answer_in_output():
     assert exact_match("  17  42\n93 ", "17 42 93") and not exact_match("17 42 93.", "17 42 93")
     assert answer_in_output("The answer is 9.", "9") and not answer_in_output("19", "9")
@@ -213,6 +237,25 @@ def test_jsonl_reading_and_its_errors(tmp_path):
     assert read_jsonl(separator, task, "task.train_file")[0]["prompt"] == "a\u2028b"
 
 
+def test_sft_smoke_draws_up_to_its_limit_without_repeating_a_prompt():
+    """The limit the config check enforces is exact: at it the draw ends with every prompt distinct
+    (the sequence skill's 720 prompts all used), one more would never end."""
+    from training import sft_smoke
+
+    limit = sft_smoke.max_train_size(200)
+    train, evaluation = sft_smoke.generate(limit, 200)
+    prompts = [ex["prompt"] for ex in train + evaluation]
+    assert len(set(prompts)) == len(prompts) == limit + 200
+    assert sum(p.startswith("Continue the sequence") for p in prompts) == sft_smoke.SEQUENCE_PROMPTS
+    assert (limit + 1 + 3) // 5 + (200 + 3) // 5 > sft_smoke.SEQUENCE_PROMPTS
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes"])
+def test_chat_template_takes_only_auto_true_or_false(tokenizer, value):
+    with pytest.raises(ConfigError, match=f"task.chat_template={value!r} is not supported; allowed: auto, true, false"):
+        prompt_format(tokenizer, task_cfg(chat_template=value))
+
+
 def compose_cfg(*overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return compose(config_name="config", overrides=["tracking.mode=disabled", *overrides])
@@ -227,6 +270,8 @@ def compose_cfg(*overrides):
                                                                      "causal_lm task: loss, perplexity"),
     (["model=smollm2", "task=sft_smoke", "task.max_new_tokens=0"], "task.max_new_tokens=0 must be a positive integer"),
     (["model=smollm2", "task=sft_smoke", "task.train_size=0"], "task.train_size=0 must be a positive integer"),
+    (["model=smollm2", "task=sft_smoke", "task.train_size=3600"], "task.train_size=3600 with task.eval_size=200 asks "
+     "for more distinct prompts than sft_smoke has; allowed: train_size <= 3401 at this eval_size"),
     (["model=smollm2", "task=sft", "task.eval_files=dev.jsonl"], "task.eval_files='dev.jsonl' must map set names"),
     (["model=smollm2", "task=sft", "task.source=hub", "task.hf_path=x/y", "~task.splits.train"],
      "task.source=hub needs task.hf_path (got 'x/y') and task.splits with train and main"),

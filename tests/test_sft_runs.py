@@ -28,7 +28,8 @@ pytestmark = needs_smollm2
 SHORT = ["model=smollm2", "task=sft_smoke", "model.keep_layers=2", "trainer.max_steps=4", "trainer.eval_every=4",
          "trainer.log_every=1", "task.max_eval_examples=4", "task.max_new_tokens=4", "trainer.batch_size=2",
          "task.train_size=16", "trainer.eval_at_start=false", "trainer.checkpoint_every=null"]
-FAMILIES = ["lora", "dora", "adalora", "qlora", "staged", "full", "head", "lora_ga", "lora_pro", "pissa", "eva"]
+FAMILIES = ["lora", "dora", "adalora", "qlora", "staged", "full", "head", "lora_ga", "lora_pro", "pissa", "milora", "eva",
+            "lora variant.lr_ratio=16", "lora variant.scaling=rslora"]
 PROMPTS = ["Which is larger, 58 or 85? Answer with the number only.", "Sort these numbers in ascending order: 42 17 93",
            "How many times does the word 'cat' appear? dog cat cat fox cat"]
 
@@ -37,9 +38,9 @@ def short_run(run_dir, *overrides):
     return run_experiment(compose_cfg(*SHORT, *overrides), run_dir)
 
 
-@pytest.mark.parametrize("variant", FAMILIES)
+@pytest.mark.parametrize("variant", FAMILIES, ids=[v.replace(" variant.", "-") for v in FAMILIES])
 def test_every_variant_family_trains_on_smollm2(tmp_path, variant):
-    summary = short_run(tmp_path, f"variant={variant}")
+    summary = short_run(tmp_path, *f"variant={variant}".split())
     assert summary["status"] == "completed" and summary["steps"] == 4
     assert set(summary["eval"]) >= {"loss", "exact_match", "answer_in_output", "perplexity"}
     assert np.isfinite(summary["eval"]["loss"]) and summary["method_params"] > 0
@@ -81,9 +82,11 @@ def test_peft_export_of_a_smollm2_run_loads_into_peft(tmp_path, variant):
     short_run(run_dir, f"variant={variant}", "trainer.lr=0.01")
     adapted, tokenizer = load_trained(run_dir / rundir.ADAPTER)
     assert export_main([str(run_dir), "--peft", str(tmp_path / "peft")]) == 0
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
-    base, _ = load_model("smollm2", model_type="causal_lm")
-    keep_first_layers(base, 2)
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["task_type"] == "CAUSAL_LM"
+    # the base as from_pretrained finds it here (SmolLM2's converted folder), not the alias
+    base = AutoModelForCausalLM.from_pretrained(peft_config["base_model_name_or_path"])
+    keep_first_layers(base, 2)  # the run trained the first 2 blocks (README: keep_layers)
     loaded = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     ids = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():

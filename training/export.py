@@ -27,7 +27,7 @@ from variants.peft_format import save_peft_adapter
 from variants.qlora import dequantize_model
 
 from . import rundir
-from .models import load_trained
+from .models import load_trained, loadable_path
 
 
 def export_merged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.merged:
             export_merged(model, tokenizer, out)
         else:
-            save_peft_adapter(model, out, config.get("model_type", "classification"), config.get("model"),
+            base = loadable_path(config["model"], config.get("gguf_file"))  # for AutoPeftModel*.from_pretrained
+            save_peft_adapter(model, out, config.get("model_type", "classification"), base,
                               trained=trained_outside_adapters(adapter, model))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

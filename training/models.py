@@ -63,6 +63,13 @@ def resolve_model_path(name_or_path: str) -> str:
     return model_source(name_or_path).path
 
 
+def loadable_path(name_or_path: str, gguf_file: str | None = None) -> str:
+    """What ``from_pretrained`` loads the model from on this machine: a built-in alias's folder
+    (SmolLM2's converted one in the cache), a local GGUF's converted folder, else the name as given."""
+    source = model_source(name_or_path, gguf_file)
+    return gguf_as_folder(source).path if source.gguf_file else source.path
+
+
 def model_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource:
     if name_or_path in BUILTIN_MODELS:
         return BUILTIN_MODELS[name_or_path]()
@@ -101,8 +108,8 @@ def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "f
             if source.gguf_file:  # a GGUF on the hub, dequantized like a local one
                 forget_gguf(model)
             # training needs no KV cache, and with one transformers ignores packed rows' position ids;
-            # generation asks for its cache itself
-            model.config.use_cache = False
+            # generation asks for its cache itself (a multimodal model keeps the flag in its text config)
+            model.config.use_cache = model.config.get_text_config().use_cache = False
         else:
             model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=num_labels,
                                                                        dtype=DTYPES[dtype], **where)

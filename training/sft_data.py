@@ -38,7 +38,6 @@ from .distributed import Context, ShardedBatches
 log = logging.getLogger(__name__)
 
 SOURCES = ("sft_smoke", "jsonl", "hub")
-CHAT_TEMPLATE = ("auto", True, False)
 IGNORE = -100  # the label the loss skips
 
 Example = dict[str, Any]  # {"prompt": str, "response": str, "where": "train.jsonl line 3"}
@@ -62,6 +61,10 @@ def check_sft_task(task: DictConfig) -> None:
         for key in ("train_size", "eval_size"):
             if not _positive_int(task.get(key)):
                 raise ConfigError(f"task.{key}={task.get(key)!r} must be a positive integer")
+        if task.train_size > sft_smoke.max_train_size(task.eval_size):
+            raise ConfigError(f"task.train_size={task.train_size} with task.eval_size={task.eval_size} asks for more "
+                              f"distinct prompts than sft_smoke has; allowed: train_size <= "
+                              f"{sft_smoke.max_train_size(task.eval_size)} at this eval_size")
     elif task.source == "jsonl" and (not isinstance(task.get("eval_files"), DictConfig) or "main" not in task.eval_files):
         raise ConfigError(f"task.eval_files={task.get('eval_files')!r} must map set names to JSONL files, "
                           "with main, e.g. task.eval_files.main=dev.jsonl")
@@ -118,7 +121,8 @@ def read_jsonl(path: Any, task: DictConfig, key: str) -> list[Example]:
                           f"{task.prompt_field!r} and {task.response_field!r} fields")
     file = Path(str(path)).expanduser()
     if not file.is_file():
-        raise ConfigError(f"{key}={str(file)!r} is not a file")
+        raise ConfigError(f"{key}={str(file)!r} is not a file; allowed: the path of a JSONL file with "
+                          f"{task.prompt_field!r} and {task.response_field!r} fields")
     examples = []
     try:
         lines = file.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON text may hold U+2028
@@ -131,7 +135,8 @@ def read_jsonl(path: Any, task: DictConfig, key: str) -> list[Example]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{key}: {str(file)!r} line {line_no} is not valid JSON ({err.msg})") from None
+            raise ConfigError(f"{key}: {str(file)!r} line {line_no} is not valid JSON ({err.msg}); allowed: one "
+                              f"JSON object per line with fields {[task.prompt_field, task.response_field]}") from None
         examples.append(_example(record, task, where, f"{key}: {str(file)!r} line {line_no}"))
     if not examples:
         raise ConfigError(f"{key}={str(file)!r} has no examples")
@@ -202,7 +207,7 @@ class PromptFormat:
 def prompt_format(tokenizer: PreTrainedTokenizerBase, task: DictConfig) -> PromptFormat:
     """``task.chat_template``: ``auto`` uses the tokenizer's when it has one; ``true`` requires it."""
     wanted = task.get("chat_template", "auto")
-    if wanted not in CHAT_TEMPLATE:
+    if not (wanted == "auto" or wanted is True or wanted is False):  # `is`: 0 and 1 are not false and true
         raise ConfigError(f"task.chat_template={wanted!r} is not supported; allowed: auto, true, false")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if wanted is True and not has_template:

@@ -63,16 +63,28 @@ def _count(rng: random.Random) -> Example:
 
 
 SKILLS: tuple[Callable[[random.Random], Example], ...] = (_lookup, _sequence, _larger, _sort, _count)
+# The skill with the fewest distinct prompts, sequence (every fifth example from the second):
+# 30 starts x 8 steps x 3 lengths. Train and eval share none, so together they hold at most these.
+SEQUENCE_PROMPTS = 30 * 8 * 3
+
+
+def max_train_size(eval_size: int) -> int:
+    """The largest ``train_size`` that, beside ``eval_size``, draws no prompt twice (beyond it the
+    draw would never end)."""
+    sequences_left = SEQUENCE_PROMPTS - (eval_size + 3) // 5
+    return 5 * sequences_left + 1  # the examples before the (sequences_left + 1)-th sequence one
 
 
 def _draw(n: int, seed: int, exclude: set[str]) -> list[Example]:
     rng, examples, seen = random.Random(seed), [], set(exclude)
-    while len(examples) < n:
+    for _ in range(100 * (n + 100)):  # far more draws than max_train_size's sets need
+        if len(examples) == n:
+            return examples
         example = SKILLS[len(examples) % len(SKILLS)](rng)  # the skills in turn: equal shares
         if example["prompt"] not in seen:
             seen.add(example["prompt"])
             examples.append(example)
-    return examples
+    raise RuntimeError(f"sft_smoke drew {len(examples)} of {n} distinct prompts and found no more (max_train_size)")
 
 
 def generate(train_size: int, eval_size: int) -> tuple[list[Example], list[Example]]:
