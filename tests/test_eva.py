@@ -34,8 +34,8 @@ def batches(scales, count=6, padded=2, seed=0):
     for _ in range(count):
         x = torch.randn(8, 10, D, generator=gen) * torch.as_tensor(scales) @ q.t()
         mask = torch.ones(8, 10, dtype=torch.long)
-        mask[:, -padded:] = 0
-        x[:, -padded:] = 1e4 * torch.randn(8, padded, D, generator=gen)
+        mask[:, 10 - padded:] = 0
+        x[:, 10 - padded:] = 1e4 * torch.randn(8, padded, D, generator=gen)
         out.append({"inputs": x, "attention_mask": mask})
     return out, q
 
@@ -70,6 +70,28 @@ def test_a_starts_at_the_principal_components_of_the_unpadded_inputs():
         assert torch.equal(model(data[0]["inputs"]), base(data[0]["inputs"]))  # B = 0: the base model
 
 
+def test_tokens_labelled_minus_100_are_left_out_like_padding():
+    """Per-token labels (a causal LM's): the positions labelled −100 hold huge values the estimate
+    must ignore, as peft's use_label_mask; one label per sequence (classification) masks nothing."""
+    scales = [5.0, 4.0, 3.0] + [0.5] * (D - 3)
+    data, _ = batches(scales, count=30, padded=0)
+    gen = torch.Generator().manual_seed(1)
+    for b in data:
+        b["labels"] = torch.ones(8, 10, dtype=torch.long)
+        b["labels"][:, :3] = -100
+        b["inputs"][:, :3] = 1e4 * torch.randn(8, 3, D, generator=gen)
+    model = eva_model(rank=2, rho=1.0)
+    report = initialize(model, data)
+    kept = torch.cat([b["inputs"][:, 3:].reshape(-1, D) for b in data[:report["batches"]]]).double()
+    expected = torch.linalg.eigh(torch.cov(kept.t()))[1][:, [-1, -2]].t().float()
+    torch.testing.assert_close(model.first.lora_A.abs(), expected.abs(), atol=1e-5, rtol=1e-4)
+    for b in data:
+        b["labels"] = torch.ones(8, dtype=torch.long)
+    classified = eva_model(rank=2, rho=1.0)
+    initialize(classified, data)
+    assert (classified.first.lora_A @ expected.t()).abs().diagonal().max() < 0.9  # the huge values dominate
+
+
 def test_estimation_stops_when_the_kept_components_stop_moving():
     scales = [5.0, 4.0, 3.0] + [0.5] * (D - 3)
     same = [batches(scales, count=1)[0][0]] * 5  # the same batch again: the estimate cannot move
@@ -90,10 +112,11 @@ def test_redistribution_by_hand():
 def test_ranks_follow_explained_variance_with_alpha_scaled_to_keep_the_factor():
     """Two layers, budget 2 × 2: the first layer's inputs are concentrated in 3 directions, the
     second's (tanh of them) too, less so; every rank in [0, ρ·r] and the total is the budget."""
-    data, _ = batches([9.0, 8.0, 7.0] + [0.1] * (D - 3))
+    data, _ = batches([10.0] + [0.01] * (D - 1))
     model = eva_model(targets=("first", "second"))
     report = initialize(model, data)
     ranks = report["ranks"]
+    assert ranks["first"] != 2  # not r: α/r_l alone would not be α/r
     # by hand: each layer's explained-variance ratios from its own inputs (B = 0, so the second
     # layer sees tanh of the base first layer), the top ρ·r = 4 of each, the 4 largest of all 8
     kept = [b["inputs"][b["attention_mask"].bool()] for b in data[:report["batches"]]]
@@ -108,10 +131,12 @@ def test_ranks_follow_explained_variance_with_alpha_scaled_to_keep_the_factor():
     assert sum(ranks.values()) == 4 and ranks["first"] > 0
     for name, layer in variants.layers_of(model).items():
         assert layer.rank == ranks[name] and layer.lora_A.shape == (ranks[name], D)
-        assert layer.scaling == pytest.approx(2.0)  # α·r_l/r over r_l: still α/r
+        assert layer.alpha == pytest.approx(4 * ranks[name] / 2)
+        if layer.rank:
+            assert layer.scaling == pytest.approx(2.0)  # α·r_l/r over r_l: still α/r
     unscaled = eva_model(targets=("first", "second"), adjust_scaling=False)
     initialize(unscaled, data)
-    assert unscaled.first.scaling == pytest.approx(4 / ranks["first"])
+    assert unscaled.first.scaling == pytest.approx(4 / ranks["first"]) != 2.0
 
 
 def test_a_saved_eva_adapter_and_a_checkpoint_state_bring_their_ranks(tmp_path):
@@ -149,7 +174,8 @@ def test_bad_settings(settings, message):
 peft = pytest.importorskip("peft")
 
 
-def test_ranks_and_components_match_peft_eva_on_the_same_batches(minilm):
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_ranks_and_components_match_peft_eva_on_the_same_batches(minilm, scaling):
     """peft's EVA (``init_lora_weights="eva"``, its incremental PCA with a randomized SVD) on
     MiniLM's W_q and FFN input layers, against the exact PCA here, on the same batches of the smoke task: the same
     rank per layer, and each layer's A spanning the same subspace (its top directions nearly
@@ -164,12 +190,14 @@ def test_ranks_and_components_match_peft_eva_on_the_same_batches(minilm):
     loader = make_loader(train, tokenizer, ["sentence"], 64, 16, shuffle=False)
     data = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "intermediate.dense"], init_lora_weights="eva",
-                             eva_config=peft.EvaConfig(rho=2.0, tau=0.99, use_label_mask=False), task_type="SEQ_CLS")
+                             eva_config=peft.EvaConfig(rho=2.0, tau=0.99, use_label_mask=False), task_type="SEQ_CLS",
+                             use_rslora=scaling == "rslora")
     import copy
 
     theirs = peft.get_peft_model(copy.deepcopy(model), config)
     initialize_lora_eva_weights(theirs, data, show_progress_bar=False)
-    variants.inject_adapters(model, "eva", ["query", "intermediate.dense"], rank=4, alpha=8, rho=2.0, tau=0.99)
+    variants.inject_adapters(model, "eva", ["query", "intermediate.dense"], rank=4, alpha=8, rho=2.0, tau=0.99,
+                             scaling=scaling)
     report = variants.initialize(model, variants.InitData(iter(data * 10), lambda m, b: None))
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
@@ -180,6 +208,7 @@ def test_ranks_and_components_match_peft_eva_on_the_same_batches(minilm):
         if layer.rank:
             overlap = torch.linalg.svdvals(layer.lora_A.detach() @ a_theirs.t())  # cosines of the principal angles
             assert overlap.min() > 0.95, (name, overlap)
+            assert layer.scaling == pytest.approx(peft_layers[name].scaling["default"]), name  # α_l/r_l or α_l/√r_l
 
 
 def test_a_layer_given_rank_0_is_its_base_layer_through_training_merge_and_reload(tmp_path):

@@ -55,6 +55,8 @@ def test_peft_loads_the_classifier_adapter_and_gives_the_same_outputs(minilm, ba
     trained = ["classifier.weight", "classifier.bias"]
     config = save_peft_adapter(adapted, tmp_path, "classification", trained=trained)
     assert config["modules_to_save"] == ["classifier"] and config["use_dora"] == (name == "dora")
+    if settings.get("scaling") == "rslora":  # α/√r at r = 4 is 4, written as lora_alpha = 4·r (not 8)
+        assert config["lora_alpha"] == pytest.approx(16.0) and not config["use_rslora"]
     loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, adapted.eval()(**batch).logits, atol=1e-5, rtol=1e-5)
@@ -72,6 +74,32 @@ def test_peft_loads_the_causal_lm_adapter_and_gives_the_same_outputs(tokenizer, 
     ids = tokenizer(["Which is larger, 58 or 85?", "Sort: 3 1 2"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**ids).logits, adapted.eval()(**ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_an_eva_adapter_with_its_own_ranks_and_a_rank_0_layer_loads_into_peft(minilm, batch, tmp_path):
+    """EVA's ranks from data (rank_pattern, alpha_pattern) and a layer at rank 0, which peft must
+    not adapt: the loaded model gives the adapted model's outputs."""
+    from training.data import make_loader
+    from training.smoke_task import generate
+
+    model, tokenizer = minilm
+    fresh = copy.deepcopy(model)
+    loader = make_loader(generate(320, 10)[0], tokenizer, ["sentence"], 64, 16, shuffle=False)
+    data = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
+    variants.inject_adapters(model, "eva", ["query", "intermediate.dense"], rank=4, alpha=8, rho=2.0)
+    variants.initialize(model, variants.InitData(iter(data * 10), lambda m, b: None))
+    layers = variants.layers_of(model)
+    dropped = next(name for name, layer in layers.items() if layer.rank)
+    layers[dropped].resize(0, 0.0)
+    perturb(model)
+    config = save_peft_adapter(model, tmp_path, "classification", trained=["classifier.weight", "classifier.bias"])
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    assert 0 in ranks.values() and len(set(ranks.values()) - {0}) > 1, ranks
+    assert dropped not in config["target_modules"] and len(config["target_modules"]) == sum(r > 0 for r in ranks.values())
+    assert config["rank_pattern"] and config["alpha_pattern"]
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_methods_without_a_peft_lora_are_refused(minilm, tmp_path):

@@ -59,8 +59,9 @@ def test_the_randomized_svd_finds_the_principal_part():
 peft = pytest.importorskip("peft")
 
 
-@pytest.mark.parametrize("init, niter", [("pissa", None), ("pissa_niter_4", 4)])
-def test_factors_and_residual_match_peft_pissa(minilm, monkeypatch, init, niter):
+@pytest.mark.parametrize("init, niter, scaling", [("pissa", None, "standard"), ("pissa_niter_4", 4, "standard"),
+                                                  ("pissa", None, "rslora")])
+def test_factors_and_residual_match_peft_pissa(minilm, monkeypatch, init, niter, scaling):
     """The same A, B and frozen residual W0 − s·B·A as peft's PiSSA on MiniLM's W_q and W_v (the
     randomized SVD draws its projections from seed 0 in both)."""
     import peft.tuners.lora.layer as peft_layer
@@ -74,9 +75,9 @@ def test_factors_and_residual_match_peft_pissa(minilm, monkeypatch, init, niter)
     monkeypatch.setattr(peft_layer, "svd_lowrank", seeded)
     model, _ = minilm
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=init,
-                             task_type="SEQ_CLS")
+                             task_type="SEQ_CLS", use_rslora=scaling == "rslora")
     theirs = peft.get_peft_model(copy.deepcopy(model), config)
-    variants.inject_adapters(model, "pissa", ["query", "value"], rank=8, alpha=16, niter=niter)
+    variants.inject_adapters(model, "pissa", ["query", "value"], rank=8, alpha=16, niter=niter, scaling=scaling)
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
     ours = variants.layers_of(model)

@@ -24,9 +24,9 @@ randomized SVD; here each layer accumulates the token count, Σx and Σx·xᵀ (
 exact eigendecomposition of the covariance after each batch: the PCA of all tokens seen so far,
 which the incremental method approximates. The sums are averaged over the processes of a
 data-parallel run, so every process reaches the same components. Padding tokens are left out
-(positions where ``attention_mask`` is 0, when the layer's input is ``(batch, seq, d_in)``);
-peft also leaves out tokens whose label is −100 in causal language modelling, which does not
-arise in sequence classification. Differences from peft that change no result on the tests'
+(positions where ``attention_mask`` is 0, when the layer's input is ``(batch, seq, d_in)``), and
+so are tokens labelled −100 where labels are per token, as peft's default ``use_label_mask``:
+in instruction tuning the components come from the response tokens only. Differences from peft that change no result on the tests'
 data: each layer estimates its own components even where layers share an input (W_q and W_v;
 peft computes those once), similarity is compared up to sign, and no batch is skipped for
 having fewer tokens than components (the sums simply grow). Cost: each layer keeps a d_in × d_in
@@ -105,6 +105,17 @@ def redistribute(ratios: Mapping[str, torch.Tensor], budget: int) -> dict[str, i
     for index in chosen.tolist():
         ranks[names[index]] += 1
     return ranks
+
+
+def tokens_to_use(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """``(batch, seq)``: the positions whose inputs EVA estimates from, or None for all. Padding
+    (``attention_mask`` 0) is left out, and so are tokens labelled −100 where labels are per
+    token (a causal LM's prompt and padding), as peft's ``use_label_mask`` (its default) does."""
+    mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2:
+        mask = labels != -100 if mask is None else mask & (labels != -100)
+    return mask
 
 
 @contextmanager
@@ -196,7 +207,7 @@ class EVA(LoRA):
                     if not pending:
                         break
                     batch = next(data.batches)
-                    mask[0] = batch["attention_mask"].bool() if "attention_mask" in batch else None
+                    mask[0] = tokens_to_use(batch)
                     model(**{k: v for k, v in batch.items() if k != "labels"})
                     batches += 1
                     for name in pending:

@@ -41,6 +41,8 @@ def singular_factors(weight: torch.Tensor, rank: int, scaling: float, components
     """(A₀ ``(r, d_in)``, B₀ ``(d_out, r)``) with s·B₀·A₀ = U_r·S_r·V_rᵀ, the r ``principal``
     (largest) or ``minor`` (smallest) singular components of ``weight`` ``(d_out, d_in)``; fp32.
     ``niter``: randomized SVD (principal components only), else the exact one."""
+    if niter is not None and components != "principal":
+        raise ValueError("the randomized SVD finds the principal components only")  # MiLoRA's config refuses niter
     weight = weight.float()
     if niter is None:
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
