@@ -18,6 +18,7 @@ that instruction tuning works and compares variants; it is not a benchmark.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -37,8 +38,11 @@ def _lookup(rng: random.Random) -> Example:
             "response": str(values[asked])}
 
 
+SEQUENCE_RANGES = ((1, 30), (2, 9), (3, 5))  # start, step, terms shown: inclusive
+
+
 def _sequence(rng: random.Random) -> Example:
-    start, step, length = rng.randint(1, 30), rng.randint(2, 9), rng.randint(3, 5)
+    start, step, length = (rng.randint(low, high) for low, high in SEQUENCE_RANGES)
     terms = [start + step * i for i in range(length + 1)]
     shown = ", ".join(str(t) for t in terms[:-1])
     return {"prompt": f"Continue the sequence with its next number: {shown},", "response": str(terms[-1])}
@@ -65,7 +69,7 @@ def _count(rng: random.Random) -> Example:
 SKILLS: tuple[Callable[[random.Random], Example], ...] = (_lookup, _sequence, _larger, _sort, _count)
 # The skill with the fewest distinct prompts, sequence (every fifth example from the second):
 # 30 starts x 8 steps x 3 lengths. Train and eval share none, so together they hold at most these.
-SEQUENCE_PROMPTS = 30 * 8 * 3
+SEQUENCE_PROMPTS = math.prod(high - low + 1 for low, high in SEQUENCE_RANGES)
 
 
 def max_train_size(eval_size: int) -> int:

@@ -26,8 +26,8 @@ which the incremental method approximates. The sums are averaged over the proces
 data-parallel run, so every process reaches the same components. Padding tokens are left out
 (positions where ``attention_mask`` is 0, when the layer's input is ``(batch, seq, d_in)``), and
 so are tokens labelled −100 where labels are per token, as peft's default ``use_label_mask``:
-in instruction tuning the components come from the response tokens only. Differences from peft that change no result on the tests'
-data: each layer estimates its own components even where layers share an input (W_q and W_v;
+in instruction tuning the components come from the response tokens only. Differences from
+peft that change no result on the tests' data: each layer estimates its own components even where layers share an input (W_q and W_v;
 peft computes those once), similarity is compared up to sign, and no batch is skipped for
 having fewer tokens than components (the sums simply grow). Cost: each layer keeps a d_in × d_in
 fp64 sum (1.2 MB at d_in = 384, 75 MB at 3072) and takes one eigendecomposition per batch until
