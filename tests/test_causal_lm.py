@@ -1,6 +1,7 @@
 """The causal-LM task: the loss falls on the response only, chat-template formatting, packing,
 generation-based scoring, the offline SmolLM2 model, and one-line errors for bad input."""
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -79,6 +80,19 @@ def test_a_tokenizer_without_a_template_refuses_chat_template_true(tokenizer):
         prompt_format(bare, task_cfg(chat_template=True))
     with pytest.raises(ConfigError, match="allowed: auto, true, false"):
         prompt_format(tokenizer, task_cfg(chat_template="yes"))
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_one_bos_whether_the_template_or_the_tokenizer_writes_it(tokenizer, chat_template):
+    """A Llama-3-style tokenizer adds BOS itself and its template writes ``{{ bos_token }}`` too:
+    a formatted prompt must start with one BOS, not two; a plain prompt gets the tokenizer's."""
+    bos_adding = copy.deepcopy(tokenizer)
+    bos_adding.bos_token, bos_adding.add_bos_token = "<|endoftext|>", True
+    bos_adding.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    bos = bos_adding.bos_token_id
+    assert bos_adding("hi")["input_ids"][0] == bos  # the precondition: it adds one itself
+    ids = encode(EXAMPLES[:1], prompt_format(bos_adding, task_cfg(chat_template=chat_template)), 256)[0]["input_ids"]
+    assert ids[0] == bos and ids[1] != bos and ids.count(bos) == 1
 
 
 def test_labels_cover_the_response_only(tokenizer):
