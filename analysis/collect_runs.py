@@ -4,7 +4,8 @@
     python analysis/collect_runs.py runs/                 # every run below runs/
     python analysis/collect_runs.py runs/sweeps/<sweep> --csv sweep.csv
 
-Prints a Markdown table (variant, rank, alpha, seed, task, main metric, trainable params,
+Prints a Markdown table (variant, rank, alpha, seed, task, main metric: at step 0 when the run
+evaluated before training (``trainer.eval_at_start``) and at its last evaluation, trainable params,
 median step time, peak memory, run dir); ``--csv`` also writes the rows as CSV.
 """
 
@@ -22,7 +23,7 @@ import variants
 
 from training import rundir
 
-COLUMNS = ("variant", "rank", "alpha", "seed", "task", "metric", "value", "trainable_params",
+COLUMNS = ("variant", "rank", "alpha", "seed", "task", "metric", "start", "value", "trainable_params",
            "step_time_s", "peak_memory_mb", "run_dir")
 
 
@@ -50,6 +51,7 @@ def summary_row(summary: dict, evaluation: str = "eval") -> dict:
         "head_params": summary.get("head_params"),
         "metric": metric,
         "value": summary.get(evaluation, summary["eval"])[metric],
+        "start": (summary.get("eval_at_start") or {}).get(metric),  # before training, if evaluated at step 0
         "extra": {name: sets[metric] for name, sets in (summary.get(extra_key) or {}).items() if metric in sets},
     }
 
@@ -70,6 +72,7 @@ def collect(roots: list[Path], evaluation: str = "eval") -> list[dict]:
             rows.append({
                 **row,
                 "value": round(row["value"], 4),
+                "start": "" if row["start"] is None else round(row["start"], 4),
                 "step_time_s": round(summary["step_time_s"], 4),
                 "peak_memory_mb": round(summary["peak_memory_mb"]),
                 "run_dir": str(path.parent),

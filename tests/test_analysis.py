@@ -5,18 +5,18 @@ import pytest
 from analysis.collect_runs import collect, main
 
 
-def fake_run(folder, variant, rank, accuracy):
+def fake_run(folder, variant, rank, accuracy, at_start=None):
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({
         "status": "completed", "variant": variant, "rank": rank, "alpha": 2 * rank, "seed": 0, "task": "smoke",
         "trainable_params": 1000 * rank, "main_metric": "accuracy", "eval": {"accuracy": accuracy, "loss": 0.1},
-        "step_time_s": 0.2, "peak_memory_mb": 900.4,
+        "step_time_s": 0.2, "peak_memory_mb": 900.4, "eval_at_start": at_start,
     }))
 
 
 def test_collect_runs_table_and_csv(tmp_path, capsys):
     fake_run(tmp_path / "sweep" / "0_rank=8", "lora", 8, 0.91234)
-    fake_run(tmp_path / "sweep" / "1_rank=64", "lora", 64, 0.95)
+    fake_run(tmp_path / "sweep" / "1_rank=64", "lora", 64, 0.95, at_start={"accuracy": 0.51234, "loss": 0.7})
     failed = tmp_path / "sweep" / "2_rank=100000"
     failed.mkdir()
     (failed / "summary.json").write_text(json.dumps({"status": "failed", "variant": "lora", "error": "..."}))
@@ -24,7 +24,8 @@ def test_collect_runs_table_and_csv(tmp_path, capsys):
     assert [(r["rank"], r["value"]) for r in rows] == [(8, 0.9123), (64, 0.95)]
     assert main([str(tmp_path), "--csv", str(tmp_path / "out.csv")]) == 0
     out = capsys.readouterr().out
-    assert "| lora | 64 | 128 | 0 | smoke | accuracy | 0.95 | 64000 |" in out
+    assert "| lora | 64 | 128 | 0 | smoke | accuracy | 0.5123 | 0.95 | 64000 |" in out  # before and after training
+    assert "| lora | 8 | 16 | 0 | smoke | accuracy |  | 0.9123 | 8000 |" in out  # not evaluated at step 0
     assert (tmp_path / "out.csv").read_text().count("\n") == 3
     assert main([str(tmp_path / "nothing")]) == 2
 

@@ -141,3 +141,5 @@ def test_lora_learns_the_smoke_task_through_run_py(tmp_path):
     assert start["step"] == 0 and end["step"] == 24
     assert start["eval/exact_match"] <= 0.05 and end["eval/exact_match"] >= 0.3, (start, end)
     assert end["eval/loss"] < start["eval/loss"] / 3
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_at_start"]["exact_match"] == start["eval/exact_match"]  # the before of before/after

@@ -266,6 +266,7 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "eval": state.eval_metrics,
         "eval_extra": state.extra_eval_metrics,
         "eval_best": best_eval(state.eval_history, cfg.task.main_metric),  # the paper's best dev epoch: peeks at main
+        "eval_at_start": dict(state.eval_history).get(0),  # trainer.eval_at_start: the model before training, or null
         "eval_extra_best": {},  # the other sets at eval_best's step (MNLI mismatched, as the paper's best epoch)
         "peak_lr": state.phases[0]["peak_lr"],
         "optimizer": state.phases[0]["optimizer"],
