@@ -190,9 +190,9 @@ def test_a_module_pruned_to_rank_zero_has_no_subspace(tmp_path, capsys):
     assert "note (" not in capsys.readouterr().out  # LoRA's numbers need no note
 
 
-def test_the_documented_pairing_starts_at_the_random_level_and_one_seed_one_rank_starts_identical(minilm):
+def test_the_documented_pairing_starts_at_the_random_level_and_one_seed_nests_the_ranks(minilm):
     """Fig. 3 pairs rank 8 seed 0 with rank 64 seed 1: at step 0 their overlap is that of random
-    subspaces (so a trained overlap above it was learned); one seed at one rank starts identical."""
+    subspaces (so a trained overlap above it was learned); with one seed rank 8 starts inside rank 64."""
     def start(rank, seed):
         model = copy.deepcopy(minilm[0])
         torch.manual_seed(seed)
@@ -201,6 +201,8 @@ def test_the_documented_pairing_starts_at_the_random_level_and_one_seed_one_rank
 
     phi_start = phi(singular_basis(start(8, 0)), singular_basis(start(64, 1)))
     assert phi_start[:, -1].mean() < 1.3 * 64 / 384 and phi_start[0, 0] < 0.05  # random: j/d, ~1/d
+    # One seed: rank 8's A is rank 64's first 8 rows (the same draws), which is why such pairs are refused.
+    assert torch.equal(start(8, 0), start(64, 0)[:8])
 
 
 def test_runs_of_one_seed_are_refused(tmp_path, capsys):
