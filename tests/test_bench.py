@@ -52,3 +52,25 @@ def test_the_step_is_the_trainers_with_the_variants_hooks(tmp_path):
     adamw_of_a_and_b = 12 * 8 * (384 + 384) * 2 * 4 / 2**20  # which LoRA-Pro's own step replaces
     assert train["lora_pro-qv"]["memory_mb"] - train["lora-qv"]["memory_mb"] == pytest.approx(
         moments - adamw_of_a_and_b, abs=0.01)
+
+
+def test_process_memory_stages(tmp_path, capsys):
+    """bench/process_memory.py: every configuration in its own process, the stages in order,
+    RSS split into anonymous + file pages, the peak never below the RSS."""
+    import process_memory
+
+    out = tmp_path / "memory.json"
+    assert process_memory.main(["--only", "lora-qv,qlora-qv", "--keep-layers", "2", "--steps", "1", "--batch", "2",
+                                "--seq", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report) == ["lora-qv", "qlora-qv"]
+    for stages in report.values():
+        assert [s["stage"] for s in stages] == ["imports", "model loaded (fp32)", "variant applied",
+                                                "after malloc_trim", "after 1 training steps"]
+        for s in stages:
+            assert s["peak_mb"] >= s["rss_mb"] > 0 and abs(s["anon_mb"] + s["file_mb"] - s["rss_mb"]) < 64
+    # quantizing reads the fp32 weights and writes the 4-bit copy: the qlora process grows where lora's does not
+    lora, qlora = ([s["anon_mb"] for s in report[n] if s["stage"] == "variant applied"][0] for n in report)
+    assert qlora > lora
+    assert "| variant applied |" in capsys.readouterr().out
+    assert process_memory.main(["--only", "lora-qv,nope"]) == 2
