@@ -69,8 +69,12 @@ def test_process_memory_stages(tmp_path, capsys):
                                                 "after malloc_trim", "after 1 training steps"]
         for s in stages:
             assert s["peak_mb"] >= s["rss_mb"] > 0 and abs(s["anon_mb"] + s["file_mb"] - s["rss_mb"]) < 64
-    # quantizing reads the fp32 weights and writes the 4-bit copy: the qlora process grows where lora's does not
-    lora, qlora = ([s["anon_mb"] for s in report[n] if s["stage"] == "variant applied"][0] for n in report)
-    assert qlora > lora
+    # quantizing touches the fp32 weights and writes the 4-bit copy: applying qlora grows its process, applying
+    # lora does not (each measured within its own process: the first load may also convert the GGUF file)
+    def growth(stages):
+        rss = {s["stage"]: s["rss_mb"] for s in stages}
+        return rss["variant applied"] - rss["model loaded (fp32)"]
+
+    assert growth(report["qlora-qv"]) > growth(report["lora-qv"]) + 10
     assert "| variant applied |" in capsys.readouterr().out
     assert process_memory.main(["--only", "lora-qv,nope"]) == 2
