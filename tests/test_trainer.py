@@ -146,8 +146,11 @@ def test_trainer_config_errors_name_the_key(key, value, message):
 def test_eval_every_accepts_epoch_or_steps():
     assert plan_run(OmegaConf.create({"max_steps": 20, "eval_every": "epoch"}), 7).eval_every == 7
     assert plan_run(OmegaConf.create({"max_steps": 20, "eval_every": 5}), 7).eval_every == 5
-    with pytest.raises(ConfigError, match="trainer.eval_every='sometimes' must be a positive integer or 'epoch'"):
-        plan_run(OmegaConf.create({"max_steps": 20, "eval_every": "sometimes"}), 7)
+    assert plan_run(OmegaConf.create({"max_steps": 20, "eval_every": "epoch/2"}), 7).eval_every == 4  # ceil(7 / 2)
+    for wrong in ("sometimes", "epoch/0", "epoch/x"):
+        with pytest.raises(ConfigError, match=re.escape(f"trainer.eval_every={wrong!r} must be a positive integer, "
+                                                        "'epoch' or 'epoch/N'")):
+            plan_run(OmegaConf.create({"max_steps": 20, "eval_every": wrong}), 7)
 
 
 def test_peak_memory_restarts_with_each_run():

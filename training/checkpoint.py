@@ -69,6 +69,7 @@ class TrainState:
     extra_eval_history: dict[str, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)  # same, per set
     train_time_s: float = 0.0  # up to the last checkpoint or the end
     initialization: dict[str, Any] = field(default_factory=dict)  # what the variant's data-driven init reported
+    stop_reason: str = "schedule_end"  # or "early_stopping" (training/selection.py)
 
     @classmethod
     def start(cls, device: torch.device) -> TrainState:

@@ -6,6 +6,8 @@ A task yields a training list and named evaluation lists (``main`` first; MNLI a
 model selection, and ``main`` (GLUE's dev set) is then only reported, as a test set. ``make_loader``
 tokenizes them once (sentence pairs as pairs) and pads each batch only to its own longest
 sequence; evaluation loaders sort by length (and say how, so predictions come back in order).
+With ``trainer.group_by_length`` a training epoch's batches hold examples of similar length
+(``LengthGroupedBatches``), which pads less.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from sklearn.model_selection import train_test_split
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from variants import ConfigError
 
 from . import sft_data, smoke_task
+from .batching import training_batches
 from .distributed import Context, ShardedBatches
 
 Example = dict[str, Any]
@@ -169,9 +172,11 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     shard: Context | None = None,
+    group_by_length: bool = False,
 ) -> DataLoader:
     """Batches of ``batch_size`` (the global batch); with ``shard``, this process's slice of
-    each global batch, in the same order on every process."""
+    each global batch, in the same order on every process; ``group_by_length`` (training)
+    batches examples of similar length together."""
     texts = [[ex[f] for ex in examples] for f in text_fields]
     encoded = tokenizer(*texts, truncation=True, max_length=max_length)
     features = [
@@ -183,8 +188,10 @@ def make_loader(
         order = np.argsort([len(f["input_ids"]) for f in features], kind="stable")
         features = [features[i] for i in order]
     generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(features, generator=generator) if shuffle else SequentialSampler(features)
-    batches = BatchSampler(sampler, batch_size, drop_last=False)
+    if shuffle:
+        batches = training_batches([len(f["input_ids"]) for f in features], batch_size, generator, group_by_length)
+    else:
+        batches = BatchSampler(SequentialSampler(features), batch_size, drop_last=False)
     if shard is not None and shard.enabled:
         batches = ShardedBatches(batches, shard)
     loader = DataLoader(features, batch_sampler=batches, generator=generator, collate_fn=DataCollatorWithPadding(tokenizer))

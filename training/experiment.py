@@ -9,7 +9,9 @@ The run directory's files are listed in ``training/rundir.py``.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +29,13 @@ from .checkpoint import TrainState
 from .data import load_task, make_loader
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
-from .metrics import check_metric_names, higher_is_better
+from .metrics import check_metric_names
 from .models import MODEL_TYPES, load_model
 from .tracking import WANDB_MODES, NullTracker, Tracker
 from variants.budget import rank_for_budget
 
-from .trainer import check_trainer_config, plan_run, train
+from .selection import best_of
+from .trainer import Plan, check_trainer_config, plan_run, train
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     train_examples, eval_sets = load_task(cfg.task, cfg.seed)
     model, tokenizer, adapted, runtime, budget = _setup_model(cfg, runtime)
     train_loader, eval_loaders, evaluator = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
-    plan = plan_run(cfg.trainer, len(train_loader), evaluator)
+    plan = plan_run(cfg.trainer, len(train_loader), evaluator, list(eval_loaders), cfg.task.main_metric)
     variants.check_total_steps(model, plan.steps)  # a schedule longer than the run fails here, before writing
     resume = _load_checkpoint(cfg, run_dir, runtime)
 
@@ -61,9 +64,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     tracker = _open_run_dir(cfg, run_dir, group, run_name, resume) if main else NullTracker()
     try:
         state = train(model, train_loader, eval_loaders, plan, cfg.trainer, tracker, runtime,
-                      checkpoint_path=run_dir / rundir.CHECKPOINT if main else None, resume=resume)
+                      checkpoint_path=run_dir / rundir.CHECKPOINT if main else None, resume=resume,
+                      save_best=_best_state_writer(cfg, run_dir) if main else None)
         replica_difference = distributed.max_replica_difference(model, runtime.context)
-        summary = _summary(cfg, model, adapted, state, runtime, tracker, group,
+        summary = _summary(cfg, model, adapted, state, plan, runtime, tracker, group,
                            examples=(len(train_examples), len(eval_sets["main"])),
                            wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
         summary["budget"] = budget
@@ -188,7 +192,7 @@ def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examp
         return _setup_causal_lm_data(cfg, tokenizer, train_examples, eval_sets, runtime)
     fields, max_length = list(cfg.task.text_fields), cfg.model.max_length
     train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True,
-                               seed=cfg.seed, shard=runtime.context)
+                               seed=cfg.seed, shard=runtime.context, group_by_length=cfg.trainer.group_by_length)
     eval_loaders = {
         name: make_loader(examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
         for name, examples in eval_sets.items()
@@ -201,7 +205,8 @@ def _setup_causal_lm_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, t
     """Instruction/response pairs (``training/sft_data.py``), scored by loss and generation."""
     fmt, max_length = sft_data.prompt_format(tokenizer, cfg.task), cfg.model.max_length
     train_loader = sft_data.make_train_loader(train_examples, fmt, max_length, cfg.trainer.batch_size, cfg.seed,
-                                              packing=bool(cfg.task.get("packing")), shard=runtime.context)
+                                              packing=bool(cfg.task.get("packing")), shard=runtime.context,
+                                              group_by_length=cfg.trainer.group_by_length)
     eval_loaders = {name: sft_data.make_eval_loader(examples, fmt, max_length, cfg.trainer.eval_batch_size)
                     for name, examples in eval_sets.items()}
     return train_loader, eval_loaders, GenerationEvaluator(list(cfg.task.metrics), tokenizer, cfg.task.max_new_tokens)
@@ -246,8 +251,19 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path, group: str | None, run_name: s
     )
 
 
-def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: TrainState, runtime: Runtime,
-             tracker: Tracker, group: str | None, examples: tuple[int, int], wall_time_s: float,
+def _best_state_writer(cfg: DictConfig, run_dir: Path) -> Callable[[nn.Module, int], None]:
+    """``train``'s ``save_best``: the model's adapter file, with the step in its metadata, written
+    to a temporary file and renamed, so a kill leaves the previous best intact."""
+    def save(model: nn.Module, step: int) -> None:
+        path = run_dir / rundir.ADAPTER_BEST
+        tmp = path.with_name(path.name + ".tmp")
+        variants.save_adapter(model, tmp, extra_metadata={**base_model_metadata(cfg), "step": step})
+        os.replace(tmp, path)
+    return save
+
+
+def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: TrainState, plan: Plan,
+             runtime: Runtime, tracker: Tracker, group: str | None, examples: tuple[int, int], wall_time_s: float,
              replica_difference: float | None) -> dict[str, Any]:
     """What ``summary.json`` records about a completed run."""
     adapter_config = variants.adapter_config(model)
@@ -295,6 +311,11 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "initialization": state.initialization,  # the variant's data-driven init, if any (LoRA-GA, EVA)
         "init_from": cfg.get("init_from"),
     }
+    summary["stopped"] = {"reason": state.stop_reason, "step": state.step, "planned_steps": plan.steps,
+                          "epochs": state.step / plan.steps_per_epoch, "patience": plan.selection.patience,
+                          "min_delta": plan.selection.min_delta}
+    summary["best"] = {**plan.selection.best(state),
+                       "adapter": rundir.ADAPTER_BEST if plan.selection.keep_best else None}
     summary["val_fraction"] = cfg.task.get("val_fraction")
     if "val" in state.extra_eval_history:  # model selection on the held-out split, main reported as test
         summary["eval_at_best_val"] = at_best_val(state, cfg.task.main_metric)
@@ -309,20 +330,14 @@ def best_eval(history: list[tuple[int, dict[str, float]]], main_metric: str) -> 
     """The evaluation with the best main metric (the highest; the lowest for a loss or
     perplexity; the LoRA paper reports the best epoch) and its step; ``eval`` in the summary
     stays the last one."""
-    step, metrics = _best(history, main_metric)
+    step, metrics = best_of(history, main_metric)
     return {"step": step, **metrics}
-
-
-def _best(history: list[tuple[int, dict[str, float]]], metric: str) -> tuple[int, dict[str, float]]:
-    """The (step, metrics) whose ``metric`` is best: highest, or lowest for a loss or perplexity."""
-    sign = 1 if higher_is_better(metric) else -1
-    return max(history, key=lambda item: sign * item[1][metric])
 
 
 def at_best_val(state: TrainState, main_metric: str) -> dict[str, Any]:
     """The step whose ``val`` main metric is highest, with the ``val`` and ``main`` (test)
     metrics there: the honest counterpart of ``eval_best``, which picks on the reported set."""
-    step, val = _best(state.extra_eval_history["val"], main_metric)
+    step, val = best_of(state.extra_eval_history["val"], main_metric)
     return {"step": step, "val": val, "test": dict(state.eval_history)[step]}
 
 

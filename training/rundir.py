@@ -5,6 +5,7 @@
     predictions.npz        per-example labels and scores of every evaluated set at every evaluation
     summary.json           the run's results, or ``"status": "failed"`` and the error
     adapter.safetensors    what trained, with the metadata to rebuild the model
+    adapter_best.safetensors   the same at the best evaluation (trainer.keep_best; its step in the metadata)
     checkpoint.pt          the training checkpoint while the run is unfinished
     run.log, .hydra/       Hydra's log and the unresolved config and overrides
 """
@@ -24,6 +25,7 @@ METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions.npz"
 SUMMARY = "summary.json"
 ADAPTER = "adapter.safetensors"
+ADAPTER_BEST = "adapter_best.safetensors"
 CHECKPOINT = "checkpoint.pt"
 LOG = "run.log"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"

@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
 from variants import ConfigError
 
 from . import sft_smoke
+from .batching import training_batches
 from .distributed import Context, ShardedBatches
 
 log = logging.getLogger(__name__)
@@ -301,15 +302,16 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def make_train_loader(examples: list[Example], fmt: PromptFormat, max_length: int, batch_size: int, seed: int,
-                      packing: bool = False, shard: Context | None = None) -> DataLoader:
+                      packing: bool = False, shard: Context | None = None, group_by_length: bool = False) -> DataLoader:
     """Shuffled batches of ``batch_size`` rows (the global batch; with ``shard``, this process's
-    slice); rows are examples, or packs of them with ``packing``."""
+    slice); rows are examples, or packs of them with ``packing``; ``group_by_length`` batches
+    rows of similar length together."""
     features = encode(examples, fmt, max_length)
     if packing:
         features = pack(features, max_length, seed)
         log.info("packing: %d examples in %d rows of up to %d tokens", len(examples), len(features), max_length)
     generator = torch.Generator().manual_seed(seed)
-    batches = BatchSampler(RandomSampler(features, generator=generator), batch_size, drop_last=False)
+    batches = training_batches([len(f["input_ids"]) for f in features], batch_size, generator, group_by_length)
     if shard is not None and shard.enabled:
         batches = ShardedBatches(batches, shard)
     return DataLoader(features, batch_sampler=batches, generator=generator, collate_fn=CausalLMCollator(pad_id(fmt.tokenizer)))

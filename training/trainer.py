@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,17 @@ from tqdm.auto import tqdm
 import variants
 from variants import ConfigError
 
-from . import checkpoint, distributed, optim
+from . import checkpoint, distributed, optim, selection
 from .checkpoint import DataPosition, TrainState
 from .device import Runtime
 from .evaluation import ClassifierEvaluator, Evaluator
+from .selection import Selection
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+
+EVAL_OTHERS = ("always", "when_best")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -44,18 +49,23 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass(frozen=True)
 class Plan:
-    """How long the run trains, when it evaluates and what it measures, computed once."""
+    """How long the run trains at most, when it evaluates, what it measures and how it picks
+    its best evaluation and stops (``training/selection.py``), computed once."""
 
     steps: int
     steps_per_epoch: int
     eval_every: int
     evaluator: Evaluator = ClassifierEvaluator()
+    selection: Selection = Selection("main", "accuracy")
+    eval_others: str = "always"  # or "when_best": the non-selection sets only at new bests and at the end
 
 
-def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None = None) -> Plan:
-    """``trainer.epochs`` (when set) or ``trainer.max_steps``, and ``trainer.eval_every`` (steps
-    or ``epoch``), for a loader of ``steps_per_epoch`` batches; ``evaluator``: the task's
-    (``training/evaluation.py``; default: a classifier's accuracy)."""
+def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None = None,
+             eval_sets: Sequence[str] = ("main",), main_metric: str = "accuracy") -> Plan:
+    """``trainer.epochs`` (when set) or ``trainer.max_steps``, and ``trainer.eval_every`` (steps,
+    ``epoch`` or ``epoch/N``), for a loader of ``steps_per_epoch`` batches; ``evaluator``: the task's
+    (``training/evaluation.py``; default: a classifier's accuracy); ``eval_sets`` and
+    ``main_metric``: what ``trainer.select_on`` and early stopping compare."""
     if cfg.get("epochs"):
         steps = int(math.ceil(cfg.epochs * steps_per_epoch))
     elif isinstance(cfg.max_steps, int) and not isinstance(cfg.max_steps, bool) and cfg.max_steps >= 1:
@@ -64,12 +74,17 @@ def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None 
         raise ConfigError(f"trainer.max_steps={cfg.max_steps!r} must be a positive integer (or set trainer.epochs)")
     if cfg.eval_every == "epoch":
         eval_every = steps_per_epoch
+    elif isinstance(cfg.eval_every, str) and re.fullmatch(r"epoch/[1-9][0-9]*", cfg.eval_every):
+        eval_every = max(1, math.ceil(steps_per_epoch / int(cfg.eval_every.split("/")[1])))
     elif isinstance(cfg.eval_every, int) and not isinstance(cfg.eval_every, bool) and cfg.eval_every >= 1:
         eval_every = cfg.eval_every
     else:
-        raise ConfigError(f"trainer.eval_every={cfg.eval_every!r} must be a positive integer or 'epoch'")
+        raise ConfigError(f"trainer.eval_every={cfg.eval_every!r} must be a positive integer, 'epoch' or 'epoch/N' "
+                          "(N evaluations an epoch)")
     return Plan(steps=steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
-                evaluator=evaluator or ClassifierEvaluator())
+                evaluator=evaluator or ClassifierEvaluator(),
+                selection=selection.selection_for(cfg, list(eval_sets), main_metric),
+                eval_others=cfg.get("eval_others", "always"))
 
 
 def _number(value: Any) -> bool:
@@ -105,6 +120,12 @@ def check_trainer_config(cfg: DictConfig) -> None:
         fail("scheduler", f"one of {', '.join(optim.SCHEDULERS)}")
     if cfg.get("optimizer", "auto") not in optim.OPTIMIZERS:
         fail("optimizer", f"one of {', '.join(optim.OPTIMIZERS)}")
+    if cfg.get("eval_others", "always") not in EVAL_OTHERS:
+        fail("eval_others", f"one of {', '.join(EVAL_OTHERS)}")
+    if not isinstance(cfg.get("group_by_length", False), bool):
+        fail("group_by_length", "true or false")
+    for problem in selection.check_config(cfg):
+        raise ConfigError(problem)
 
 
 def train(
@@ -117,12 +138,15 @@ def train(
     runtime: Runtime,
     checkpoint_path: Path | None = None,
     resume: dict[str, Any] | None = None,
+    save_best: Callable[[nn.Module, int], None] | None = None,
 ) -> TrainState:
-    """Train the parameters that require grad for ``plan.steps`` steps; ``cfg`` is the
-    ``trainer`` config group. ``eval_loaders`` is ``{name: loader}`` with ``main`` first (logged
-    as ``eval/<metric>``, the others as ``eval_<name>/<metric>``). With ``checkpoint_path``, a
-    checkpoint is written every ``cfg.checkpoint_every`` steps; ``resume`` (a loaded checkpoint)
-    continues from it exactly. A non-finite loss raises ``NonFiniteLoss`` before its step."""
+    """Train the parameters that require grad for ``plan.steps`` steps, or until early stopping
+    (``plan.selection``); ``cfg`` is the ``trainer`` config group. ``eval_loaders`` is ``{name:
+    loader}`` with ``main`` first (logged as ``eval/<metric>``, the others as
+    ``eval_<name>/<metric>``). With ``checkpoint_path``, a checkpoint is written every
+    ``cfg.checkpoint_every`` steps; ``resume`` (a loaded checkpoint) continues from it exactly.
+    ``save_best(model, step)`` (rank 0, with ``trainer.keep_best``) is called at each new best
+    evaluation. A non-finite loss raises ``NonFiniteLoss`` before its step."""
     raw_model = model
     initialization = _initialize(raw_model, train_loader, runtime) if resume is None else None
     variants.on_train_begin(raw_model, plan.steps)
@@ -145,7 +169,7 @@ def train(
     progress = tqdm(total=plan.steps, initial=state.step, desc="train", dynamic_ncols=True, disable=not main)
     try:
         if resume is None and cfg.get("eval_at_start"):  # step 0: the model before training (the base, for most variants)
-            _evaluate_and_log(raw_model, eval_loaders, plan.evaluator, runtime, state, tracker, progress)
+            _evaluate_and_log(raw_model, eval_loaders, plan, runtime, state, tracker, progress, last=False)
         for batch in _batches(train_loader, state.data):
             started = time.perf_counter()
             loss, adapter_loss = _forward_backward(model, raw_model, runtime.to_device(batch), runtime, state.step)
@@ -163,7 +187,18 @@ def train(
             if state.step % cfg.log_every == 0 or last:
                 _log_training(tracker, state, opt.lr, plan, adapter_loss is not None, runtime, progress)
             if state.step % plan.eval_every == 0 or last:
-                _evaluate_and_log(raw_model, eval_loaders, plan.evaluator, runtime, state, tracker, progress)
+                _evaluate_and_log(raw_model, eval_loaders, plan, runtime, state, tracker, progress,
+                                  last=last)
+                if plan.selection.keep_best and save_best is not None and plan.selection.latest_is_best(state):
+                    save_best(raw_model, state.step)
+                if not last and plan.selection.should_stop(state):
+                    last, state.stop_reason = True, "early_stopping"
+                    if state.loss_count:  # the steps since the last train/* record
+                        _log_training(tracker, state, opt.lr, plan, adapter_loss is not None, runtime, progress)
+                    if main:
+                        progress.write(f"step {state.step}: early stopping, {plan.selection.patience} evaluations "
+                                       f"without a gain above {plan.selection.min_delta} in "
+                                       f"{plan.selection.eval_set}/{plan.selection.metric}")
             if not last and not opt.covers(raw_model):  # a variant changed what trains (staged's switch)
                 opt = new_optimization(state.step)
                 model = distributed.wrap(raw_model, runtime.context)  # DDP must know the new set
@@ -262,11 +297,18 @@ def _log_training(tracker: Tracker, state: TrainState, lr: float, plan: Plan, ha
     state.clear_running()
 
 
-def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoader], evaluator: Evaluator,
-                      runtime: Runtime, state: TrainState, tracker: Tracker, progress: tqdm) -> None:
+def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoader], plan: Plan,
+                      runtime: Runtime, state: TrainState, tracker: Tracker, progress: tqdm, last: bool) -> None:
+    """Evaluate the selection set, then the others (all of them, or with ``trainer.eval_others=
+    when_best`` only where the selection set reached a new best, and at the end), and log one record."""
     record: dict[str, Any] = {"step": state.step, "phase": state.phase}
-    for name, loader in eval_loaders.items():
-        metrics, predictions = evaluator(raw_model, loader, runtime)
+    select = plan.selection.eval_set
+    order = [select, *(name for name in eval_loaders if name != select)]
+    for name in order:
+        if name != select and not (plan.eval_others == "always" or last or plan.selection.latest_is_best(state)
+                                   or plan.selection.should_stop(state)):  # the run's last evaluation
+            continue
+        metrics, predictions = plan.evaluator(raw_model, eval_loaders[name], runtime)
         tracker.log_predictions(state.step, name, predictions)
         prefix = "eval" if name == "main" else f"eval_{name}"
         record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
