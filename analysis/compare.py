@@ -19,6 +19,10 @@ The protocol, per task:
    metric** is chosen; the test metric (the task's ``main`` set: GLUE's dev set) is then reported
    for that learning rate's runs: median (min–max), mean ± std, n seeds. ``--at final`` (default)
    uses each run's last evaluation, ``--at best_val`` the step with its best validation metric.
+   ``--select-seed S`` is the two-stage protocol (conf/experiment/glue_minilm_converged.yaml):
+   the rate is chosen on seed S's validation metric alone (stage 1 ran the whole grid on that
+   seed; stage 2 ran only the chosen rate on the other seeds), and each rate's validation value is
+   shown with its standard error (a bootstrap over the validation examples).
 4. Each method is compared with ``--reference`` (default lora) by a paired bootstrap over the
    test examples from the saved predictions (``predictions.npz``): every resample draws the same
    examples for both methods and all seeds they share, the statistic is the mean over those seeds
@@ -46,6 +50,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from scipy import stats
 
+from analysis import convergence
 from analysis.collect_runs import flatten
 from analysis.glue_table import PAPER_ORDER, labels, method
 from training import rundir
@@ -103,6 +108,8 @@ class Row:
     grid_n: dict[float, int]  # lr -> seeds that completed
     seeds: int                # seeds the method ran with on this task, over all its rates
     delta: dict[str, Any] = field(default_factory=dict)
+    grid_se: dict[float, float | None] = field(default_factory=dict)  # --select-seed: lr -> standard error of val
+    speed: dict[str, Any] = field(default_factory=dict)  # analysis/convergence.py, over the row's runs
 
     @property
     def tests(self) -> list[float]:
@@ -208,12 +215,13 @@ def check_comparable(runs: list[Run], allow_mixed: bool) -> list[str]:
 
 # ---------------------------------------------------------------- selection and statistics
 
-def select(runs: list[Run]) -> list[Row]:
+def select(runs: list[Run], select_seed: int | None = None) -> list[Row]:
     """Per task and method, the learning rate with the best median validation metric over seeds
     (ties: the smaller rate); the test metric is never looked at here. A seed that the method ran
     at some rate but that did not complete at this one (it diverged, or failed) counts as the
     worst possible value, as does an undefined metric (NaN: constant predictions), so a rate is
-    never chosen on its surviving seeds alone."""
+    never chosen on its surviving seeds alone. With ``select_seed``, only that seed's runs choose
+    (a rate it did not complete counts as the worst value) and the grid carries their standard errors."""
     groups: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         groups[(run.task, run.method)][run.lr].append(run)
@@ -221,11 +229,33 @@ def select(runs: list[Run]) -> list[Row]:
     rows = []
     for (task, key), by_lr in groups.items():
         seeds = len({r.seed for lr_runs in by_lr.values() for r in lr_runs})
-        grid = {lr: _median_val(lr_runs, seeds) for lr, lr_runs in sorted(by_lr.items())}
+        if select_seed is None:
+            grid = {lr: _median_val(lr_runs, seeds) for lr, lr_runs in sorted(by_lr.items())}
+            grid_n, grid_se = {lr: len(lr_runs) for lr, lr_runs in by_lr.items()}, {}
+        else:
+            chosen_by = {lr: [r for r in lr_runs if r.seed == select_seed] for lr, lr_runs in sorted(by_lr.items())}
+            grid = {lr: _median_val(lr_runs, 1) for lr, lr_runs in chosen_by.items()}
+            grid_n = {lr: len(lr_runs) for lr, lr_runs in chosen_by.items()}
+            grid_se = {lr: val_standard_error(lr_runs[0]) if lr_runs else None for lr, lr_runs in chosen_by.items()}
         best = max(grid, key=lambda lr: (grid[lr], -lr))
         rows.append(Row(task, key, names[key], best, sorted(by_lr[best], key=lambda r: r.seed), grid,
-                        {lr: len(lr_runs) for lr, lr_runs in by_lr.items()}, seeds))
+                        grid_n, seeds if select_seed is None else 1, grid_se=grid_se))
     return sorted(rows, key=lambda row: (_task_order(row.task), row.name))
+
+
+def val_standard_error(run: Run, resamples: int = 1000) -> float | None:
+    """The standard error of a run's reported validation metric: the spread of the metric over
+    bootstrap resamples of the validation examples (None without its predictions)."""
+    if run.run_dir is None:
+        return None
+    saved = rundir.read_predictions(run.run_dir)
+    scores = saved.get(f"val.step{run.step}")
+    if scores is None:
+        return None
+    predicted = scores if scores.ndim == 1 else scores.argmax(-1)
+    gold = saved["val.labels"]
+    draws = np.random.default_rng(0).integers(0, len(gold), size=(resamples, len(gold)))
+    return float(np.nanstd(batch_metric(run.metric, predicted[draws], gold[draws]), ddof=1))
 
 
 def _median_val(runs: list[Run], seeds: int) -> float:
@@ -337,6 +367,28 @@ def _delta(row: Row, ref: Row | None, reference: str, resamples: int, confidence
                             resamples, confidence)
 
 
+def add_convergence(rows: list[Row], reference: str) -> None:
+    """Each row's ``speed``: per run, the epochs to 95% of its own best validation value and to
+    the reference row's median best validation value (``analysis/convergence.py``), and the
+    medians over the row's runs (None: most never got there)."""
+    for row in rows:
+        if any(r.run_dir is None for r in row.runs):
+            continue
+        ref = next((other for other in rows if other.task == row.task and other.name == reference), None)
+        level = None
+        if ref is not None and all(r.run_dir is not None for r in ref.runs):
+            bests = [convergence.val_curve(r.run_dir, r.metric) for r in ref.runs]
+            level = statistics.median(max(v for _, v in curve) for curve in bests) if all(bests) else None
+        per_run = [convergence.run_speed(r.run_dir, r.metric, r.summary, level) for r in row.runs]
+        if not all(per_run):
+            continue
+        row.speed = {"reference_level": level, "runs": per_run,
+                     **{key: convergence.median_or_none([p[key] for p in per_run])
+                        for key in ("best_val", "epochs_to_own_95", "epochs_to_reference", "epochs_trained")},
+                     "stopped_early": sum(p["stopped_early"] for p in per_run),
+                     "best_at_last_eval": sum(p["best_at_last_eval"] for p in per_run)}
+
+
 # ---------------------------------------------------------------- report
 
 def costs(row: Row) -> dict[str, Any]:
@@ -364,9 +416,10 @@ def record(row: Row) -> dict[str, Any]:
             "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": [r.seed for r in row.runs],
             "n": len(tests), "lr_grid": {f"{lr:g}": v if math.isfinite(v) else None for lr, v in row.grid.items()},
             "lr_grid_n": {f"{lr:g}": n for lr, n in row.grid_n.items()}, "seeds_run": row.seeds,
+            "lr_grid_se": {f"{lr:g}": se for lr, se in row.grid_se.items()},
             "lr_at_grid_edge": len(row.grid) > 1 and row.lr in (min(row.grid), max(row.grid)),
             "runs": [str(r.run_dir) for r in row.runs if r.run_dir is not None],
-            **costs(row), "vs_reference": row.delta}
+            **costs(row), "vs_reference": row.delta, "convergence": row.speed}
 
 
 def _delta_text(delta: dict[str, Any]) -> str:
@@ -386,9 +439,12 @@ def _number(value: float | None, fmt: str) -> str:
 def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[str], args: argparse.Namespace) -> str:
     at = "each run's last evaluation" if args.at == "final" else "each run's step with the best validation metric"
     level = int(round(100 * args.confidence))
+    chosen_by = ("the median over seeds of the validation metric" if args.select_seed is None else
+                 f"seed {args.select_seed}'s validation metric alone (stage 1 of two: the grid on that seed, then the "
+                 "chosen rate on the other seeds; ± its bootstrap standard error over validation examples)")
     lines = [
         "# Method comparison", "",
-        f"Learning rate chosen per method and task by the median over seeds of the validation metric "
+        f"Learning rate chosen per method and task by {chosen_by} "
         f"(held out of the training set); test = the task's reported set (GLUE dev), at {at}. Metric ×100: "
         f"median (min–max) and mean ± std over seeds. Δ vs {args.reference}: mean over shared seeds of the "
         f"paired difference [{level}% interval: Δ ± t(ν)·√(s²/n + v), s the spread of the per-seed differences, "
@@ -415,10 +471,13 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
                 f"{100 * r['test_std']:.1f} | {r['n']} | {_delta_text(r['vs_reference'])} | "
                 f"{_params(r)} | {_number(r['adapter_mb'], '.2f')} | {_number(r['step_time_s'], '.3f')} | "
                 f"{_number(r['peak_memory_mb'], '.0f')} |")
-        lines += ["", "Validation median per learning rate (the selection; chosen in bold):", "",
+        lines += ["", ("Validation median per learning rate" if args.select_seed is None else
+                       f"Validation metric of seed {args.select_seed} per learning rate")
+                  + " (the selection; chosen in bold):", "",
                   "| method | " + " | ".join(_grid_columns(rows)) + " |", "|" + "---|" * (1 + len(_grid_columns(rows)))]
         for r in rows:
             lines.append(f"| {r['method']} | " + " | ".join(_grid_cell(r, lr) for lr in _grid_columns(rows)) + " |")
+        lines += _convergence_table(rows, args.reference)
         edge = [f"{r['method']} ({r['lr']:g})" for r in rows if r["lr_at_grid_edge"]]
         if edge:
             lines += ["", "Chosen at the edge of the grid (a better rate may lie beyond it): " + ", ".join(edge) + "."]
@@ -426,6 +485,24 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
     if skipped:
         lines += ["## Skipped runs", ""] + [f"- `{where}`: {why}" for where, why in skipped] + [""]
     return "\n".join(lines)
+
+
+def _convergence_table(rows: list[dict], reference: str) -> list[str]:
+    """Per method: how far and how fast its runs got on validation, and how they ended."""
+    rows = [r for r in rows if r["convergence"]]
+    if not rows:
+        return []
+    level = next((r["convergence"]["reference_level"] for r in rows if r["convergence"]["reference_level"]), None)
+    reach = f"epochs to {reference}'s best val ({_number(level and 100 * level, '.1f')})"
+    lines = ["", "Convergence on validation (medians over seeds; – = most runs never got there):", "",
+             f"| method | best val | epochs to 95% of own best | {reach} | epochs trained | stopped early | "
+             "best at the last evaluation |", "|" + "---|" * 7]
+    for r in rows:
+        c, n = r["convergence"], r["n"]
+        lines.append(f"| {r['method']} | {100 * c['best_val']:.1f} | {_number(c['epochs_to_own_95'], '.1f')} | "
+                     f"{_number(c['epochs_to_reference'], '.1f')} | {_number(c['epochs_trained'], '.1f')} | "
+                     f"{c['stopped_early']}/{n} | {c['best_at_last_eval']}/{n} |")
+    return lines
 
 
 def headline(records: list[dict], tasks: list[str]) -> list[str]:
@@ -458,8 +535,8 @@ def _grid_cell(r: dict, lr: str) -> str:
     there (the others count as the worst value); "failed" when no median could be formed."""
     if lr not in r["lr_grid"]:
         return "–"
-    value = r["lr_grid"][lr]
-    text = "failed" if value is None else f"{100 * value:.1f}"
+    value, se = r["lr_grid"][lr], r.get("lr_grid_se", {}).get(lr)
+    text = "failed" if value is None else f"{100 * value:.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
     if lr == f"{r['lr']:g}":
         text = f"**{text}**"
     done = r["lr_grid_n"][lr]
@@ -546,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level")
     parser.add_argument("--allow-mixed", action="store_true", help="compare runs that differ in data, model or steps")
+    parser.add_argument("--select-seed", type=int, default=None, metavar="S",
+                        help="two-stage selection: choose each rate on seed S's validation metric alone")
     args = parser.parse_args(argv)
     try:
         report = run(args)
@@ -570,11 +649,12 @@ def run(args: argparse.Namespace) -> str:
         raise CompareError(f"roots: no completed run with a val split below {where} "
                            f"({len(skipped)} skipped); allowed: sweep or run dirs of runs with task.val_fraction set")
     notes = check_comparable(runs, args.allow_mixed)
-    rows = select(runs)
+    rows = select(runs, args.select_seed)
     if args.reference not in {row.name for row in rows}:
         raise CompareError(f"--reference={args.reference!r} is not a method here; allowed: "
                            f"{', '.join(sorted({row.name for row in rows}))}")
     compare_with_reference(rows, args.reference, args.resamples, args.confidence)
+    add_convergence(rows, args.reference)
     records = [record(row) for row in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(records, skipped, notes, args)
@@ -585,6 +665,10 @@ def run(args: argparse.Namespace) -> str:
                       if k != "roots"} | {"roots": [str(r) for r in args.roots]},
          "notes": notes, "skipped": [{"run": w, "why": y} for w, y in skipped], "rows": records}, indent=2) + "\n")
     plot(records, runs, rows, args.out)
+    series = [(row.task, row.name, row.runs[0].metric, [(r.run_dir, r.summary) for r in row.runs])
+              for row in rows if row.speed]
+    if series:
+        convergence.plot_curves(series, args.out / "curves.png")
     return text
 
 

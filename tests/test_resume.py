@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from test_causal_lm import needs_smollm2
 from test_run import ROOT, run_py
@@ -58,6 +59,10 @@ VARIANT_SETTINGS = {
     # A data-driven start that also changes the layers' ranks: the resumed model takes them
     # from the checkpoint before loading it.
     "eva": ["variant=eva"],
+    # Length-grouped batches, a held-out validation set that keeps the best state and early-stops
+    # (patience 1), and the test set evaluated only at new bests: the resumed run decides alike.
+    "grouped_keep_best": ["variant=lora", "trainer.group_by_length=true", "task.val_fraction=0.25",
+                          "trainer.keep_best=true", "trainer.eval_others=when_best", "trainer.early_stopping.patience=1"],
     # A causal LM (its first 2 blocks): response-only loss, generation at each evaluation, and the
     # step-0 evaluation, which the resumed run must not repeat.
     "smollm2_lora": ["model=smollm2", "task=sft_smoke", "model.keep_layers=2", "trainer.batch_size=4",
@@ -90,6 +95,11 @@ def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     assert got["adapter_report"] == expected["adapter_report"] and got["phases"] == expected["phases"]
     assert got["initialization"] == expected["initialization"]
     assert records(broken) == records(whole)  # every loss, lr and eval record, rewritten after the kill
+    assert got["stopped"] == expected["stopped"] and got["best"] == expected["best"]
+    if expected["best"]["adapter"]:
+        best_whole, best_broken = load_file(whole / "adapter_best.safetensors"), load_file(broken / "adapter_best.safetensors")
+        assert best_whole.keys() == best_broken.keys()
+        assert all(torch.equal(best_whole[k], best_broken[k]) for k in best_whole)
     assert killed_at >= 10
 
 
