@@ -180,3 +180,38 @@ def test_paper_experiment_config_takes_each_tasks_hyperparameters():
         # The same experiment for a baseline, which has no adapter dropout to set.
         cfg = compose("config", overrides=["+experiment=lora_paper_roberta_base", "task=rte", "variant=full"])
         assert "dropout" not in variant_kwargs(cfg.variant)
+
+
+MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+TSV_FAULTS = {  # (task, file, its bytes, the line run.py must print)
+    "class out of range in train": ("mrpc", "train.tsv", f"{MRPC_HEADER}\n1\t1\t2\ta .\tb .\n2\t3\t4\tc .\td .\n",
+                                    "train.tsv line 3 has label '2'; allowed: integers 0 to 1"),
+    "class out of range in dev": ("mrpc", "dev.tsv", f"{MRPC_HEADER}\n-1\t1\t2\ta .\tb .\n",
+                                  "dev.tsv line 2 has label '-1'; allowed: integers 0 to 1"),
+    "regression label not finite": ("stsb", "train.tsv", f"{STSB_HEADER}\n0\tg\tf\ty\t1\tn\tn\ta .\tb .\tnan\n",
+                                    "train.tsv line 2 has label 'nan'; allowed: finite numbers"),
+    "header only": ("mrpc", "train.tsv", f"{MRPC_HEADER}\n", "train.tsv' has no examples"),
+    "not UTF-8": ("mrpc", "dev.tsv", f"{MRPC_HEADER}\n1\t1\t2\ta .\tb .\n".encode() + b"0\t3\t4\tcaf\xe9 .\td .\n",
+                  "dev.tsv' line 3 is not UTF-8 (byte 0xe9); allowed: UTF-8 text"),
+    "an extra column": ("mrpc", "train.tsv", f"{MRPC_HEADER}\n1\t1\t2\ta .\tb .\textra\n",
+                        "train.tsv' line 2 has 6 columns, expected 5"),
+    "an empty text": ("mrpc", "train.tsv", f"{MRPC_HEADER}\n1\t1\t2\t\tb .\n", "train.tsv' line 2 has an empty '#1 String'"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(TSV_FAULTS))
+def test_a_bad_glue_file_stops_run_py_before_training_in_one_line(tmp_path, fault):
+    from test_run import run_py
+
+    task, name, content, message = TSV_FAULTS[fault]
+    folder = write_layout(task, tmp_path / task)
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    run_dir = tmp_path / "run"
+    result = run_py(f"task={task}", f"task.data_dir={folder}", "trainer.max_steps=2", "tracking.mode=disabled",
+                    f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: task.data_dir: ") and message in last, last
+    assert "Traceback" not in result.stderr and "train:" not in result.stderr  # before any step

@@ -13,6 +13,7 @@ With ``trainer.group_by_length`` a training epoch's batches hold examples of sim
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 from pathlib import Path
@@ -86,16 +87,22 @@ def split_validation(train: list[Example], fraction: Any, seed: int, num_labels:
 
 
 def _label(value: Any, task: DictConfig, where: str) -> int | float:
-    """A class id (or a float for regression); GLUE TSVs spell some classes by name."""
+    """A class id in [0, num_labels) (or a finite float for regression); GLUE TSVs spell some
+    classes by name. Anything else is a ``ConfigError`` naming ``where`` (file and line)."""
+    names = list(task.label_names) if task.get("label_names") else None
+    allowed = (names or f"integers 0 to {task.num_labels - 1}") if task.num_labels > 1 else "finite numbers"
     try:
         if task.num_labels == 1:
-            return float(value)
-        if task.get("label_names") and isinstance(value, str) and not value.isdigit():
-            return list(task.label_names).index(value)
-        return int(value)
+            label = float(value)
+            if math.isfinite(label):
+                return label
+        elif names and isinstance(value, str) and not value.isdigit():
+            return names.index(value)
+        elif 0 <= (label := int(value)) < task.num_labels:
+            return label
     except ValueError:
-        allowed = list(task.label_names) if task.get("label_names") else "numbers" if task.num_labels == 1 else "integers"
-        raise ConfigError(f"task.data_dir: {where} has label {value!r}; allowed: {allowed}") from None
+        pass
+    raise ConfigError(f"task.data_dir: {where} has label {value!r}; allowed: {allowed}")
 
 
 def _load_glue_hub(task: DictConfig) -> tuple[list[Example], list[Example]]:
@@ -137,30 +144,45 @@ def _read_tsv(path: Path, task: DictConfig) -> list[Example]:
     text_columns = list(layout.get("text_columns") or task.text_fields)
     label_column = layout.get("label_column") or task.label_field
     csv.field_size_limit(sys.maxsize)
-    with path.open(newline="", encoding="utf-8-sig") as f:  # GLUE's MRPC files begin with a byte-order mark
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = list(layout.columns) if layout.get("columns") else next(reader, [])
-        first_line = 1 if layout.get("columns") else 2
-        wanted = [*text_columns, label_column]
-        absent = [c for c in wanted if c not in header]
-        if absent:
-            raise ConfigError(
-                f"task.data_dir: {str(path)!r} has columns {header}, missing {absent} "
-                f"(task.tsv.text_columns / task.tsv.label_column)"
-            )
-        index = [header.index(c) for c in wanted]
-        examples = []
-        for line_no, row in enumerate(reader, start=first_line):
-            if len(row) <= max(index) or any(row[i] == "" for i in index):
-                if layout.get("skip_malformed"):
-                    continue
-                raise ConfigError(
-                    f"task.data_dir: {str(path)!r} line {line_no} has {len(row)} columns, expected {len(header)}"
-                )
-            example = {field: row[i] for field, i in zip(task.text_fields, index)}
-            example["label"] = _label(row[index[-1]], task, f"{path.name} line {line_no}")
-            examples.append(example)
+    reader = csv.reader(_text_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = list(layout.columns) if layout.get("columns") else next(reader, [])
+    first_line = 1 if layout.get("columns") else 2
+    wanted = [*text_columns, label_column]
+    absent = [c for c in wanted if c not in header]
+    if absent:
+        raise ConfigError(
+            f"task.data_dir: {str(path)!r} has columns {header}, missing {absent} "
+            f"(task.tsv.text_columns / task.tsv.label_column)"
+        )
+    index = [header.index(c) for c in wanted]
+    examples = []
+    for line_no, row in enumerate(reader, start=first_line):
+        if len(row) != len(header) or any(row[i] == "" for i in index):
+            if layout.get("skip_malformed"):
+                continue
+            empty = [header[i] for i in index if i < len(row) and row[i] == ""]
+            problem = f"an empty {empty[0]!r}" if len(row) == len(header) else f"{len(row)} columns, expected {len(header)}"
+            raise ConfigError(f"task.data_dir: {str(path)!r} line {line_no} has {problem}")
+        example = {field: row[i] for field, i in zip(task.text_fields, index)}
+        example["label"] = _label(row[index[-1]], task, f"{path.name} line {line_no}")
+        examples.append(example)
+    if not examples:
+        raise ConfigError(f"task.data_dir: {str(path)!r} has no examples (only a header, or nothing); "
+                          "allowed: a GLUE TSV with at least one row")
     return examples
+
+
+def _text_lines(path: Path) -> io.StringIO:
+    """The file's lines as UTF-8 (a leading byte-order mark dropped, as GLUE's MRPC files have one);
+    bytes that are not UTF-8 are a ``ConfigError`` naming the file and line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"task.data_dir: {str(path)!r} line {line} is not UTF-8 (byte {raw[err.start]:#04x}); "
+                          "allowed: UTF-8 text") from None
+    return io.StringIO(text, newline="")  # as open(newline=""): only the csv module splits rows
 
 
 def make_loader(
