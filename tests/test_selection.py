@@ -71,11 +71,18 @@ def test_a_run_that_stops_gaining_stops_early_and_says_why(tmp_path):
     summary = json.loads((run_dir / rundir.SUMMARY).read_text())
     assert summary["status"] == "completed" and summary["steps"] == 9
     assert summary["stopped"] == {"reason": "early_stopping", "step": 9, "planned_steps": 60, "epochs": 9 / 8,
-                                  "patience": 2, "min_delta": 0.0}
+                                  "patience": 2, "min_delta": 0.0, "min_steps": 0}
     assert summary["best"]["step"] == 3 and summary["best"]["set"] == "val"
     assert [r["step"] for r in records(run_dir) if "eval_val/accuracy" in r] == [3, 6, 9]
     assert [r["step"] for r in records(run_dir) if "train/loss" in r] == list(range(1, 10))
     assert "step 9: early stopping, 2 evaluations without a gain above 0.0 in val/accuracy" in result.stdout
+
+    # min_epochs=2 (16 steps): the same run goes on to the first evaluation from step 16 on
+    run_dir = tmp_path / "slow_start"
+    assert run_py(*BASE, "trainer.max_steps=60", "trainer.lr=1e-9", "trainer.early_stopping.patience=2",
+                  "trainer.early_stopping.min_epochs=2", f"hydra.run.dir={run_dir}").returncode == 0
+    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+    assert (summary["stopped"]["reason"], summary["steps"], summary["stopped"]["min_steps"]) == ("early_stopping", 18, 16)
 
     # without a patience the same run trains to the end of its schedule
     run_dir = tmp_path / "whole"

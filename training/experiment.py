@@ -313,7 +313,7 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
     }
     summary["stopped"] = {"reason": state.stop_reason, "step": state.step, "planned_steps": plan.steps,
                           "epochs": state.step / plan.steps_per_epoch, "patience": plan.selection.patience,
-                          "min_delta": plan.selection.min_delta}
+                          "min_delta": plan.selection.min_delta, "min_steps": plan.selection.min_steps}
     summary["best"] = {**plan.selection.best(state),
                        "adapter": rundir.ADAPTER_BEST if plan.selection.keep_best else None}
     summary["val_fraction"] = cfg.task.get("val_fraction")

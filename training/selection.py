@@ -12,12 +12,15 @@ training state's evaluation history, so a resumed run decides exactly as the uni
 - Early stopping (``trainer.early_stopping.patience``): the run stops after ``patience``
   evaluations in a row that do not beat the reference by more than ``min_delta``; the reference
   is the first evaluation, then each one that did beat it so (as Hugging Face's
-  ``EarlyStoppingCallback`` with ``early_stopping_threshold``). The schedule stays the one
-  planned for the full run: stopping early does not stretch the learning-rate decay.
+  ``EarlyStoppingCallback`` with ``early_stopping_threshold``), and never before
+  ``min_epochs`` (as Lightning's ``min_epochs``: a slow starter, still at the majority class
+  after a first plateau, is not cut short). The schedule stays the one planned for the full run:
+  stopping early does not stretch the learning-rate decay.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +47,7 @@ class Selection:
     metric: str  # task.main_metric
     patience: int | None = None  # evaluations without a gain before stopping; None: never stop early
     min_delta: float = 0.0  # a gain no larger than this does not count for the patience
+    min_steps: int = 0  # no early stop before this step (trainer.early_stopping.min_epochs, in steps)
     keep_best: bool = False  # keep the best evaluation's state (adapter_best.safetensors)
 
     def history(self, state: TrainState) -> History:
@@ -80,19 +84,22 @@ class Selection:
         return waited
 
     def should_stop(self, state: TrainState) -> bool:
-        return self.patience is not None and self.evaluations_without_gain(state) >= self.patience
+        return (self.patience is not None and state.step >= self.min_steps
+                and self.evaluations_without_gain(state) >= self.patience)
 
 
-def selection_for(cfg: Any, eval_sets: list[str], metric: str) -> Selection:
-    """The ``Selection`` of a ``trainer`` config, for a run whose eval sets are ``eval_sets``."""
+def selection_for(cfg: Any, eval_sets: list[str], metric: str, steps_per_epoch: int = 1) -> Selection:
+    """The ``Selection`` of a ``trainer`` config, for a run whose eval sets are ``eval_sets`` and
+    whose epochs last ``steps_per_epoch`` steps."""
     wanted = cfg.get("select_on", "auto")
     eval_set = ("val" if "val" in eval_sets else "main") if wanted == "auto" else wanted
     if eval_set not in eval_sets:
         raise ConfigError(f"trainer.select_on=val but the task holds no validation set out; allowed: main or auto, "
                           "or set task.val_fraction")
     stopping = cfg.get("early_stopping") or {}
+    min_steps = math.ceil(stopping.get("min_epochs", 0) * steps_per_epoch)
     return Selection(eval_set, metric, patience=stopping.get("patience"), min_delta=float(stopping.get("min_delta", 0.0)),
-                     keep_best=bool(cfg.get("keep_best", False)))
+                     min_steps=min_steps, keep_best=bool(cfg.get("keep_best", False)))
 
 
 def check_config(cfg: Any) -> list[str]:
@@ -106,6 +113,9 @@ def check_config(cfg: Any) -> list[str]:
         problems.append(f"trainer.early_stopping.patience={patience!r} must be null or a positive integer")
     if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not 0 <= min_delta < float("inf"):
         problems.append(f"trainer.early_stopping.min_delta={min_delta!r} must be a number >= 0")
+    min_epochs = stopping.get("min_epochs", 0)
+    if isinstance(min_epochs, bool) or not isinstance(min_epochs, (int, float)) or not 0 <= min_epochs < float("inf"):
+        problems.append(f"trainer.early_stopping.min_epochs={min_epochs!r} must be a number >= 0")
     if not isinstance(cfg.get("keep_best", False), bool):
         problems.append(f"trainer.keep_best={cfg.get('keep_best')!r} must be true or false")
     return problems

@@ -83,7 +83,7 @@ def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None 
                           "(N evaluations an epoch)")
     return Plan(steps=steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                 evaluator=evaluator or ClassifierEvaluator(),
-                selection=selection.selection_for(cfg, list(eval_sets), main_metric),
+                selection=selection.selection_for(cfg, list(eval_sets), main_metric, steps_per_epoch),
                 eval_others=cfg.get("eval_others", "always"))
 
 
