@@ -52,6 +52,8 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {err}" if isinstance(err, ConfigError) else f"error: {type(err).__name__}: {err}",
               file=sys.stderr)
         if not sweep:
+            if isinstance(err, ConfigError) and not cfg.get("resume"):
+                rundir.remove_if_unused(run_dir)  # refused before anything was written: no empty dir stays
             sys.exit(2 if isinstance(err, ConfigError) else 1)
         if not (run_dir / rundir.SUMMARY).is_file():  # failed before its run dir was written
             write_failure(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})

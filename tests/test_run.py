@@ -295,7 +295,7 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
         ("variant=staged variant.full_fraction=1.5", "variant.full_fraction=1.5 must be in (0, 1)"),
         ("variant=staged variant.full_fraction=0.1", "variant.full_fraction=0.1 of 4 steps gives a switch at step 0"),
         ("variant.dropout=1.0", "variant.dropout=1.0 must be in [0, 1)"),
-        ("trainer.lr=abc", "trainer.lr='abc' must be a number > 0"),
+        ("trainer.lr=abc", "trainer.lr='abc' must be a finite number > 0"),
         ("seed=x", "seed='x' must be an integer"),
         ("variant=adalora variant.target_rank=9", "variant.target_rank=9 must be a number in (0, rank=8]"),
         ("variant=adalora variant.t_init=3 variant.t_final=3", "variant.t_init + variant.t_final = 3 + 3 steps exceeds the 4"),

@@ -126,7 +126,7 @@ def test_a_data_driven_initialisation_leaves_the_runs_data_and_randomness_alone(
 
 @pytest.mark.parametrize("key, value, message", [
     ("batch_size", 0, "trainer.batch_size=0 must be a positive integer"),
-    ("lr", -1, "trainer.lr=-1 must be a number > 0"),
+    ("lr", -1, "trainer.lr=-1 must be a finite number > 0"),
     ("weight_decay", "x", "trainer.weight_decay='x' must be a number >= 0"),
     ("warmup_ratio", 1.5, "trainer.warmup_ratio=1.5 must be a number in [0, 1)"),
     ("grad_clip", -2, "trainer.grad_clip=-2 must be null or a number >= 0"),

@@ -24,6 +24,7 @@ containers only, no code.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import statistics
@@ -70,6 +71,8 @@ class TrainState:
     train_time_s: float = 0.0  # up to the last checkpoint or the end
     initialization: dict[str, Any] = field(default_factory=dict)  # what the variant's data-driven init reported
     stop_reason: str = "schedule_end"  # or "early_stopping" (training/selection.py)
+    logged_losses: list[float] = field(default_factory=list)  # every train/loss record, for trainer.divergence
+    first_loss: float = math.inf  # the first step's loss (the model as it started), for trainer.divergence
 
     @classmethod
     def start(cls, device: torch.device) -> TrainState:
@@ -120,6 +123,7 @@ class TrainState:
             "extra_eval_history": {name: [[step, metrics] for step, metrics in history]
                                    for name, history in self.extra_eval_history.items()},
             "train_time_s": self.train_time_s, "initialization": self.initialization,
+            "logged_losses": list(self.logged_losses), "first_loss": self.first_loss,
         }
 
     @classmethod
@@ -135,6 +139,7 @@ class TrainState:
             extra_eval_history={name: [(step, metrics) for step, metrics in history]
                                 for name, history in saved["extra_eval_history"].items()},
             train_time_s=saved["train_time_s"], initialization=saved["initialization"],
+            logged_losses=list(saved.get("logged_losses", [])), first_loss=saved.get("first_loss", math.inf),
         )
 
 

@@ -135,7 +135,7 @@ def with_variant_lr(cfg: DictConfig) -> DictConfig:
     lr, own = cfg.trainer.get("lr"), cfg.variant.get("lr")
     if lr is not None:
         if own is not None and own != lr:
-            log.info("trainer.lr=%g overrides variant.lr=%g", lr, own)
+            log.info("trainer.lr=%s overrides variant.lr=%s", lr, own)
         return cfg
     if own is None:
         raise ConfigError(f"trainer.lr=None and variant.lr=None for variant={cfg.variant.name!r}: set one, a number > 0")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,15 @@ ADAPTER_BEST = "adapter_best.safetensors"
 CHECKPOINT = "checkpoint.pt"
 LOG = "run.log"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+def remove_if_unused(run_dir: Path) -> bool:
+    """Remove a run dir that holds nothing but what Hydra wrote when the job started (``.hydra/``
+    and ``run.log``): a run refused by its config check leaves no empty dir behind."""
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= {".hydra", LOG}:
+        return False
+    shutil.rmtree(run_dir)
+    return True
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

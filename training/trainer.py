@@ -47,6 +47,26 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stops and is marked failed."""
 
 
+class Diverged(RuntimeError):
+    """The logged training loss stayed far above its running minimum (``trainer.divergence``)."""
+
+
+def check_divergence(first: float, losses: list[float], factor: float | None, logs: int) -> str | None:
+    """Why the run has diverged, or None: the last ``logs`` logged training losses each above
+    ``factor`` times the lowest loss seen before them (the first step's, ``first``, included) and
+    above ``first`` (a run that has learned and rises a little from a tiny minimum is not flagged;
+    one that ends far worse than it began is, even if it blew up before its first log)."""
+    if factor is None or len(losses) < logs:
+        return None
+    recent = losses[-logs:]
+    floor = min([first, *losses[:-logs]])
+    if all(loss > factor * floor and loss > first for loss in recent):
+        return (f"the training loss has been above {factor:g}x its minimum ({floor:.4g}) and above its first "
+                f"step's ({first:.4g}) for {logs} logs in a row (now {recent[-1]:.4g}): the run diverged; "
+                "lower trainer.lr (trainer.divergence.factor=null turns this check off)")
+    return None
+
+
 @dataclass(frozen=True)
 class Plan:
     """How long the run trains at most, when it evaluates, what it measures and how it picks
@@ -88,7 +108,8 @@ def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None 
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_trainer_config(cfg: DictConfig) -> None:
@@ -100,7 +121,7 @@ def check_trainer_config(cfg: DictConfig) -> None:
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg.get(key) < 1:
             fail(key, "a positive integer")
     if not _number(cfg.lr) or cfg.lr <= 0:
-        fail("lr", "a number > 0")
+        fail("lr", "a finite number > 0")
     if not _number(cfg.weight_decay) or cfg.weight_decay < 0:
         fail("weight_decay", "a number >= 0")
     if cfg.get("weight_decay_on", "matrices") not in optim.WEIGHT_DECAY_ON:
@@ -122,6 +143,12 @@ def check_trainer_config(cfg: DictConfig) -> None:
         fail("optimizer", f"one of {', '.join(optim.OPTIMIZERS)}")
     if cfg.get("eval_others", "always") not in EVAL_OTHERS:
         fail("eval_others", f"one of {', '.join(EVAL_OTHERS)}")
+    divergence = cfg.get("divergence") or {}
+    factor, logs = divergence.get("factor"), divergence.get("logs", 3)
+    if factor is not None and (not _number(factor) or factor <= 1):
+        raise ConfigError(f"trainer.divergence.factor={factor!r} must be null (off) or a number > 1")
+    if not isinstance(logs, int) or isinstance(logs, bool) or logs < 1:
+        raise ConfigError(f"trainer.divergence.logs={logs!r} must be a positive integer")
     if not isinstance(cfg.get("group_by_length", False), bool):
         fail("group_by_length", "true or false")
     for problem in selection.check_config(cfg):
@@ -181,11 +208,18 @@ def train(
             opt.zero_grad()
             runtime.synchronize()
             state.record_step(loss, adapter_loss, time.perf_counter() - started)
+            if state.step == 1:
+                state.first_loss = float(loss)  # the loss of the model as it started: divergence's reference
             progress.update()
 
             last = state.step == plan.steps
             if state.step % cfg.log_every == 0 or last:
                 _log_training(tracker, state, opt.lr, plan, adapter_loss is not None, runtime, progress)
+                divergence = cfg.get("divergence") or {}
+                why = check_divergence(state.first_loss, state.logged_losses, divergence.get("factor"),
+                                       divergence.get("logs", 3))
+                if why:
+                    raise Diverged(f"at step {state.step}, {why}")
             if state.step % plan.eval_every == 0 or last:
                 _evaluate_and_log(raw_model, eval_loaders, plan, runtime, state, tracker, progress,
                                   last=last)
@@ -283,6 +317,7 @@ def _log_training(tracker: Tracker, state: TrainState, lr: float, plan: Plan, ha
     """One ``train/*`` record: the losses averaged over the steps since the last one (and over
     the processes), the learning rate, and the hook metrics gathered meanwhile."""
     mean_loss = float(distributed.mean_over_ranks(state.loss_sum, runtime.context)) / state.loss_count
+    state.logged_losses.append(mean_loss)
     if has_adapter_loss:
         state.pending["train/adapter_loss"] = float(state.adapter_loss_sum) / state.loss_count
     progress.set_postfix(loss=f"{mean_loss:.4f}")
