@@ -42,7 +42,12 @@ def main(cfg: DictConfig) -> float:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if sweep else None
     name = f"{group}/{run_dir.name}" if sweep else run_dir.name
-    done = rundir.read_summary(run_dir) if cfg.get("skip_completed") else None
+    done = None
+    if cfg.get("skip_completed"):
+        try:
+            done = rundir.read_summary(run_dir)
+        except rundir.UnreadableSummary as err:
+            print(f"skip_completed: {err}; not completed, so the job runs again", file=sys.stderr)
     if done and done.get("status") == "completed":
         print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
         return done["eval"][done["main_metric"]]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -64,7 +63,11 @@ def collect(roots: list[Path], evaluation: str = "eval") -> list[dict]:
     rows = []
     for root in roots:
         for path in sorted(root.rglob(rundir.SUMMARY)):
-            summary = json.loads(path.read_text())
+            try:
+                summary = rundir.read_summary(path.parent)
+            except rundir.UnreadableSummary as err:
+                print(f"skipped: {err}; counted as not completed", file=sys.stderr)
+                continue
             if summary.get("status") != "completed":
                 continue
             config_path = path.parent / rundir.CONFIG

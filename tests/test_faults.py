@@ -50,3 +50,94 @@ def test_a_bad_rate_is_one_line_before_anything_and_leaves_no_run_dir(tmp_path, 
     assert result.stderr.strip().splitlines()[-1] == f"error: trainer.lr={shown} must be a finite number > 0"
     assert "Traceback" not in result.stderr and "Logging error" not in result.stderr
     assert not run_dir.exists()  # Hydra had made it; nothing of the run's was written, so it is gone
+
+
+def run_with_file_size_limit(limit_bytes, *args):
+    """run.py with every file it writes limited to ``limit_bytes`` (RLIMIT_FSIZE), as a full disk
+    would stop it: a write past the limit fails with EFBIG instead of killing the process."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from test_run import ROOT
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, preexec_fn=limit)
+
+
+def test_a_full_disk_ends_the_run_failed_with_its_cause_and_the_last_checkpoint_intact(tmp_path):
+    import torch
+
+    from test_resume import RUN, kill_after_checkpoint, records, start
+
+    args = [*RUN, "model.keep_layers=2"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_py(*args, f"hydra.run.dir={whole}").returncode == 0
+    proc = start(*args, f"hydra.run.dir={broken}")
+    kill_after_checkpoint(proc, broken / rundir.CHECKPOINT, min_step=5)
+    saved = (broken / rundir.CHECKPOINT).read_bytes()
+    step = torch.load(broken / rundir.CHECKPOINT, weights_only=True)["step"]
+
+    # the resumed run can write small files but not its next checkpoint
+    result = run_with_file_size_limit(len(saved) // 2, f"resume={broken}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: OSError: [Errno 27] File too large while writing {broken / rundir.CHECKPOINT} (the previous one is kept)")
+    summary = json.loads((broken / rundir.SUMMARY).read_text())
+    assert summary["status"] == "failed" and "File too large" in summary["error"]
+    assert (broken / rundir.CHECKPOINT).read_bytes() == saved  # the last good checkpoint, untouched
+    assert [p.name for p in broken.iterdir() if p.name.endswith(".tmp")] == []  # no partial file left
+    assert torch.load(broken / rundir.CHECKPOINT, weights_only=True)["step"] == step
+
+    # with room again, resuming finishes the run as if nothing had happened
+    assert run_py(f"resume={broken}").returncode == 0
+    assert json.loads((broken / rundir.SUMMARY).read_text())["eval"] == json.loads((whole / rundir.SUMMARY).read_text())["eval"]
+    assert records(broken) == records(whole)
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path):
+    from test_resume import RUN, kill_after_checkpoint, records, start
+
+    args = [*RUN, "model.keep_layers=2"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_py(*args, f"hydra.run.dir={whole}").returncode == 0
+    proc = start(*args, f"hydra.run.dir={broken}")
+    kill_after_checkpoint(proc, broken / rundir.CHECKPOINT, min_step=5)
+    with (broken / rundir.METRICS).open("a") as f:
+        f.write('{"step": 7, "train/lo')  # a write cut short
+    lines = len((broken / rundir.METRICS).read_text().splitlines())
+    result = run_py(f"resume={broken}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"metrics.jsonl line {lines} is not a whole record" in result.stdout + result.stderr
+    assert records(broken) == records(whole)
+
+
+def test_an_unreadable_summary_counts_as_not_completed_everywhere(tmp_path, capsys):
+    from analysis import collect_runs
+
+    sweep = tmp_path / "sweep"
+    args = [*SMALL, "trainer.max_steps=2", "task.train_size=32", "task.eval_size=16", "seed=0,1",
+            f"hydra.sweep.dir={sweep}"]
+    assert run_py(*args, "-m").returncode == 0
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    (jobs[1] / rundir.SUMMARY).write_text("")  # what a full disk left before summaries were written atomically
+
+    capsys.readouterr()
+    assert collect_runs.main([str(sweep)]) == 0
+    printed = capsys.readouterr()
+    assert f"skipped: {jobs[1] / rundir.SUMMARY} is unreadable" in printed.err and jobs[0].name in printed.out
+
+    result = run_py(*args, "skip_completed=true", "-m")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skip_completed: {jobs[1] / rundir.SUMMARY} is unreadable" in result.stderr
+    assert f"skip: {jobs[0]} already holds a completed run" in result.stderr
+    assert json.loads((jobs[1] / rundir.SUMMARY).read_text())["status"] == "completed"  # ran again
+    rows = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [r["status"] for r in rows] == ["completed", "completed"]

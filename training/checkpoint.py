@@ -24,8 +24,8 @@ containers only, no code.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import random
 import statistics
 from collections.abc import Callable
@@ -39,6 +39,8 @@ from torch import nn
 
 import variants
 from variants import ConfigError
+
+from . import rundir
 
 WARMUP_STEPS_EXCLUDED = 3  # first steps pay for lazy initialisation; kept out of the median step time
 
@@ -223,12 +225,12 @@ def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
 
 
 def write(path: Path, checkpoint: dict[str, Any]) -> None:
-    """Write then rename: the file at ``path`` is always a complete checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(checkpoint, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write then rename: the file at ``path`` is always a complete checkpoint, and a failed write
+    (a full disk) leaves no partial file behind."""
+    buffer = io.BytesIO()  # serialised in memory first, so a failed write is an OSError that says why
+    torch.save(checkpoint, buffer)
+    with rundir.atomic(path) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load(path: Path) -> dict[str, Any]:

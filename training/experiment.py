@@ -9,7 +9,6 @@ The run directory's files are listed in ``training/rundir.py``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,7 +71,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
                            wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
         summary["budget"] = budget
         if main:
-            variants.save_adapter(model, run_dir / rundir.ADAPTER, extra_metadata=base_model_metadata(cfg))
+            with rundir.atomic(run_dir / rundir.ADAPTER) as tmp:
+                variants.save_adapter(model, tmp, extra_metadata=base_model_metadata(cfg))
             summary["adapter_mb"] = (run_dir / rundir.ADAPTER).stat().st_size / 2**20  # on disk, with metadata
             rundir.write_summary(run_dir, summary)
         tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
@@ -232,7 +232,8 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> dict[s
     saved = checkpoint.load(path)
     checkpoint.check_format(saved, runtime.context.world_size)
     if runtime.context.is_main:
-        rundir.truncate_metrics(run_dir, saved["step"])
+        for warning in rundir.truncate_metrics(run_dir, saved["step"]):
+            log.warning(warning)
         rundir.truncate_predictions(run_dir, saved["step"])
     log.info("resuming %s from step %d", run_dir, saved["step"])
     return saved
@@ -242,7 +243,7 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path, group: str | None, run_name: s
                   resume: dict[str, Any] | None) -> Tracker:
     """Write the resolved config and start tracking (metrics.jsonl, W&B)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / rundir.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    rundir.write_text(run_dir / rundir.CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     tracking = cfg.tracking
     return Tracker(
         run_dir, OmegaConf.to_container(cfg, resolve=True), mode=tracking.mode, project=tracking.project,
@@ -255,10 +256,8 @@ def _best_state_writer(cfg: DictConfig, run_dir: Path) -> Callable[[nn.Module, i
     """``train``'s ``save_best``: the model's adapter file, with the step in its metadata, written
     to a temporary file and renamed, so a kill leaves the previous best intact."""
     def save(model: nn.Module, step: int) -> None:
-        path = run_dir / rundir.ADAPTER_BEST
-        tmp = path.with_name(path.name + ".tmp")
-        variants.save_adapter(model, tmp, extra_metadata={**base_model_metadata(cfg), "step": step})
-        os.replace(tmp, path)
+        with rundir.atomic(run_dir / rundir.ADAPTER_BEST) as tmp:
+            variants.save_adapter(model, tmp, extra_metadata={**base_model_metadata(cfg), "step": step})
     return save
 
 

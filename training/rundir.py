@@ -16,6 +16,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +43,74 @@ def remove_if_unused(run_dir: Path) -> bool:
     return True
 
 
+@contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; on success it is flushed to disk and renamed over
+    ``path``, so a reader (or a kill, or a full disk) sees the old file or the whole new one, never
+    a part; on failure the temporary file is removed and the error goes on."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk, a file-size limit, a read-only dir: say which file
+        kept = "the previous one is kept" if path.exists() else "nothing was written"
+        raise OSError(err.errno, f"{err.strerror} while writing {path} ({kept})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path.write_text(text)``, atomically (``atomic``)."""
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+
+class UnreadableSummary(ValueError):
+    """A summary.json that is not a JSON object (cut short, empty, corrupt): the run did not complete."""
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's summary, None without one; ``UnreadableSummary`` (naming the file) if it cannot be read."""
     path = run_dir / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnreadableSummary(f"{path} is unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(summary, dict):
+        raise UnreadableSummary(f"{path} is unreadable (not a JSON object)")
+    return summary
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop the records written after ``step`` (a resumed run writes them again)."""
+def truncate_metrics(run_dir: Path, step: int) -> list[str]:
+    """Drop the records written after ``step`` (a resumed run writes them again), and any line
+    that is not a whole record (a write cut short by a kill or a full disk); returns a warning
+    per dropped line, naming the file and line."""
     path = run_dir / METRICS
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    if not path.is_file():
+        return []
+    kept, warnings = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "step" not in record:
+            if line.strip():
+                warnings.append(f"{path} line {number} is not a whole record ({line[:40]!r}...): dropped")
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
+    return warnings
 
 
 def read_predictions(run_dir: Path) -> dict[str, np.ndarray]:
@@ -71,9 +125,8 @@ def read_predictions(run_dir: Path) -> dict[str, np.ndarray]:
 
 def write_predictions(run_dir: Path, arrays: dict[str, np.ndarray]) -> None:
     """Replace ``predictions.npz`` atomically (a run killed mid-write keeps the old file)."""
-    partial = run_dir / (PREDICTIONS + ".partial.npz")
-    np.savez(partial, **arrays)
-    os.replace(partial, run_dir / PREDICTIONS)
+    with atomic(run_dir / PREDICTIONS) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def predictions_step(key: str) -> int | None:

@@ -20,8 +20,11 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
     for job in sorted(jobs, key=lambda p: int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 0):
-        summary = rundir.read_summary(job) or {}
-        status = summary.get("status", "missing")  # missing: the job died without writing one
+        try:
+            summary = rundir.read_summary(job) or {}
+            status = summary.get("status", "missing")  # missing: the job died without writing one
+        except rundir.UnreadableSummary as err:
+            summary, status = {"error": str(err)}, "unreadable"  # cut short (a full disk, a kill): not completed
         metric = summary.get("main_metric")
         rows.append({
             "job": job.name,
@@ -41,12 +44,12 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows = job_rows(sweep_dir)
-        (sweep_dir / "sweep_summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        rundir.write_text(sweep_dir / "sweep_summary.json", json.dumps(rows, indent=2) + "\n")
         lines = ["| job | status | metric | value | error |", "|---|---|---|---|---|"]
         for row in rows:
             value = "" if row["value"] is None else f"{row['value']:.4f}"
             lines.append(f"| {row['job']} | {row['status']} | {row['metric'] or ''} | {value} | {row['error'] or ''} |")
-        (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
+        rundir.write_text(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
         failed = [row["job"] for row in rows if row["status"] != "completed"]
         log.info("sweep summary: %d of %d jobs completed%s; %s", len(rows) - len(failed), len(rows),
                  f", not completed: {', '.join(failed)}" if failed else "", sweep_dir / "sweep_summary.md")
