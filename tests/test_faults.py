@@ -141,3 +141,39 @@ def test_an_unreadable_summary_counts_as_not_completed_everywhere(tmp_path, caps
     assert json.loads((jobs[1] / rundir.SUMMARY).read_text())["status"] == "completed"  # ran again
     rows = json.loads((sweep / "sweep_summary.json").read_text())
     assert [r["status"] for r in rows] == ["completed", "completed"]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(tmp_path):
+    from test_resume import RUN, kill_after_checkpoint, records, start
+
+    args = [*RUN, "model.keep_layers=2"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_py(*args, f"hydra.run.dir={whole}").returncode == 0
+    assert not (whole / "checkpoint.previous.pt").exists()  # both removed once the run completed
+    proc = start(*args, f"hydra.run.dir={broken}")
+    kill_after_checkpoint(proc, broken / rundir.CHECKPOINT, min_step=10)
+    assert (broken / "checkpoint.previous.pt").is_file()
+    (broken / rundir.CHECKPOINT).write_bytes(b"\x8f\x02 not a checkpoint" * 100)  # overwritten by accident
+    result = run_py(f"resume={broken}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (f"{broken / rundir.CHECKPOINT} is unreadable (UnpicklingError); resuming from checkpoint.previous.pt "
+            "instead") in result.stdout + result.stderr
+    assert json.loads((broken / rundir.SUMMARY).read_text())["eval"] == json.loads((whole / rundir.SUMMARY).read_text())["eval"]
+    assert records(broken) == records(whole)
+
+
+def test_no_readable_checkpoint_is_one_line_that_says_what_to_do(tmp_path):
+    from test_resume import RUN, kill_after_checkpoint, start
+
+    broken = tmp_path / "broken"
+    proc = start(*RUN, "model.keep_layers=2", f"hydra.run.dir={broken}")
+    kill_after_checkpoint(proc, broken / rundir.CHECKPOINT, min_step=10)
+    (broken / rundir.CHECKPOINT).write_bytes(b"")
+    (broken / "checkpoint.previous.pt").write_bytes(b"\x00" * 64)
+    result = run_py(f"resume={broken}")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"error: {broken / rundir.CHECKPOINT} is unreadable (EOFError); {broken / 'checkpoint.previous.pt'} "
+                    "is unreadable (UnpicklingError) and no earlier checkpoint loads: the run cannot be continued; "
+                    "start it again without resume (or put back a copy of the file)"), last
+    assert "weights_only" not in result.stderr and "Traceback" not in result.stderr

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
 import statistics
 from collections.abc import Callable
@@ -231,6 +232,33 @@ def write(path: Path, checkpoint: dict[str, Any]) -> None:
     torch.save(checkpoint, buffer)
     with rundir.atomic(path) as tmp:
         tmp.write_bytes(buffer.getbuffer())
+        if path.exists():  # the last two are kept: one damaged file never costs the whole run
+            os.replace(path, previous(path))
+
+
+def previous(path: Path) -> Path:
+    """Where the checkpoint before the one at ``path`` is kept (``checkpoint.previous.pt``)."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def load_latest(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The checkpoint at ``path`` or, if that one is unreadable (empty, cut short, overwritten),
+    the one before it; with a warning per unreadable file. ``ConfigError`` when neither loads."""
+    problems = []
+    for candidate in (path, previous(path)):
+        if not candidate.is_file():
+            continue
+        try:
+            saved = load(candidate)
+            if not isinstance(saved, dict) or "step" not in saved:
+                raise ValueError("not a checkpoint")
+            return saved, [f"{p}; resuming from {candidate.name} instead" for p in problems]
+        except Exception as err:  # torch raises many types for a damaged file; its advice is not passed on
+            problems.append(f"{candidate} is unreadable ({type(err).__name__})")
+    if not problems:
+        raise ConfigError(f"resume=true but {str(path.parent)!r} has no {path.name} to resume from")
+    raise ConfigError("; ".join(problems) + " and no earlier checkpoint loads: the run cannot be continued; "
+                      "start it again without resume (or put back a copy of the file)")
 
 
 def load(path: Path) -> dict[str, Any]:

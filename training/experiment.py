@@ -87,7 +87,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
         raise
     tracker.finish()
     if main:
-        (run_dir / rundir.CHECKPOINT).unlink(missing_ok=True)  # complete: adapter.safetensors is what remains
+        for path in (run_dir / rundir.CHECKPOINT, checkpoint.previous(run_dir / rundir.CHECKPOINT)):
+            path.unlink(missing_ok=True)  # complete: adapter.safetensors is what remains
     return summary
 
 
@@ -226,10 +227,9 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> dict[s
     """With ``resume=true``, the run dir's checkpoint (its metrics.jsonl is cut back to it)."""
     if not cfg.get("resume"):
         return None
-    path = run_dir / rundir.CHECKPOINT
-    if not path.is_file():
-        raise ConfigError(f"resume=true but {str(run_dir)!r} has no {rundir.CHECKPOINT} to resume from")
-    saved = checkpoint.load(path)
+    saved, warnings = checkpoint.load_latest(run_dir / rundir.CHECKPOINT)
+    for warning in warnings:
+        log.warning(warning)
     checkpoint.check_format(saved, runtime.context.world_size)
     if runtime.context.is_main:
         for warning in rundir.truncate_metrics(run_dir, saved["step"]):

@@ -7,6 +7,7 @@
     adapter.safetensors    what trained, with the metadata to rebuild the model
     adapter_best.safetensors   the same at the best evaluation (trainer.keep_best; its step in the metadata)
     checkpoint.pt          the training checkpoint while the run is unfinished
+    checkpoint.previous.pt the one before it (resume falls back to it if checkpoint.pt is damaged)
     run.log, .hydra/       Hydra's log and the unresolved config and overrides
 """
 
