@@ -1,5 +1,6 @@
 """GLUE: every task's TSV layout as GLUE distributes it, label mapping, pairs, metrics."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -200,14 +201,26 @@ TSV_FAULTS = {  # (task, file, its bytes, the line run.py must print)
 }
 
 
-@pytest.mark.parametrize("fault", sorted(TSV_FAULTS))
-def test_a_bad_glue_file_stops_run_py_before_training_in_one_line(tmp_path, fault):
-    from test_run import run_py
-
+def write_fault(tmp_path, fault):
     task, name, content, message = TSV_FAULTS[fault]
     folder = write_layout(task, tmp_path / task)
-    path = folder / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return task, folder, message
+
+
+@pytest.mark.parametrize("fault", sorted(TSV_FAULTS))
+def test_a_bad_glue_file_is_found_at_load_time_naming_file_and_line(tmp_path, fault):
+    task, folder, message = write_fault(tmp_path, fault)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_task(task_with_folder(task, folder))
+
+
+@pytest.mark.parametrize("fault", ["class out of range in dev", "not UTF-8"])
+def test_a_bad_glue_file_stops_run_py_before_training_in_one_line(tmp_path, fault):
+    """Through run.py: exit 2, one line, before the first step (the dev file too, not after training)."""
+    from test_run import run_py
+
+    task, folder, message = write_fault(tmp_path, fault)
     run_dir = tmp_path / "run"
     result = run_py(f"task={task}", f"task.data_dir={folder}", "trainer.max_steps=2", "tracking.mode=disabled",
                     f"hydra.run.dir={run_dir}")

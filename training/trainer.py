@@ -209,7 +209,7 @@ def train(
             runtime.synchronize()
             state.record_step(loss, adapter_loss, time.perf_counter() - started)
             if state.step == 1:
-                state.first_loss = float(loss)  # the loss of the model as it started: divergence's reference
+                state.first_loss = float(loss.detach())  # the loss of the model as it started: divergence's reference
             progress.update()
 
             last = state.step == plan.steps
