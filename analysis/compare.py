@@ -84,15 +84,18 @@ class Run:
     summary: dict[str, Any]
     config: dict[str, Any]
 
-    def test_predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(labels, predicted) on the test set at ``step``; None without predictions.npz."""
+    def predictions(self, eval_set: str = "main") -> tuple[np.ndarray, np.ndarray] | None:
+        """(labels, predicted) on ``eval_set`` (``main``: the test set) at ``step``; None without them."""
         if self.run_dir is None:
             return None
         saved = rundir.read_predictions(self.run_dir)
-        scores = saved.get(f"main.step{self.step}")
+        scores = saved.get(f"{eval_set}.step{self.step}")
         if scores is None:
             return None
-        return saved["main.labels"], scores if scores.ndim == 1 else scores.argmax(-1)
+        return saved[f"{eval_set}.labels"], scores if scores.ndim == 1 else scores.argmax(-1)
+
+    def test_predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self.predictions("main")
 
 
 @dataclass
@@ -246,14 +249,10 @@ def select(runs: list[Run], select_seed: int | None = None) -> list[Row]:
 def val_standard_error(run: Run, resamples: int = 1000) -> float | None:
     """The standard error of a run's reported validation metric: the spread of the metric over
     bootstrap resamples of the validation examples (None without its predictions)."""
-    if run.run_dir is None:
+    found = run.predictions("val")
+    if found is None:
         return None
-    saved = rundir.read_predictions(run.run_dir)
-    scores = saved.get(f"val.step{run.step}")
-    if scores is None:
-        return None
-    predicted = scores if scores.ndim == 1 else scores.argmax(-1)
-    gold = saved["val.labels"]
+    gold, predicted = found
     draws = np.random.default_rng(0).integers(0, len(gold), size=(resamples, len(gold)))
     return float(np.nanstd(batch_metric(run.metric, predicted[draws], gold[draws]), ddof=1))
 

@@ -72,16 +72,24 @@ def run_with_file_size_limit(limit_bytes, *args):
                           text=True, timeout=600, preexec_fn=limit)
 
 
+def killed_run(tmp_path, min_step, whole=True):
+    """(an uninterrupted run, the same run killed after its checkpoint at ``min_step`` or later)."""
+    from test_resume import RUN, kill_after_checkpoint, start
+
+    args = [*RUN, "model.keep_layers=2"]
+    if whole:
+        assert run_py(*args, f"hydra.run.dir={tmp_path / 'whole'}").returncode == 0
+    proc = start(*args, f"hydra.run.dir={tmp_path / 'broken'}")
+    kill_after_checkpoint(proc, tmp_path / "broken" / rundir.CHECKPOINT, min_step=min_step)
+    return tmp_path / "whole", tmp_path / "broken"
+
+
 def test_a_full_disk_ends_the_run_failed_with_its_cause_and_the_last_checkpoint_intact(tmp_path):
     import torch
 
-    from test_resume import RUN, kill_after_checkpoint, records, start
+    from test_resume import records
 
-    args = [*RUN, "model.keep_layers=2"]
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert run_py(*args, f"hydra.run.dir={whole}").returncode == 0
-    proc = start(*args, f"hydra.run.dir={broken}")
-    kill_after_checkpoint(proc, broken / rundir.CHECKPOINT, min_step=5)
+    whole, broken = killed_run(tmp_path, min_step=5)
     saved = (broken / rundir.CHECKPOINT).read_bytes()
     step = torch.load(broken / rundir.CHECKPOINT, weights_only=True)["step"]
 
@@ -103,13 +111,9 @@ def test_a_full_disk_ends_the_run_failed_with_its_cause_and_the_last_checkpoint_
 
 
 def test_a_torn_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path):
-    from test_resume import RUN, kill_after_checkpoint, records, start
+    from test_resume import records
 
-    args = [*RUN, "model.keep_layers=2"]
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert run_py(*args, f"hydra.run.dir={whole}").returncode == 0
-    proc = start(*args, f"hydra.run.dir={broken}")
-    kill_after_checkpoint(proc, broken / rundir.CHECKPOINT, min_step=5)
+    whole, broken = killed_run(tmp_path, min_step=5)
     with (broken / rundir.METRICS).open("a") as f:
         f.write('{"step": 7, "train/lo')  # a write cut short
     lines = len((broken / rundir.METRICS).read_text().splitlines())
@@ -144,14 +148,10 @@ def test_an_unreadable_summary_counts_as_not_completed_everywhere(tmp_path, caps
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(tmp_path):
-    from test_resume import RUN, kill_after_checkpoint, records, start
+    from test_resume import records
 
-    args = [*RUN, "model.keep_layers=2"]
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert run_py(*args, f"hydra.run.dir={whole}").returncode == 0
+    whole, broken = killed_run(tmp_path, min_step=10)
     assert not (whole / "checkpoint.previous.pt").exists()  # both removed once the run completed
-    proc = start(*args, f"hydra.run.dir={broken}")
-    kill_after_checkpoint(proc, broken / rundir.CHECKPOINT, min_step=10)
     assert (broken / "checkpoint.previous.pt").is_file()
     (broken / rundir.CHECKPOINT).write_bytes(b"\x8f\x02 not a checkpoint" * 100)  # overwritten by accident
     result = run_py(f"resume={broken}")
@@ -163,11 +163,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before_it(tmp_path):
 
 
 def test_no_readable_checkpoint_is_one_line_that_says_what_to_do(tmp_path):
-    from test_resume import RUN, kill_after_checkpoint, start
-
-    broken = tmp_path / "broken"
-    proc = start(*RUN, "model.keep_layers=2", f"hydra.run.dir={broken}")
-    kill_after_checkpoint(proc, broken / rundir.CHECKPOINT, min_step=10)
+    _, broken = killed_run(tmp_path, min_step=10, whole=False)
     (broken / rundir.CHECKPOINT).write_bytes(b"")
     (broken / "checkpoint.previous.pt").write_bytes(b"\x00" * 64)
     result = run_py(f"resume={broken}")
