@@ -94,8 +94,6 @@ class Run:
             return None
         return saved[f"{eval_set}.labels"], scores if scores.ndim == 1 else scores.argmax(-1)
 
-    def test_predictions(self) -> tuple[np.ndarray, np.ndarray] | None:
-        return self.predictions("main")
 
 
 @dataclass
@@ -355,7 +353,7 @@ def _delta(row: Row, ref: Row | None, reference: str, resamples: int, confidence
     mine, theirs = {r.seed: r for r in row.runs}, {r.seed: r for r in ref.runs}
     if any(r.run_dir is None for r in (*row.runs, *ref.runs)):
         return {"note": "no per-example predictions (W&B keeps summaries only; pass the run dirs)"}
-    loaded = [(mine[s].test_predictions(), theirs[s].test_predictions()) for s in shared]
+    loaded = [(mine[s].predictions("main"), theirs[s].predictions("main")) for s in shared]
     if any(a is None or b is None for a, b in loaded):
         return {"note": "predictions.npz missing (or not at the reported step)"}
     gold = loaded[0][0][0]

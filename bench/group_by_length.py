@@ -39,13 +39,12 @@ FOLDERS = {"stsb": "STS-B", "mrpc": "MRPC", "rte": "RTE", "cola": "CoLA"}
 CONFIGS = (("plain", "fp32"), ("plain", "bf16"), ("grouped", "fp32"), ("grouped", "bf16"))
 
 
-def loaders(task: str, glue_dir: Path, tokenizer, batch_size: int) -> dict[str, torch.utils.data.DataLoader]:
-    cfg = OmegaConf.load(ROOT / "conf" / "task" / f"{task}.yaml")
-    cfg.data_dir, cfg.val_fraction = str(glue_dir / FOLDERS[task]), 0.1
+def loaders(cfg, tokenizer, batch_size: int) -> dict[str, torch.utils.data.DataLoader]:
+    """The task's training epoch both ways: plain shuffling and grouped by length."""
     train, _ = load_task(cfg, seed=0)
     return {kind: make_loader(train, tokenizer, list(cfg.text_fields), 128, batch_size, shuffle=True, seed=0,
                               group_by_length=kind == "grouped")
-            for kind in ("plain", "grouped")}, cfg.num_labels
+            for kind in ("plain", "grouped")}
 
 
 def padding(loader) -> dict[str, float]:
@@ -58,11 +57,12 @@ def padding(loader) -> dict[str, float]:
 
 
 def bench_task(task: str, glue_dir: Path, n_batches: int, rounds: int) -> dict:
-    _, tokenizer = load_model("minilm", num_labels=2)
-    by_kind, num_labels = loaders(task, glue_dir, tokenizer, 16)
+    cfg = OmegaConf.load(ROOT / "conf" / "task" / f"{task}.yaml")
+    cfg.data_dir, cfg.val_fraction = str(glue_dir / FOLDERS[task]), 0.1
+    base, tokenizer = load_model("minilm", num_labels=cfg.num_labels)
+    by_kind = loaders(cfg, tokenizer, 16)
     result = {"task": task, "batches_per_epoch": len(by_kind["plain"]),
               **{f"{kind}_{k}": v for kind, loader in by_kind.items() for k, v in padding(loader).items()}}
-    base, _ = load_model("minilm", num_labels=num_labels)
     batches = {kind: [b for _, b in zip(range(n_batches), loader)] for kind, loader in by_kind.items()}
     setups = {}
     for kind, precision in CONFIGS:

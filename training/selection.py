@@ -108,14 +108,13 @@ def check_config(cfg: Any) -> list[str]:
     if cfg.get("select_on", "auto") not in SELECT_ON:
         problems.append(f"trainer.select_on={cfg.get('select_on')!r} must be one of {', '.join(SELECT_ON)}")
     stopping = cfg.get("early_stopping") or {}
-    patience, min_delta = stopping.get("patience"), stopping.get("min_delta", 0.0)
+    patience = stopping.get("patience")
     if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
         problems.append(f"trainer.early_stopping.patience={patience!r} must be null or a positive integer")
-    if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not 0 <= min_delta < float("inf"):
-        problems.append(f"trainer.early_stopping.min_delta={min_delta!r} must be a number >= 0")
-    min_epochs = stopping.get("min_epochs", 0)
-    if isinstance(min_epochs, bool) or not isinstance(min_epochs, (int, float)) or not 0 <= min_epochs < float("inf"):
-        problems.append(f"trainer.early_stopping.min_epochs={min_epochs!r} must be a number >= 0")
+    for key in ("min_delta", "min_epochs"):
+        value = stopping.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            problems.append(f"trainer.early_stopping.{key}={value!r} must be a number >= 0")
     if not isinstance(cfg.get("keep_best", False), bool):
         problems.append(f"trainer.keep_best={cfg.get('keep_best')!r} must be true or false")
     return problems
