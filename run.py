@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,7 @@ from omegaconf import DictConfig
 from training import run_experiment
 from training.cli import check_group_choices
 from training import rundir
+import training.sweep  # noqa: F401  registers ${job_dirname:...}, which names sweep job dirs (hydra.sweep.subdir)
 from training.experiment import write_failure
 from variants import ConfigError
 
@@ -52,13 +54,21 @@ def main(cfg: DictConfig) -> float:
         print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
         return done["eval"][done["main_metric"]]
     try:
-        summary = run_experiment(cfg, run_dir, group=group, run_name=name)
+        with rundir.owned(run_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+            summary = run_experiment(cfg, run_dir, group=group, run_name=name)
+    except rundir.InUse as err:  # another process's run: nothing of it is touched
+        print(f"error: {err}", file=sys.stderr)
+        if not sweep:
+            sys.exit(2)
+        return float("nan")
     except Exception as err:  # one line for the user; in a sweep, the other jobs go on
         print(f"error: {err}" if isinstance(err, ConfigError) else f"error: {type(err).__name__}: {err}",
               file=sys.stderr)
         if not sweep:
             if isinstance(err, ConfigError) and not cfg.get("resume"):
                 rundir.remove_if_unused(run_dir)  # refused before anything was written: no empty dir stays
+            elif isinstance(err, ConfigError) and hydra_cfg.output_subdir:  # a refused resume: its overrides are not the run's
+                rundir.remove_refused_resume(run_dir / hydra_cfg.output_subdir)
             sys.exit(2 if isinstance(err, ConfigError) else 1)
         if not (run_dir / rundir.SUMMARY).is_file():  # failed before its run dir was written
             write_failure(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
@@ -79,24 +89,74 @@ def torchrun_arguments(args: list[str]) -> list[str]:
 
 
 def resume_arguments(args: list[str]) -> list[str]:
-    """``resume=<run dir>`` becomes that run's own overrides, its dir, and ``resume=true``."""
+    """``resume=<run dir>`` becomes that run's own overrides (its latest resume's, which include
+    the first run's), its dir, and ``resume=true``. Only plain config overrides are taken from the
+    dir: a run dir received from someone else must not choose Hydra settings (callbacks,
+    launchers, logging) and with them code to run. Every resume writes Hydra's files to a new
+    ``.hydra/resumed_<n>/``, so the first run's overrides are kept, never overwritten."""
     resumed = [a for a in args if a.startswith("resume=") and a.split("=", 1)[1] not in ("true", "false", "True", "False")]
-    if not resumed:
+    if resumed:
+        run_dir = Path(resumed[0].split("=", 1)[1])
+        saved = _plain_overrides(run_dir, _latest_overrides(run_dir))
+        rest = [a for a in args if a != resumed[0]]
+        args = [*saved, *rest, f"hydra.run.dir={run_dir}", "resume=true"]
+    elif "resume=true" not in args:
         return args
-    run_dir = Path(resumed[0].split("=", 1)[1])
-    overrides = run_dir / rundir.HYDRA_OVERRIDES
-    if not overrides.is_file():
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    if run_dirs and (Path(run_dirs[-1]) / ".hydra").is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        args = [*args, f"hydra.output_subdir={_next_output_subdir(Path(run_dirs[-1]))}"]
+    return args
+
+
+def _latest_overrides(run_dir: Path) -> Path:
+    """The overrides the run last trained with: the latest resume's, else the first run's."""
+    first = run_dir / rundir.HYDRA_OVERRIDES
+    if not first.is_file():
         raise ConfigError(f"resume={str(run_dir)!r} is not a run dir (no .hydra/overrides.yaml); allowed: a run dir, true, false")
-    saved = [o for o in yaml.safe_load(overrides.read_text()) or [] if not o.startswith(("resume=", "hydra.run.dir="))]
-    rest = [a for a in args if a != resumed[0]]
-    return [*saved, *rest, f"hydra.run.dir={run_dir}", "resume=true"]
+    resumes = _resumes(run_dir)
+    latest = resumes[max(resumes)] / "overrides.yaml" if resumes else None
+    return latest if latest is not None and latest.is_file() else first
+
+
+def _resumes(run_dir: Path) -> dict[int, Path]:
+    """``{n: .hydra/resumed_<n>}``: where each resume of the run wrote Hydra's files."""
+    return {int(p.name.split("_", 1)[1]): p for p in run_dir.glob(".hydra/resumed_*") if p.name.split("_", 1)[1].isdigit()}
+
+
+def _next_output_subdir(run_dir: Path) -> str:
+    return f".hydra/resumed_{max(_resumes(run_dir), default=0) + 1}"
+
+
+def _plain_overrides(run_dir: Path, path: Path) -> list[str]:
+    """The config overrides in a run dir's ``overrides.yaml``, without ``resume=``, the run dir,
+    and anything that is not a plain config override (``hydra.*``, ``hydra/...`` groups), which
+    is dropped with a warning."""
+    try:
+        saved = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path} is unreadable ({type(err).__name__}); allowed: a run dir written by run.py") from None
+    if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
+        raise ConfigError(f"{path} is not a list of overrides; allowed: a run dir written by run.py")
+    kept, dropped = [], []
+    for override in saved:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("resume", "hydra.run.dir")):
+            continue
+        (dropped if key == "hydra" or key.startswith(("hydra.", "hydra/")) or override.startswith("-") else kept).append(override)
+    if dropped:
+        print(f"warning: resume ignores {len(dropped)} setting(s) of {path} that are not config overrides: "
+              f"{' '.join(dropped)}", file=sys.stderr)
+    return kept
 
 
 if __name__ == "__main__":
     try:
         sys.argv[1:] = torchrun_arguments(resume_arguments(sys.argv[1:]))
         check_group_choices(sys.argv[1:], CONF_DIR)
-    except ConfigError as err:
+        for arg in sys.argv[1:]:  # before Hydra rewrites .hydra/ in a dir another process is running in
+            if arg.startswith("hydra.run.dir=") and int(os.environ.get("RANK", "0")) == 0:
+                rundir.check_free(Path(arg.split("=", 1)[1]))
+    except (ConfigError, rundir.InUse) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     main()

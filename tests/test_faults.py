@@ -2,6 +2,8 @@
 and a user's mistake gets one line, exit 2, no traceback."""
 
 import json
+import socket
+import time
 
 import pytest
 
@@ -173,3 +175,136 @@ def test_no_readable_checkpoint_is_one_line_that_says_what_to_do(tmp_path):
                     "is unreadable (UnpicklingError) and no earlier checkpoint loads: the run cannot be continued; "
                     "start it again without resume (or put back a copy of the file)"), last
     assert "weights_only" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_resume_under_a_different_config_is_refused_naming_the_keys_and_changes_nothing(tmp_path):
+    """The issue's case: ``hydra.run.dir=<run> resume=true`` with the run's overrides left off
+    would continue a 30-step schedule as a 300-step one."""
+    _, broken = killed_run(tmp_path, min_step=5, whole=False)
+
+    def files():  # all but Hydra's log, which says what was tried
+        return {p.relative_to(broken): p.read_bytes() for p in broken.rglob("*") if p.is_file() and p.name != "run.log"}
+
+    before = files()
+    result = run_py("model.keep_layers=2", "tracking.mode=disabled", f"hydra.run.dir={broken}", "resume=true")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: resume: the config differs from the one the checkpoint was trained with in "), last
+    assert "task.train_size (112 -> 4000), trainer.batch_size (16 -> 32)" in last and " and 1 more;" in last
+    assert last.endswith("resume_changes=[task.eval_size,task.train_size,trainer.batch_size,trainer.checkpoint_every,"
+                         "trainer.eval_every,trainer.log_every,trainer.max_steps]")
+    assert "Traceback" not in result.stderr
+    assert files() == before  # nothing cut back or rewritten, and the refused attempt's overrides not kept
+    assert run_py(f"resume={broken}").returncode == 0  # the run's own settings still resume it
+
+
+def test_a_deliberate_change_is_recorded_and_the_first_overrides_are_kept(tmp_path):
+    _, broken = killed_run(tmp_path, min_step=5, whole=False)
+    first = (broken / ".hydra" / "overrides.yaml").read_text()
+    result = run_py(f"resume={broken}", "trainer.max_steps=40", "resume_changes=[trainer.max_steps]")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((broken / rundir.SUMMARY).read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    [resumed] = summary["resumes"]
+    assert resumed["changed"] == {"trainer.max_steps": [30, 40]} and resumed["step"] >= 5
+    assert (broken / ".hydra" / "overrides.yaml").read_text() == first  # the first run's, untouched
+    assert "trainer.max_steps=40" in (broken / ".hydra" / "resumed_1" / "overrides.yaml").read_text()
+    assert "max_steps: 40" in (broken / rundir.CONFIG).read_text()  # config.yaml: what trained last
+
+
+def test_a_run_dir_cannot_choose_hydra_settings_for_the_resume(tmp_path):
+    """A crafted ``.hydra/overrides.yaml`` naming a callback: resume drops it, with a warning."""
+    _, broken = killed_run(tmp_path, min_step=5, whole=False)
+    overrides = broken / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text() + "- +hydra.callbacks.evil._target_=os.system\n- hydra/launcher=basic\n")
+    result = run_py(f"resume={broken}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("resume ignores 2 setting(s) of " in result.stderr
+            and "that are not config overrides: +hydra.callbacks.evil._target_=os.system hydra/launcher=basic" in result.stderr)
+    assert json.loads((broken / rundir.SUMMARY).read_text())["resumes"] == []
+
+
+def test_a_second_process_in_a_running_run_dir_is_refused_and_touches_nothing(tmp_path):
+    from test_resume import start
+
+    run_dir = tmp_path / "busy"
+    first = start(*SMALL, "trainer.max_steps=60", "trainer.log_every=1", f"hydra.run.dir={run_dir}")
+    deadline = time.time() + 120
+    while not (run_dir / rundir.LOCK).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    lock = json.loads((run_dir / rundir.LOCK).read_text())
+    assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    second = run_py(*SMALL, "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is in use by pid {first.pid} on "), second.stderr
+    assert "Traceback" not in second.stderr
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides  # Hydra's files too are the first run's
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 60
+    steps = [json.loads(line)["step"] for line in (run_dir / rundir.METRICS).read_text().splitlines()]
+    assert steps == sorted(steps) and max(steps) == 60  # one run's records, in order
+    assert not (run_dir / rundir.LOCK).exists()  # released at the end
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_logged(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run_dir = tmp_path / "stale"
+    run_dir.mkdir()
+    (run_dir / rundir.LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                   "process_start": "1", "started": "2026-01-01T00:00:00+0000"}))
+    result = run_py(*SMALL, "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"taking over the lock of a run that is gone (pid {dead.pid} on {socket.gethostname()})" in result.stdout + result.stderr
+    assert json.loads((run_dir / rundir.SUMMARY).read_text())["status"] == "completed"
+    assert not (run_dir / rundir.LOCK).exists()
+
+
+def test_a_sweep_job_whose_dir_is_in_use_writes_nothing_there_and_the_others_run(tmp_path):
+    """The lock itself (not only the check before Hydra starts): a sweep whose job 0 dir is held."""
+    sweep = tmp_path / "sweep"
+    held = sweep / "0_s0"
+    with rundir.owned(held):
+        result = run_py(*SMALL, "trainer.max_steps=2", "seed=0,1", f"hydra.sweep.dir={sweep}",
+                        "hydra.sweep.subdir=${hydra.job.num}_s${seed}", "-m")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"error: {held} is in use by pid " in result.stderr
+        assert not (held / rundir.SUMMARY).exists() and not (held / rundir.CONFIG).exists()
+    assert json.loads((sweep / "1_s1" / rundir.SUMMARY).read_text())["status"] == "completed"
+
+
+def test_job_dir_names_hash_paths_and_long_values_and_stay_one_short_folder():
+    from training.sweep import MAX_NAME, job_dirname
+
+    assert job_dirname(["variant=lora", "rank=8", "tracking.mode=online"], ["tracking.mode"]) == "rank=8,variant=lora"
+    path = job_dirname(["task.glue_dir=/data/glue/v1/MRPC", "seed=1"], [])
+    assert path.startswith("seed=1,task.glue_dir=#") and "/" not in path  # sorted, as Hydra's override_dirname
+    assert job_dirname(["variant.targets=[query,value]"], []) == "variant.targets=_query_value_"
+    many = [f"trainer.setting_number_{i}={i * 1000}" for i in range(15)]
+    name = job_dirname(many, [])
+    assert len(name) <= MAX_NAME and "/" not in name and name.startswith("setting_number_0=0,")
+    assert name == job_dirname(many, []) and name != job_dirname([*many[:-1], "trainer.setting_number_14=1"], [])
+
+
+def test_a_sweep_with_path_valued_and_many_overrides_gets_flat_dirs_and_counts_every_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    many = [f"+notes.n{i}=value_number_{i}" for i in range(12)]
+    result = run_py(*SMALL, "trainer.max_steps=2", "+notes.where=/a/b/c/d/e/f/g/h", *many, "seed=0,1",
+                    f"hydra.sweep.dir={sweep}", "-m")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"] and all(len(p.name) <= 100 for p in jobs)
+    assert all((p / rundir.SUMMARY).is_file() for p in jobs)  # each job one folder, directly in the sweep dir
+    assert "+notes.where=/a/b/c/d/e/f/g/h" in (jobs[0] / ".hydra" / "overrides.yaml").read_text()  # all of them kept
+    assert len(json.loads((sweep / "sweep_summary.json").read_text())) == 2
+    assert "sweep summary: 2 of 2 jobs completed" in result.stdout + result.stderr
+    # a job dir nested deeper (a hand-set subdir) is still counted
+    nested = tmp_path / "nested"
+    result = run_py(*SMALL, "trainer.max_steps=2", "seed=0,1", f"hydra.sweep.dir={nested}",
+                    "hydra.sweep.subdir=by_seed/${seed}", "-m")
+    assert "sweep summary: 2 of 2 jobs completed" in result.stdout + result.stderr, result.stderr[-2000:]

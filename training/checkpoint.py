@@ -147,9 +147,10 @@ class TrainState:
 
 
 def save(path: Path, model: nn.Module, optimization: Any, state: TrainState, wandb_run_id: str | None,
-         rng_states: list[dict[str, Any]]) -> None:
+         rng_states: list[dict[str, Any]], run_record: dict[str, Any] | None = None) -> None:
     """Write a checkpoint (``optimization``: anything with ``optimizer`` and ``scheduler``;
-    ``rng_states``: every process's ``rng_state``, in rank order)."""
+    ``rng_states``: every process's ``rng_state``, in rank order; ``run_record``: the resolved
+    config and the resumes' accepted changes, ``training/resuming.py``)."""
     write(path, {
         "step": state.step,
         "train_state": state.state_dict(),
@@ -158,6 +159,7 @@ def save(path: Path, model: nn.Module, optimization: Any, state: TrainState, wan
         "scheduler": optimization.scheduler.state_dict(),
         "rng": rng_states,
         "wandb_run_id": wandb_run_id,
+        "run": run_record,
     })
 
 

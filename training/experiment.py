@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
@@ -23,7 +24,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 import variants
 from variants import ConfigError
 
-from . import checkpoint, distributed, rundir, sft_data
+from . import checkpoint, distributed, resuming, rundir, sft_data
 from .checkpoint import TrainState
 from .data import load_task, make_loader
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
@@ -57,19 +58,20 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     train_loader, eval_loaders, evaluator = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
     plan = plan_run(cfg.trainer, len(train_loader), evaluator, list(eval_loaders), cfg.task.main_metric)
     variants.check_total_steps(model, plan.steps)  # a schedule longer than the run fails here, before writing
-    resume = _load_checkpoint(cfg, run_dir, runtime)
+    resume, run_record = _load_checkpoint(cfg, run_dir, runtime)
 
     main = runtime.context.is_main
     tracker = _open_run_dir(cfg, run_dir, group, run_name, resume) if main else NullTracker()
     try:
         state = train(model, train_loader, eval_loaders, plan, cfg.trainer, tracker, runtime,
                       checkpoint_path=run_dir / rundir.CHECKPOINT if main else None, resume=resume,
-                      save_best=_best_state_writer(cfg, run_dir) if main else None)
+                      save_best=_best_state_writer(cfg, run_dir) if main else None, run_record=run_record)
         replica_difference = distributed.max_replica_difference(model, runtime.context)
         summary = _summary(cfg, model, adapted, state, plan, runtime, tracker, group,
                            examples=(len(train_examples), len(eval_sets["main"])),
                            wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
         summary["budget"] = budget
+        summary["resumes"] = run_record["resumes"]
         if main:
             with rundir.atomic(run_dir / rundir.ADAPTER) as tmp:
                 variants.save_adapter(model, tmp, extra_metadata=base_model_metadata(cfg))
@@ -102,6 +104,9 @@ def base_model_metadata(cfg: DictConfig) -> dict[str, Any]:
 def _check_top_level(cfg: DictConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer")
+    changes = cfg.get("resume_changes") or []
+    if not (OmegaConf.is_list(changes) or isinstance(changes, list)) or not all(isinstance(k, str) for k in changes):
+        raise ConfigError(f"resume_changes={changes!r} must be a list of config keys, e.g. [trainer.epochs]")
     variants.get_variant(cfg.variant.name)
     check_trainer_config(cfg.trainer)
     if cfg.tracking.mode not in WANDB_MODES:  # before torchrun's processes part ways: rank 0 alone opens the tracker
@@ -223,20 +228,30 @@ def adapter_file(path: str) -> Path:
     return path
 
 
-def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> dict[str, Any] | None:
-    """With ``resume=true``, the run dir's checkpoint (its metrics.jsonl is cut back to it)."""
+def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """With ``resume=true``, the run dir's checkpoint (its metrics.jsonl is cut back to it), once
+    the config is checked against the checkpoint's (``training/resuming.py``); and the run record
+    the next checkpoints carry: the resolved config and every resume's accepted changes."""
+    config = OmegaConf.to_container(cfg, resolve=True)
     if not cfg.get("resume"):
-        return None
+        return None, {"config": config, "resumes": []}
     saved, warnings = checkpoint.load_latest(run_dir / rundir.CHECKPOINT)
     for warning in warnings:
         log.warning(warning)
     checkpoint.check_format(saved, runtime.context.world_size)
+    trained = saved.get("run") or {"config": _config_yaml(run_dir), "resumes": []}  # older checkpoints: config.yaml
+    accepted = resuming.check(trained["config"], config, list(cfg.get("resume_changes") or []), saved["step"])
     if runtime.context.is_main:
         for warning in rundir.truncate_metrics(run_dir, saved["step"]):
             log.warning(warning)
         rundir.truncate_predictions(run_dir, saved["step"])
     log.info("resuming %s from step %d", run_dir, saved["step"])
-    return saved
+    return saved, {"config": config, "resumes": [*trained["resumes"], *([accepted] if accepted else [])]}
+
+
+def _config_yaml(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / rundir.CONFIG
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
 def _open_run_dir(cfg: DictConfig, run_dir: Path, group: str | None, run_name: str | None,

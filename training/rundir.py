@@ -8,15 +8,19 @@
     adapter_best.safetensors   the same at the best evaluation (trainer.keep_best; its step in the metadata)
     checkpoint.pt          the training checkpoint while the run is unfinished
     checkpoint.previous.pt the one before it (resume falls back to it if checkpoint.pt is damaged)
+    run.lock               while a process runs in the dir: its pid, host and start (``owned``)
     run.log, .hydra/       Hydra's log and the unresolved config and overrides
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +36,7 @@ ADAPTER = "adapter.safetensors"
 ADAPTER_BEST = "adapter_best.safetensors"
 CHECKPOINT = "checkpoint.pt"
 LOG = "run.log"
+LOCK = "run.lock"
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 
@@ -42,6 +47,92 @@ def remove_if_unused(run_dir: Path) -> bool:
         return False
     shutil.rmtree(run_dir)
     return True
+
+
+class InUse(RuntimeError):
+    """Another live process owns the run dir (its ``run.lock``)."""
+
+
+@contextmanager
+def owned(run_dir: Path) -> Iterator[None]:
+    """Own ``run_dir`` while the block runs: ``run.lock`` holds this process's pid, host and start
+    time; it is linked into place whole and only if absent (of two processes started at once, one
+    wins) and removed at the end. A lock whose process is gone (same host, pid dead or reused) is
+    taken over, with a warning; a live one, or one from another host, raises ``InUse``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, me = run_dir / LOCK, _lock_record(os.getpid())
+    tmp = run_dir / f".{LOCK}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(me))
+    try:
+        while True:
+            try:
+                os.link(tmp, path)  # fails if a lock exists: never two owners, never a half-written lock
+                break
+            except FileExistsError:
+                check_free(run_dir)
+                holder = _read_lock(path)
+                logging.getLogger(__name__).warning(
+                    "%s: taking over the lock of a run that is gone (%s)", run_dir,
+                    "unreadable lock file" if holder is None else f"pid {holder['pid']} on {holder['host']}")
+                path.unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        if _read_lock(path) == me:
+            path.unlink(missing_ok=True)
+
+
+def check_free(run_dir: Path) -> None:
+    """``InUse``, in one line, if a live process holds ``run_dir``'s lock."""
+    path = run_dir / LOCK
+    holder = _read_lock(path) if path.exists() else None
+    if holder is not None and not _is_stale(holder):
+        raise InUse(f"{run_dir} is in use by pid {holder['pid']} on {holder['host']} (since {holder['started']}); "
+                    f"wait for that run to end, or use another run dir; if it is gone (another machine), delete {path}")
+
+
+def _lock_record(pid: int) -> dict[str, Any]:
+    return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and {"pid", "host", "started"} <= holder.keys() else None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """The lock's process is gone: on this host, its pid is not running, or runs another process."""
+    if holder["host"] != socket.gethostname():
+        return False  # cannot be checked from here
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    start = _process_start(int(holder["pid"]))
+    return holder.get("process_start") is not None and start is not None and start != holder["process_start"]
+
+
+def remove_refused_resume(hydra_dir: Path) -> None:
+    """Remove the ``.hydra/resumed_<n>/`` of a resume that was refused, so the next
+    ``resume=<run dir>`` takes the overrides of the last one that trained."""
+    if hydra_dir.parent.name == ".hydra" and hydra_dir.name.startswith("resumed_"):
+        shutil.rmtree(hydra_dir, ignore_errors=True)
 
 
 @contextmanager

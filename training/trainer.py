@@ -166,6 +166,7 @@ def train(
     checkpoint_path: Path | None = None,
     resume: dict[str, Any] | None = None,
     save_best: Callable[[nn.Module, int], None] | None = None,
+    run_record: dict[str, Any] | None = None,
 ) -> TrainState:
     """Train the parameters that require grad for ``plan.steps`` steps, or until early stopping
     (``plan.selection``); ``cfg`` is the ``trainer`` config group. ``eval_loaders`` is ``{name:
@@ -173,7 +174,9 @@ def train(
     ``eval_<name>/<metric>``). With ``checkpoint_path``, a checkpoint is written every
     ``cfg.checkpoint_every`` steps; ``resume`` (a loaded checkpoint) continues from it exactly.
     ``save_best(model, step)`` (rank 0, with ``trainer.keep_best``) is called at each new best
-    evaluation. A non-finite loss raises ``NonFiniteLoss`` before its step."""
+    evaluation. ``run_record`` (the resolved config, the resumes' changes) goes into every
+    checkpoint, for the next resume to check against. A non-finite loss raises ``NonFiniteLoss``
+    before its step."""
     raw_model = model
     initialization = _initialize(raw_model, train_loader, runtime) if resume is None else None
     variants.on_train_begin(raw_model, plan.steps)
@@ -244,7 +247,7 @@ def train(
                 rng_states = distributed.gather_to_main(checkpoint.rng_state(runtime.device), runtime.context)
                 if checkpoint_path is not None:  # rank 0
                     wandb_id = tracker.wandb_run.id if tracker.wandb_run is not None else None
-                    checkpoint.save(checkpoint_path, raw_model, opt, state, wandb_id, rng_states)
+                    checkpoint.save(checkpoint_path, raw_model, opt, state, wandb_id, rng_states, run_record)
             if last:
                 break
     finally:
