@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from training import run_experiment
-from training.cli import check_group_choices
+from training.cli import check_group_choices, check_launcher
 from training import rundir
 import training.sweep  # noqa: F401  registers ${job_dirname:...}, which names sweep job dirs (hydra.sweep.subdir)
 from training.experiment import write_failure
@@ -153,6 +153,7 @@ if __name__ == "__main__":
     try:
         sys.argv[1:] = torchrun_arguments(resume_arguments(sys.argv[1:]))
         check_group_choices(sys.argv[1:], CONF_DIR)
+        check_launcher(sys.argv[1:])
         for arg in sys.argv[1:]:  # before Hydra rewrites .hydra/ in a dir another process is running in
             if arg.startswith("hydra.run.dir=") and int(os.environ.get("RANK", "0")) == 0:
                 rundir.check_free(Path(arg.split("=", 1)[1]))

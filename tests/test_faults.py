@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from test_causal_lm import needs_smollm2
 from test_run import run_py
 from training import rundir
 from training.trainer import check_divergence
@@ -182,8 +183,9 @@ def test_a_resume_under_a_different_config_is_refused_naming_the_keys_and_change
     would continue a 30-step schedule as a 300-step one."""
     _, broken = killed_run(tmp_path, min_step=5, whole=False)
 
-    def files():  # all but Hydra's log, which says what was tried
-        return {p.relative_to(broken): p.read_bytes() for p in broken.rglob("*") if p.is_file() and p.name != "run.log"}
+    def files():  # all but Hydra's log, which says what was tried, and the killed run's lock (taken over)
+        return {p.relative_to(broken): p.read_bytes() for p in broken.rglob("*")
+                if p.is_file() and p.name not in ("run.log", rundir.LOCK)}
 
     before = files()
     result = run_py("model.keep_layers=2", "tracking.mode=disabled", f"hydra.run.dir={broken}", "resume=true")
@@ -308,3 +310,89 @@ def test_a_sweep_with_path_valued_and_many_overrides_gets_flat_dirs_and_counts_e
     result = run_py(*SMALL, "trainer.max_steps=2", "seed=0,1", f"hydra.sweep.dir={nested}",
                     "hydra.sweep.subdir=by_seed/${seed}", "-m")
     assert "sweep summary: 2 of 2 jobs completed" in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_when_the_failure_cannot_be_recorded_the_error_reported_is_the_write_that_failed_first(tmp_path, monkeypatch):
+    """A run dir made read-only mid-run: the checkpoint write fails first, then the failed
+    summary's; the error that reaches the user names the checkpoint. (In-process, with both
+    writes failing as a read-only dir makes them: tests run as root, for whom chmod is no barrier.)"""
+    import errno
+
+    from hydra import compose, initialize_config_dir
+
+    from test_run import ROOT
+    from training import checkpoint, experiment
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, f"Read-only file system while writing {path} (the previous one is kept)")
+
+    monkeypatch.setattr(checkpoint, "write", read_only)
+    monkeypatch.setattr(rundir, "write_summary", lambda run_dir, summary: read_only(run_dir / rundir.SUMMARY))
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", [*SMALL, "trainer.max_steps=4", "trainer.checkpoint_every=2"])
+    with pytest.raises(OSError, match=r"while writing .*checkpoint\.pt"):
+        experiment.run_experiment(cfg, tmp_path / "read_only")
+
+
+def hide(tmp_path, module):
+    """A PYTHONPATH entry under which ``import <module>`` fails, as if it were not installed."""
+    import os
+
+    package = tmp_path / "hidden" / module.replace(".", "/")
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f"raise ImportError('{module} hidden by the test')\n")
+    return {**os.environ, "PYTHONPATH": str(tmp_path / "hidden"), "LORA_VARIANTS_CACHE": str(tmp_path / "cache"),
+            "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
+
+
+def run_py_env(env, *args):
+    import subprocess
+    import sys
+
+    from test_run import ROOT
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@needs_smollm2
+def test_a_missing_package_of_the_llm_path_is_named_in_one_line(tmp_path):
+    # gguf hidden (hiding accelerate would break peft, which the test extra installs, at import)
+    result = run_py_env(hide(tmp_path, "gguf"), "model=smollm2", "task=sft_smoke", "trainer.max_steps=1",
+                        "tracking.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: model.gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf' needs gguf, which is not installed; "
+        'pip install -e ".[llm]" (or pip install gguf)')
+
+
+def test_a_missing_launcher_plugin_is_named_in_one_line(tmp_path):
+    result = run_py_env(hide(tmp_path, "hydra_plugins.hydra_joblib_launcher"), "hydra/launcher=local",
+                        "variant=lora,dora", "-m")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: hydra/launcher=local needs hydra-joblib-launcher, which is not installed; "
+        'pip install -e ".[scale]" (or pip install hydra-joblib-launcher)')
+
+
+def test_a_conversion_cut_off_midway_is_removed_at_the_next_start(tmp_path, monkeypatch):
+    """A GGUF conversion killed midway leaves ``<model>.partial-<pid>-*`` (187 MB for SmolLM2); the
+    next load of a GGUF removes it, and leaves a live process's conversion alone."""
+    import os
+    import subprocess
+    import sys
+
+    from training.models import ModelSource, gguf_as_folder
+
+    monkeypatch.setenv("LORA_VARIANTS_CACHE", str(tmp_path / "cache"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = tmp_path / "cache" / "gguf"
+    cut_off = cache / f"model-0123456789ab.partial-{dead.pid}-x1y2"
+    live = cache / f"model-0123456789ab.partial-{os.getpid()}-z3w4"
+    for partial in (cut_off, live):
+        partial.mkdir(parents=True)
+        (partial / "model.safetensors").write_bytes(b"\0" * 1024)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # not a real one: its conversion fails, after the clean-up
+    with pytest.raises(Exception):
+        gguf_as_folder(ModelSource(str(tmp_path), "model.gguf"))
+    assert not cut_off.exists() and live.is_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -27,3 +28,33 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         for choice in value.split(","):
             if choice not in allowed:
                 raise ConfigError(f"{key}={choice!r} is not a known {key}; allowed: {', '.join(allowed)}")
+
+
+# What an optional path needs beyond the base install: {module: pip name}, and the extra of
+# pyproject.toml that installs it.
+LAUNCHERS = {
+    "local": ({"hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher"}, "scale"),
+    "slurm": ({"hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher", "submitit": "submitit"}, "scale"),
+}
+
+
+def require(modules: dict[str, str], needed_by: str, extra: str) -> None:
+    """One line naming every package ``needed_by`` needs that does not import, and the install."""
+    missing = []
+    for module, pip_name in modules.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(pip_name)
+    if missing:
+        raise ConfigError(f"{needed_by} needs {', '.join(missing)}, which is not installed; "
+                          f"pip install -e \".[{extra}]\" (or pip install {' '.join(missing)})")
+
+
+def check_launcher(overrides: list[str]) -> None:
+    """``hydra/launcher=local|slurm`` without its plugin: one line, before Hydra's traceback."""
+    for arg in overrides:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "hydra/launcher" and value in LAUNCHERS:
+            modules, extra = LAUNCHERS[value]
+            require(modules, f"hydra/launcher={value}", extra)

@@ -83,7 +83,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
             failure = {"status": "failed", "variant": cfg.variant.name, "rank": cfg.rank, "seed": cfg.seed,
                        "task": cfg.task.name, "main_metric": cfg.task.main_metric,
                        "error": f"{type(err).__name__}: {err}"}
-            rundir.write_summary(run_dir, failure)  # the last checkpoint, if any, stays for resume=true
+            write_failure(run_dir, failure)
             tracker.summary(failure)
             tracker.finish(exit_code=1)
         raise
@@ -372,5 +372,10 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 def write_failure(run_dir: Path, failure: dict[str, Any]) -> None:
-    """Mark a run failed in its summary.json (the last checkpoint, if any, stays for resume=true)."""
-    rundir.write_summary(run_dir, failure)
+    """Mark a run failed in its summary.json (the last checkpoint, if any, stays for resume=true).
+    Where that write fails too (a read-only or full dir), a warning says so and the error that
+    stopped the run is the one reported, not this one."""
+    try:
+        rundir.write_summary(run_dir, failure)
+    except OSError as unrecorded:
+        log.warning("the failure could not be recorded in summary.json: %s", unrecorded)

@@ -25,6 +25,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 import variants
 from variants import ConfigError
 
+from .cli import require
+from .rundir import pid_running
+
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("classification", "causal_lm")
@@ -113,6 +116,8 @@ def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "f
         else:
             model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=num_labels,
                                                                        dtype=DTYPES[dtype], **where)
+    except ConfigError:
+        raise  # a missing package, say: already one line that says what to do
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -135,21 +140,21 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
     again would take the half minute every time). The folder is named by the file's path, size
     and modification time, so a changed file is converted anew. A GGUF on the hub is loaded
     from there as transformers does."""
-    if importlib.util.find_spec("gguf") is None:
-        raise ConfigError(f"model.gguf_file={source.gguf_file!r} needs the gguf package: pip install gguf")
+    require({"gguf": "gguf", "accelerate": "accelerate"}, f"model.gguf_file={source.gguf_file!r}", "llm")
     file = Path(source.path).expanduser() / source.gguf_file
     if not file.is_file():
         return source
     stat = file.stat()
     key = hashlib.sha1(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_root() / "gguf" / f"{file.stem}-{key}"
+    remove_dead_partials(folder.parent)
     if not (folder / "config.json").is_file():
         log.info("converting %s to a Hugging Face folder in %s (once)", file.name, folder)
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         forget_gguf(model)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial-", dir=folder.parent))
+        partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial-{os.getpid()}-", dir=folder.parent))
         try:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
@@ -159,6 +164,18 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return ModelSource(str(folder))
+
+
+def remove_dead_partials(cache: Path) -> None:
+    """Remove the folders of conversions whose process is gone (killed midway: the ``finally``
+    above never ran); a live process's conversion is left alone. A partial folder is named
+    ``<model>.partial-<pid>-<random>``."""
+    for partial in cache.glob("*.partial-*") if cache.is_dir() else []:
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if not pid.isdigit() or pid_running(int(pid)):
+            continue
+        log.info("removing %s, a conversion that was cut off", partial)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def forget_gguf(model: nn.Module) -> None:

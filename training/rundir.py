@@ -118,14 +118,21 @@ def _is_stale(holder: dict[str, Any]) -> bool:
     """The lock's process is gone: on this host, its pid is not running, or runs another process."""
     if holder["host"] != socket.gethostname():
         return False  # cannot be checked from here
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
+    if not pid_running(int(holder["pid"])):
         return True
-    except PermissionError:
-        return False  # alive, someone else's
     start = _process_start(int(holder["pid"]))
     return holder.get("process_start") is not None and start is not None and start != holder["process_start"]
+
+
+def pid_running(pid: int) -> bool:
+    """A process with this pid runs on this machine (someone else's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_refused_resume(hydra_dir: Path) -> None:
