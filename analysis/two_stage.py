@@ -4,16 +4,21 @@ chose, what to run next, and what it all cost.
 
     python analysis/two_stage.py runs/sweeps/glue_converged/stsb_s1_*            # choices and next commands
     python analysis/two_stage.py runs/sweeps/glue_converged/* --cost             # CPU hours per task and method
+    python analysis/two_stage.py docs/results/glue_converged/runs/stsb_s1_* --commands \
+        --sweep-root runs/sweeps/glue_converged                                     # the next commands alone
 
 Stage 1 runs every rate of a method's grid on one seed (``--seed``, default 0). Per task and
 method this prints each rate's validation metric (at the run's best evaluation, as
 ``compare.py --at best_val`` reads it) and the choice: the best, ties to the smaller rate. A
 choice at the lowest or highest rate tried is at the edge of what was tried, and the next command
 extends the grid a step (the grid's own factor) beyond it, as a new point (``++lr_grid.G.pK=rate``);
-otherwise the next command is stage 2, the chosen rate on the other seeds (``--seeds``). Each
-command repeats the job's own overrides (``.hydra/overrides.yaml``) and writes into a fixed sweep
-dir beside the stage-1 one, with ``skip_completed=true``, so rerunning it after a cut-off finishes
-what is missing.
+otherwise the next command is stage 2, the chosen rate on the other seeds (``--seeds``). A method
+whose grid has points without a completed run gets no command: stage 1 is not finished. Each
+command repeats the job's own overrides (``.hydra/overrides.yaml``; where a copied run dir lacks
+it, the method's: ``variant=`` and, for a grid that is not the variant's own, ``lr_grid_of=`` and
+``variant.targets=``) and writes into a fixed sweep dir (``--sweep-root``, default: beside the
+first stage-1 dir) with ``skip_completed=true``, so rerunning it after a cut-off finishes what is
+missing.
 
 ``--cost`` sums each run's wall time (``summary.json``'s ``wall_time_s``; one thread per job, so
 wall seconds are CPU seconds) per task and method, completed runs only.
@@ -51,11 +56,22 @@ def jobs(roots: list[Path]) -> list[dict]:
                 continue
             if summary.get("status") != "completed" or not (job / rundir.CONFIG).is_file():
                 continue
+            config = OmegaConf.load(job / rundir.CONFIG)
             overrides_file = job / rundir.HYDRA_OVERRIDES
-            overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-            found.append({"dir": job, "summary": summary, "config": OmegaConf.load(job / rundir.CONFIG),
+            overrides = (OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file()
+                         else method_overrides(config))
+            found.append({"dir": job, "summary": summary, "config": config,
                           "overrides": [o for o in overrides if not o.startswith(FIXED)]})
     return found
+
+
+def method_overrides(config) -> list[str]:
+    """What selects a run's method, read back from its resolved config (for copied run dirs
+    without ``.hydra/``)."""
+    grid = config.get("lr_grid_of") or config.variant.name
+    if grid == config.variant.name:
+        return [f"variant={config.variant.name}"]
+    return [f"variant={config.variant.name}", f"variant.targets={config.variant.targets}", f"lr_grid_of={grid}"]
 
 
 def grid_name(job: dict) -> str:
@@ -84,6 +100,7 @@ def plan(found: list[dict], seed: int, seeds: list[int], sweep_root: Path) -> li
         lr = best["config"].trainer.lr
         metric = best["summary"]["main_metric"]
         lines.append(f"## {task} / {grid} (seed {seed}, validation {metric} at each run's best evaluation)")
+        missing = sorted(set(best["config"].lr_grid[grid]) - {j["config"].lr_point for j in tried})
         for job in tried:
             mark = "  <- chosen" if job is best else ""
             stop = job["summary"].get("stopped", {})
@@ -92,6 +109,9 @@ def plan(found: list[dict], seed: int, seeds: list[int], sweep_root: Path) -> li
                          f"{stop.get('reason', '?')} after {stop.get('epochs', float('nan')):.1f} epochs){mark}")
         base = ["python run.py +experiment=glue_minilm_converged", f"task={task}", *best["overrides"],
                 "skip_completed=true"]
+        if missing:
+            lines += [f"  stage 1 unfinished: no completed run at {', '.join(missing)}; no choice yet", ""]
+            continue
         if len(rates) > 1 and lr in (rates[0], rates[-1]):
             factor = rates[1] / rates[0] if lr == rates[0] else rates[-1] / rates[-2]
             new = lr / factor if lr == rates[0] else lr * factor
@@ -136,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the seed stage 1 ran the grid on")
     parser.add_argument("--seeds", default="1,2", help="stage 2's seeds")
     parser.add_argument("--cost", action="store_true", help="CPU hours per task and method instead")
+    parser.add_argument("--commands", action="store_true", help="print the next commands alone, one per line")
+    parser.add_argument("--sweep-root", type=Path, help="where the commands' sweep dirs go (default: the "
+                        "first root's parent)")
     args = parser.parse_args(argv)
     try:
         missing = [str(r) for r in args.roots if not r.is_dir()]
@@ -145,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         found = jobs(args.roots)
         if not found:
             raise TwoStageError(f"roots: no completed run below {', '.join(map(str, args.roots))}")
-        sweep_root = args.roots[0].parent
-        print("\n".join(cost(found) if args.cost else plan(found, args.seed, seeds, sweep_root)))
+        lines = cost(found) if args.cost else plan(found, args.seed, seeds, args.sweep_root or args.roots[0].parent)
+        if args.commands:
+            lines = [line.strip() for line in lines if line.strip().startswith("python run.py")]
+        print("\n".join(lines))
     except (TwoStageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -3,8 +3,8 @@
 # every method's rate grid on seed 0, one one-thread job at a time, sweeps in priority order
 # (full and LoRA first, the headline's pair), each into a fixed dir with skip_completed=true, so
 # the same command finishes a chain cut off by a time limit. After each sweep the result files of
-# its finished jobs (config, summary, metrics, predictions; no weights) are copied to
-# docs/results/glue_converged/runs/<sweep>/<job>/ for committing.
+# its finished jobs (config, summary, metrics, predictions, overrides; no weights) are copied to
+# docs/results/glue_converged/runs/<sweep>/<job>/ for committing. Stage 2: glue_converged_stage2.sh.
 #
 #   bash sweeps/glue_converged_stage1.sh stsb & bash sweeps/glue_converged_stage1.sh mrpc &   # 2 cores
 #
@@ -15,24 +15,7 @@
 # that finished.
 set -u
 task=$1
-root=runs/sweeps/glue_converged
-docs=${RESULTS_DIR:-docs/results/glue_converged/runs}
-export OMP_NUM_THREADS=1
-restore() {  # committed result files -> the sweep dir (only where the job dir has no summary yet)
-  for job in "$docs/$1"/*/; do
-    [ -f "$job/summary.json" ] || continue
-    target=$root/$1/$(basename "$job")
-    [ -f "$target/summary.json" ] && continue
-    mkdir -p "$target" && cp "$job"/* "$target"/
-  done
-}
-copy() {  # finished jobs of a sweep dir -> docs
-  for job in "$root/$1"/*/; do
-    grep -qs '"status": "completed"' "$job/summary.json" || continue
-    mkdir -p "$docs/$1/$(basename "$job")"
-    cp "$job"/{config.yaml,summary.json,metrics.jsonl,predictions.npz} "$docs/$1/$(basename "$job")"/
-  done
-}
+source "$(dirname "$0")/glue_converged_lib.sh"
 sweep() {  # name, overrides...
   local name=${task}_s1_$1; shift
   [ -d "$docs/$name" ] && restore "$name"
@@ -42,7 +25,6 @@ sweep() {  # name, overrides...
   echo "$(date -Is) end $name rc=$?"
   copy "$name"
 }
-mkdir -p "$root"
 sweep full_lora variant=full,lora
 sweep lora_all_linear variant=lora variant.targets=all-linear lr_grid_of=lora_all_linear
 sweep head_dora_adalora_pissa variant=head,dora,adalora,pissa

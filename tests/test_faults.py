@@ -237,7 +237,12 @@ def test_a_second_process_in_a_running_run_dir_is_refused_and_touches_nothing(tm
     lock = json.loads((run_dir / rundir.LOCK).read_text())
     assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
-    second = run_py(*SMALL, "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
+    import signal
+    first.send_signal(signal.SIGSTOP)  # held mid-run while the second starts, however loaded the machine
+    try:
+        second = run_py(*SMALL, "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     assert second.stderr.strip().splitlines()[-1].startswith(f"error: {run_dir} is in use by pid {first.pid} on "), second.stderr
     assert "Traceback" not in second.stderr

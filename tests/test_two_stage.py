@@ -19,7 +19,7 @@ TINY = ["+experiment=glue_minilm_converged", "task=mrpc", f"glue_dir={GLUE_DIR}"
         "task.max_eval_examples=96", "model.max_length=48", "trainer.batch_size=8", "max_epochs=2",
         "trainer.eval_batch_size=128",
         "hydra/launcher=basic", "variant=lora", "++lr_grid.lora.p0=1e-6", "++lr_grid.lora.p1=3e-3",
-        "++lr_grid.lora.p2=1e-2"]
+        "++lr_grid.lora.p2=1e-2", "~lr_grid.lora.p3"]  # a 3-point grid (the experiment's p3 removed), all of it run
 
 
 def two_stage_py(*argv):
@@ -92,3 +92,15 @@ def test_a_choice_at_the_edge_extends_the_grid_a_step_beyond_it(tmp_path, best, 
     text = "\n".join(two_stage.plan(found, 0, [1, 2], tmp_path))
     assert expected in text and text.count("<- chosen") == 1
     assert f"lr {best:g}: 90.00" in text
+
+
+def test_an_unfinished_grid_gets_no_command_and_copied_runs_get_their_method_back(tmp_path):
+    found = [job("stsb", "lora", lr, 0.9 if lr == 3e-4 else 0.8, point) for lr, point in ((1e-4, "p0"), (3e-4, "p1"))]
+    text = "\n".join(two_stage.plan(found, 0, [1, 2], tmp_path))
+    assert "stage 1 unfinished: no completed run at p2; no choice yet" in text and "python run.py" not in text
+    config = two_stage.OmegaConf.create({"variant": {"name": "lora", "targets": "all-linear"},
+                                         "lr_grid_of": "lora_all_linear"})
+    assert two_stage.method_overrides(config) == ["variant=lora", "variant.targets=all-linear",
+                                                  "lr_grid_of=lora_all_linear"]
+    assert two_stage.method_overrides(two_stage.OmegaConf.create({"variant": {"name": "dora"}, "lr_grid_of": "dora"})) \
+        == ["variant=dora"]
