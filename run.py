@@ -15,6 +15,10 @@ skip_completed=true``: jobs whose run dir holds a completed summary are not run 
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.time()  # before the imports below: a resume's .hydra/resumed_<n> made later is not an earlier one
+
 import os
 import sys
 from contextlib import nullcontext
@@ -100,7 +104,7 @@ def resume_arguments(args: list[str]) -> list[str]:
         saved = _plain_overrides(run_dir, _latest_overrides(run_dir))
         rest = [a for a in args if a != resumed[0]]
         args = [*saved, *rest, f"hydra.run.dir={run_dir}", "resume=true"]
-    elif "resume=true" not in args:
+    elif not any(a.lstrip("+").lower() == "resume=true" for a in args):
         return args
     run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
     if run_dirs and (Path(run_dirs[-1]) / ".hydra").is_dir() and int(os.environ.get("RANK", "0")) == 0:
@@ -113,14 +117,15 @@ def _latest_overrides(run_dir: Path) -> Path:
     first = run_dir / rundir.HYDRA_OVERRIDES
     if not first.is_file():
         raise ConfigError(f"resume={str(run_dir)!r} is not a run dir (no .hydra/overrides.yaml); allowed: a run dir, true, false")
-    resumes = _resumes(run_dir)
-    latest = resumes[max(resumes)] / "overrides.yaml" if resumes else None
-    return latest if latest is not None and latest.is_file() else first
+    readable = [d / "overrides.yaml" for _, d in sorted(_resumes(run_dir).items()) if (d / "overrides.yaml").is_file()]
+    return readable[-1] if readable else first
 
 
 def _resumes(run_dir: Path) -> dict[int, Path]:
-    """``{n: .hydra/resumed_<n>}``: where each resume of the run wrote Hydra's files."""
-    return {int(p.name.split("_", 1)[1]): p for p in run_dir.glob(".hydra/resumed_*") if p.name.split("_", 1)[1].isdigit()}
+    """``{n: .hydra/resumed_<n>}``: where each earlier resume of the run wrote Hydra's files (not
+    one made after this process started: under torchrun, rank 0's Hydra makes this resume's)."""
+    return {int(p.name.split("_", 1)[1]): p for p in run_dir.glob(".hydra/resumed_*")
+            if p.name.split("_", 1)[1].isdigit() and p.stat().st_mtime < STARTED}
 
 
 def _next_output_subdir(run_dir: Path) -> str:

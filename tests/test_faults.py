@@ -188,7 +188,7 @@ def test_a_resume_under_a_different_config_is_refused_naming_the_keys_and_change
                 if p.is_file() and p.name not in ("run.log", rundir.LOCK)}
 
     before = files()
-    result = run_py("model.keep_layers=2", "tracking.mode=disabled", f"hydra.run.dir={broken}", "resume=true")
+    result = run_py("model.keep_layers=2", "tracking.mode=disabled", f"hydra.run.dir={broken}", "resume=True")
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: resume: the config differs from the one the checkpoint was trained with in "), last
@@ -234,6 +234,8 @@ def test_a_second_process_in_a_running_run_dir_is_refused_and_touches_nothing(tm
     deadline = time.time() + 120
     while not (run_dir / rundir.LOCK).exists() and time.time() < deadline:
         time.sleep(0.05)
+    while not (run_dir / rundir.LOCK).read_text() and time.time() < deadline:
+        time.sleep(0.05)
     lock = json.loads((run_dir / rundir.LOCK).read_text())
     assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
@@ -252,7 +254,7 @@ def test_a_second_process_in_a_running_run_dir_is_refused_and_touches_nothing(tm
     assert summary["status"] == "completed" and summary["steps"] == 60
     steps = [json.loads(line)["step"] for line in (run_dir / rundir.METRICS).read_text().splitlines()]
     assert steps == sorted(steps) and max(steps) == 60  # one run's records, in order
-    assert not (run_dir / rundir.LOCK).exists()  # released at the end
+    assert (run_dir / rundir.LOCK).read_text() == ""  # released at the end: no record left
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over_and_logged(tmp_path):
@@ -269,7 +271,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_logged(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"taking over the lock of a run that is gone (pid {dead.pid} on {socket.gethostname()})" in result.stdout + result.stderr
     assert json.loads((run_dir / rundir.SUMMARY).read_text())["status"] == "completed"
-    assert not (run_dir / rundir.LOCK).exists()
+    assert (run_dir / rundir.LOCK).read_text() == ""
 
 
 def test_a_sweep_job_whose_dir_is_in_use_writes_nothing_there_and_the_others_run(tmp_path):
@@ -392,12 +394,14 @@ def test_a_conversion_cut_off_midway_is_removed_at_the_next_start(tmp_path, monk
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     cache = tmp_path / "cache" / "gguf"
-    cut_off = cache / f"model-0123456789ab.partial-{dead.pid}-x1y2"
-    live = cache / f"model-0123456789ab.partial-{os.getpid()}-z3w4"
-    for partial in (cut_off, live):
+    host = socket.gethostname()
+    cut_off = cache / f"model-0123456789ab.partial-{host}-{dead.pid}-x1y2"
+    live = cache / f"model-0123456789ab.partial-{host}-{os.getpid()}-z3w4"
+    elsewhere = cache / f"model-0123456789ab.partial-another-host-{dead.pid}-v5u6"  # a shared cache
+    for partial in (cut_off, live, elsewhere):
         partial.mkdir(parents=True)
         (partial / "model.safetensors").write_bytes(b"\0" * 1024)
     (tmp_path / "model.gguf").write_bytes(b"GGUF")  # not a real one: its conversion fails, after the clean-up
     with pytest.raises(Exception):
         gguf_as_folder(ModelSource(str(tmp_path), "model.gguf"))
-    assert not cut_off.exists() and live.is_dir()
+    assert not cut_off.exists() and live.is_dir() and elsewhere.is_dir()

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,8 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
         forget_gguf(model)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial-{os.getpid()}-", dir=folder.parent))
+        partial = Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}-",
+                                        dir=folder.parent))
         try:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
@@ -167,11 +169,12 @@ def gguf_as_folder(source: ModelSource) -> ModelSource:
 
 
 def remove_dead_partials(cache: Path) -> None:
-    """Remove the folders of conversions whose process is gone (killed midway: the ``finally``
-    above never ran); a live process's conversion is left alone. A partial folder is named
-    ``<model>.partial-<pid>-<random>``."""
-    for partial in cache.glob("*.partial-*") if cache.is_dir() else []:
-        pid = partial.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+    """Remove the folders of this host's conversions whose process is gone (killed midway: the
+    ``finally`` above never ran); a live process's, and another host's on a shared cache, are
+    left alone. A partial folder is named ``<model>.partial-<host>-<pid>-<random>``."""
+    host = socket.gethostname()
+    for partial in cache.glob(f"*.partial-{host}-*") if cache.is_dir() else []:
+        pid = partial.name.rsplit(f".partial-{host}-", 1)[1].split("-", 1)[0]
         if not pid.isdigit() or pid_running(int(pid)):
             continue
         log.info("removing %s, a conversion that was cut off", partial)

@@ -8,12 +8,13 @@
     adapter_best.safetensors   the same at the best evaluation (trainer.keep_best; its step in the metadata)
     checkpoint.pt          the training checkpoint while the run is unfinished
     checkpoint.previous.pt the one before it (resume falls back to it if checkpoint.pt is damaged)
-    run.lock               while a process runs in the dir: its pid, host and start (``owned``)
+    run.lock               locked (flock) by the process running in the dir, with its pid, host and start (``owned``)
     run.log, .hydra/       Hydra's log and the unresolved config and overrides
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -55,47 +56,51 @@ class InUse(RuntimeError):
 
 @contextmanager
 def owned(run_dir: Path) -> Iterator[None]:
-    """Own ``run_dir`` while the block runs: ``run.lock`` holds this process's pid, host and start
-    time; it is linked into place whole and only if absent (of two processes started at once, one
-    wins) and removed at the end. A lock whose process is gone (same host, pid dead or reused) is
-    taken over, with a warning; a live one, or one from another host, raises ``InUse``."""
+    """Own ``run_dir`` while the block runs: an exclusive ``flock`` on ``run.lock``, which the
+    kernel releases when the process ends however it ends (SIGKILL, a Slurm time limit), so a
+    lock is never stale; the file holds the owner's pid, host and start for the message
+    (``InUse``) and is emptied, not removed, at the end. A record left by a process that died is
+    taken over with a warning naming it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path, me = run_dir / LOCK, _lock_record(os.getpid())
-    tmp = run_dir / f".{LOCK}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(me))
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        while True:
-            try:
-                os.link(tmp, path)  # fails if a lock exists: never two owners, never a half-written lock
-                break
-            except FileExistsError:
-                check_free(run_dir)
-                holder = _read_lock(path)
-                logging.getLogger(__name__).warning(
-                    "%s: taking over the lock of a run that is gone (%s)", run_dir,
-                    "unreadable lock file" if holder is None else f"pid {holder['pid']} on {holder['host']}")
-                path.unlink(missing_ok=True)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:
+        _lock(fd, path)
+        gone = _read_lock(path)
+        if gone is not None:
+            logging.getLogger(__name__).warning("%s: taking over the lock of a run that is gone (pid %s on %s)",
+                                                run_dir, gone["pid"], gone["host"])
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
         yield
     finally:
-        if _read_lock(path) == me:
-            path.unlink(missing_ok=True)
+        try:
+            os.ftruncate(fd, 0)  # free: the next owner finds no record of a run that died
+        except OSError as err:  # a read-only dir: the error that ended the run is the one to report
+            logging.getLogger(__name__).warning("%s could not be cleared: %s", path, err)
+        os.close(fd)
 
 
 def check_free(run_dir: Path) -> None:
     """``InUse``, in one line, if a live process holds ``run_dir``'s lock."""
     path = run_dir / LOCK
-    holder = _read_lock(path) if path.exists() else None
-    if holder is not None and not _is_stale(holder):
-        raise InUse(f"{run_dir} is in use by pid {holder['pid']} on {holder['host']} (since {holder['started']}); "
-                    f"wait for that run to end, or use another run dir; if it is gone (another machine), delete {path}")
+    if not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _lock(fd, path)
+    finally:
+        os.close(fd)  # releases it: this was only a look
 
 
-def _lock_record(pid: int) -> dict[str, Any]:
-    return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def _lock(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_lock(path) or {"pid": "?", "host": "?", "started": "?"}
+        raise InUse(f"{path.parent} is in use by pid {holder['pid']} on {holder['host']} (since {holder['started']}); "
+                    "wait for that run to end, or use another run dir") from None
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
@@ -104,24 +109,6 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) and {"pid", "host", "started"} <= holder.keys() else None
-
-
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _is_stale(holder: dict[str, Any]) -> bool:
-    """The lock's process is gone: on this host, its pid is not running, or runs another process."""
-    if holder["host"] != socket.gethostname():
-        return False  # cannot be checked from here
-    if not pid_running(int(holder["pid"])):
-        return True
-    start = _process_start(int(holder["pid"]))
-    return holder.get("process_start") is not None and start is not None and start != holder["process_start"]
 
 
 def pid_running(pid: int) -> bool:
