@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> float:
         print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
         return done["eval"][done["main_metric"]]
     try:
-        with rundir.owned(run_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        with rundir.owned(run_dir) if _rank_zero() else nullcontext():
             summary = run_experiment(cfg, run_dir, group=group, run_name=name)
     except rundir.InUse as err:  # another process's run: nothing of it is touched
         print(f"error: {err}", file=sys.stderr)
@@ -78,6 +78,11 @@ def main(cfg: DictConfig) -> float:
             write_failure(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         return float("nan")
     return summary["eval"][summary["main_metric"]]
+
+
+def _rank_zero() -> bool:
+    """This process is torchrun's rank 0, or the only one: the one that owns and writes the run dir."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def torchrun_arguments(args: list[str]) -> list[str]:
@@ -107,7 +112,7 @@ def resume_arguments(args: list[str]) -> list[str]:
     elif not any(a.lstrip("+").lower() == "resume=true" for a in args):
         return args
     run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
-    if run_dirs and (Path(run_dirs[-1]) / ".hydra").is_dir() and int(os.environ.get("RANK", "0")) == 0:
+    if run_dirs and (Path(run_dirs[-1]) / ".hydra").is_dir() and _rank_zero():
         args = [*args, f"hydra.output_subdir={_next_output_subdir(Path(run_dirs[-1]))}"]
     return args
 
@@ -160,7 +165,7 @@ if __name__ == "__main__":
         check_group_choices(sys.argv[1:], CONF_DIR)
         check_launcher(sys.argv[1:])
         for arg in sys.argv[1:]:  # before Hydra rewrites .hydra/ in a dir another process is running in
-            if arg.startswith("hydra.run.dir=") and int(os.environ.get("RANK", "0")) == 0:
+            if arg.startswith("hydra.run.dir=") and _rank_zero():
                 rundir.check_free(Path(arg.split("=", 1)[1]))
     except (ConfigError, rundir.InUse) as err:
         print(f"error: {err}", file=sys.stderr)
