@@ -43,8 +43,11 @@ HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
 
 def remove_if_unused(run_dir: Path) -> bool:
     """Remove a run dir that holds nothing but what Hydra wrote when the job started (``.hydra/``
-    and ``run.log``): a run refused by its config check leaves no empty dir behind."""
-    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= {".hydra", LOG}:
+    and ``run.log``) and a released (empty) ``run.lock``: a run refused by its config check leaves
+    no empty dir behind."""
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= {".hydra", LOG, LOCK}:
+        return False
+    if (run_dir / LOCK).is_file() and (run_dir / LOCK).stat().st_size:  # someone else's live record
         return False
     shutil.rmtree(run_dir)
     return True
