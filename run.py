@@ -31,12 +31,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from training import run_experiment
-from training.cli import check_group_choices, check_launcher
-from training import rundir
 import training.sweep  # noqa: F401  registers ${job_dirname:...}, which names sweep job dirs (hydra.sweep.subdir)
+from schema import ConfigError
+from training import run_experiment, rundir
+from training.cli import check_group_choices, check_launcher
 from training.experiment import write_failure
-from variants import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -65,7 +64,7 @@ def main(cfg: DictConfig) -> float:
         if not sweep:
             sys.exit(2)
         return float("nan")
-    except Exception as err:  # one line for the user; in a sweep, the other jobs go on
+    except Exception as err:  # noqa: BLE001  (one line for the user; in a sweep, the other jobs go on)
         print(f"error: {err}" if isinstance(err, ConfigError) else f"error: {type(err).__name__}: {err}",
               file=sys.stderr)
         if not sweep:

@@ -33,13 +33,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torch import nn
 
-import variants  # noqa: E402
-from analysis.collect_runs import caveats  # noqa: E402
-from training import rundir  # noqa: E402
+import variants
+from analysis.collect_runs import caveats
+from schema import ConfigError
+from training import rundir
 
 COLUMNS = ("run", "module", "rank", "delta_norm", "on_delta_dirs", "on_w_dirs", "on_random_dirs", "amplification")
 
@@ -85,7 +86,7 @@ def load_run(run_dir: Path):
 
     path = run_dir / rundir.ADAPTER
     if not path.is_file():
-        raise variants.ConfigError(f"{run_dir} has no {rundir.ADAPTER} (is it a finished run dir?)")
+        raise ConfigError(f"{run_dir} has no {rundir.ADAPTER} (is it a finished run dir?)")
     return load_trained(path)[0]
 
 
@@ -102,7 +103,7 @@ def analyse(run_dirs: list[Path], modules: str | None = None, seed: int = 0) -> 
     for run_dir, label in zip(run_dirs, run_labels(run_dirs)):
         model = load_run(run_dir)
         with torch.no_grad():
-            for name, layer in variants.adapter_layers(model):
+            for name, layer in variants.layers_of(model).items():
                 if modules and not re.search(modules, name):
                     continue
                 rank = effective_rank(model, layer)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = analyse(args.runs, args.modules, args.seed)
-    except variants.ConfigError as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not rows:

@@ -19,7 +19,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import variants
-
 from training import rundir
 
 COLUMNS = ("variant", "rank", "alpha", "seed", "task", "metric", "start", "value", "trainable_params",

@@ -53,8 +53,8 @@ from scipy import stats
 from analysis import convergence
 from analysis.collect_runs import flatten
 from analysis.glue_table import PAPER_ORDER, labels, method
-from training import rundir
-from training.metrics import higher_is_better
+from training import metrics, rundir
+from training.metrics import Predictions, higher_is_better
 
 # Config keys that may differ between the runs of one comparison: the method and its rate, the seed,
 # and what does not change results. Every other key (data, model, steps, schedule, precision,
@@ -63,7 +63,6 @@ MAY_DIFFER = ("variant.", "seed", "trainer.lr", "rank", "alpha", "adapter_dropou
               "init_from", "resume", "tracking.", "glue_dir", "trainer.log_every", "trainer.checkpoint_every",
               "trainer.eval_batch_size", "skip_completed")
 AT = ("final", "best_val")
-HIGHER_IS_BETTER = True  # every GLUE main metric (accuracy, F1, Matthews, Pearson), and exact match; runs selected on a loss are skipped
 
 
 class CompareError(ValueError):
@@ -92,7 +91,8 @@ class Run:
         scores = saved.get(f"{eval_set}.step{self.step}")
         if scores is None:
             return None
-        return saved[f"{eval_set}.labels"], scores if scores.ndim == 1 else scores.argmax(-1)
+        gold = saved[f"{eval_set}.labels"]
+        return gold, Predictions(gold, scores).predicted
 
 
 
@@ -129,7 +129,7 @@ def load_runs(roots: list[Path], at: str) -> tuple[list[Run], list[tuple[str, st
                 config_path = path.parent / rundir.CONFIG
                 config = flatten(OmegaConf.to_container(OmegaConf.load(config_path))) if config_path.is_file() else {}
                 run, why = _run(summary, config, at, path.parent)
-            except Exception as err:  # a half-written or foreign file: skip it, say why
+            except Exception as err:  # noqa: BLE001  (a half-written or foreign file: skip it, say why)
                 run, why = None, f"unreadable ({type(err).__name__}: {err})"
             if run is None:
                 skipped.append((str(path.parent), why))
@@ -144,13 +144,13 @@ def load_wandb(project: str, at: str) -> tuple[list[Run], list[tuple[str, str]]]
         import wandb
 
         found = [(r.id, _plain(r.summary), flatten(_plain(r.config))) for r in wandb.Api().runs(project)]
-    except Exception as err:  # no network, no login, no such project: say so in one line
+    except Exception as err:  # noqa: BLE001  (no network, no login, no such project: say so in one line)
         raise CompareError(f"--wandb={project!r}: could not read its runs ({type(err).__name__}: {err})") from None
     runs, skipped = [], []
     for run_id, summary, config in found:
         try:
             run, why = _run(summary, config, at, None)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001  (a foreign run's summary: skip it, say why)
             run, why = None, f"unreadable ({type(err).__name__}: {err})"
         if run is None:
             skipped.append((f"wandb:{run_id}", why))
@@ -265,28 +265,12 @@ def _task_order(task: str) -> tuple[int, str]:
 
 
 def batch_metric(name: str, predicted: np.ndarray, gold: np.ndarray) -> np.ndarray:
-    """``name`` over the last axis of (..., n) arrays, as training/metrics.py computes it for one."""
-    if name == "accuracy":
-        return (predicted == gold).mean(-1)
-    if name in ("f1", "matthews"):
-        if gold.max(initial=0) > 1 or predicted.max(initial=0) > 1:
-            raise CompareError(f"metric {name!r} is computed here for two classes (0/1); these runs have more")
-        p, g = predicted.astype(bool), gold.astype(bool)
-        tp, fp = (p & g).sum(-1, dtype=float), (p & ~g).sum(-1, dtype=float)
-        fn, tn = (~p & g).sum(-1, dtype=float), (~p & ~g).sum(-1, dtype=float)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            if name == "f1":
-                value = 2 * tp / (2 * tp + fp + fn)
-            else:
-                value = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        return np.nan_to_num(value)  # sklearn's convention: 0 where undefined
-    if name in ("pearson", "spearman"):
-        if name == "spearman":
-            predicted, gold = stats.rankdata(predicted, axis=-1), stats.rankdata(gold, axis=-1)
-        x = predicted - predicted.mean(-1, keepdims=True)
-        y = gold - gold.mean(-1, keepdims=True)
-        return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
-    raise CompareError(f"metric {name!r} has no bootstrap form; allowed: accuracy, f1, matthews, pearson, spearman")
+    """``name`` over the last axis of (..., n) arrays: training/metrics.py's ``batch_metric``
+    (the trainer's numbers); one it does not compute is bad input here."""
+    try:
+        return metrics.batch_metric(name, predicted, gold)
+    except metrics.MetricError as err:
+        raise CompareError(str(err)) from None
 
 
 def paired_bootstrap(metric: str, gold: np.ndarray, method_preds: list[np.ndarray], reference_preds: list[np.ndarray],
@@ -435,21 +419,21 @@ def _number(value: float | None, fmt: str) -> str:
 
 def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[str], args: argparse.Namespace) -> str:
     at = "each run's last evaluation" if args.at == "final" else "each run's step with the best validation metric"
-    level = int(round(100 * args.confidence))
+    level = round(100 * args.confidence)
     chosen_by = ("the median over seeds of the validation metric" if args.select_seed is None else
                  f"seed {args.select_seed}'s validation metric alone (stage 1 of two: the grid on that seed, then the "
                  "chosen rate on the other seeds; ± its bootstrap standard error over validation examples)")
     lines = [
         "# Method comparison", "",
-        f"Learning rate chosen per method and task by {chosen_by} "
-        f"(held out of the training set); test = the task's reported set (GLUE dev), at {at}. Metric ×100: "
-        f"median (min–max) and mean ± std over seeds. Δ vs {args.reference}: mean over shared seeds of the "
-        f"paired difference [{level}% interval: Δ ± t(ν)·√(s²/n + v), s the spread of the per-seed differences, "
-        f"v the variance of Δ in a paired bootstrap over test examples ({args.resamples} resamples), ν Welch–"
-        "Satterthwaite's degrees of freedom; with one seed, the bootstrap interval alone]; * = the interval "
-        "excludes 0; then each seed's difference. "
-        "Params: what the method trains without the task head (AdaLoRA: at its starting rank, or at its final "
-        "rank under a budget; staged: its LoRA phase, after a full phase that trains every weight).", "",
+        (f"Learning rate chosen per method and task by {chosen_by} "
+         f"(held out of the training set); test = the task's reported set (GLUE dev), at {at}. Metric ×100: "
+         f"median (min–max) and mean ± std over seeds. Δ vs {args.reference}: mean over shared seeds of the "
+         f"paired difference [{level}% interval: Δ ± t(ν)·√(s²/n + v), s the spread of the per-seed differences, "
+         f"v the variance of Δ in a paired bootstrap over test examples ({args.resamples} resamples), ν Welch–"
+         "Satterthwaite's degrees of freedom; with one seed, the bootstrap interval alone]; * = the interval "
+         "excludes 0; then each seed's difference. "
+         "Params: what the method trains without the task head (AdaLoRA: at its starting rank, or at its final "
+         "rank under a budget; staged: its LoRA phase, after a full phase that trains every weight)."), "",
     ]
     lines += [f"Note: {note}" for note in notes]
     tasks = sorted({r["task"] for r in records}, key=_task_order)
@@ -492,8 +476,8 @@ def _convergence_table(rows: list[dict], reference: str) -> list[str]:
     level = next((r["convergence"]["reference_level"] for r in rows if r["convergence"]["reference_level"]), None)
     reach = f"epochs to {reference}'s best val ({_number(level and 100 * level, '.1f')})"
     lines = ["", "Convergence on validation (medians over seeds; – = most runs never got there):", "",
-             f"| method | best val | epochs to 95% of own best | {reach} | epochs trained | stopped early | "
-             "best at the last evaluation |", "|" + "---|" * 7]
+             (f"| method | best val | epochs to 95% of own best | {reach} | epochs trained | stopped early | "
+              "best at the last evaluation |"), "|" + "---|" * 7]
     for r in rows:
         c, n = r["convergence"], r["n"]
         lines.append(f"| {r['method']} | {100 * c['best_val']:.1f} | {_number(c['epochs_to_own_95'], '.1f')} | "

@@ -72,10 +72,11 @@ def method(row: dict, by: Sequence[str] = ()) -> tuple[str, tuple[tuple[str, str
 def _setting_defaults(variant: str) -> dict:
     """The variant's setting defaults ({} for a variant this checkout does not know)."""
     import variants
+    from schema import ConfigError
 
     try:
         return variants.get_variant(variant).setting_defaults()
-    except variants.ConfigError:
+    except ConfigError:
         return {}
 
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluation = "eval_best" if args.select == "best" else "eval"
         rows = from_wandb(args.wandb, evaluation) if args.wandb else collect(args.roots, evaluation)
-    except Exception as err:  # W&B raises many types (auth, network, not found)
+    except Exception as err:  # noqa: BLE001  (W&B raises many types: auth, network, not found)
         print(f"error: could not read runs from W&B {args.wandb!r} ({type(err).__name__}: {err})", file=sys.stderr)
         return 2
     if not rows:

@@ -43,13 +43,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from safetensors.torch import load_file
 
-import variants  # noqa: E402
-from analysis.collect_runs import caveats  # noqa: E402
-from training import rundir  # noqa: E402
+import variants
+from analysis.collect_runs import caveats
+from schema import ConfigError
+from training import rundir
 
 SIDES = ("down", "up")
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = compare(args.run_1, args.run_2, args.side, args.modules, args.random_baseline, args.seed,
                           args.allow_shared_init)
-    except (Incompatible, variants.ConfigError, NotImplementedError) as err:
+    except (Incompatible, ConfigError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or args.run_2 / f"subspace_vs_{args.run_1.name}"

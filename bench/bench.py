@@ -124,14 +124,16 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
     def hooked(name: str, model: nn.Module) -> Config:
         model.to(batch["input_ids"].device)
         start = CLOCK()
-        done = variants.initialize(model, variants.InitData(itertools.repeat(batch), lambda m, b: m(**b).loss))
+        method = variants.variant_of(model)
+        done = method.initialize(model, variants.InitData(itertools.repeat(batch), lambda m, b: m(**b).loss))
         init_s = CLOCK() - start if done else None
-        variants.on_train_begin(model, total_steps)
-        return Config(name, model, extra_loss=variants.adapter_loss, init_s=init_s,
-                      after_step=lambda m, step: variants.after_optimizer_step(m, step, total_steps))
+        method.check_total_steps(total_steps)
+        method.on_train_begin(model, total_steps)
+        return Config(name, model, extra_loss=lambda m: variants.variant_of(m).adapter_loss(m), init_s=init_s,
+                      after_step=lambda m, step: variants.variant_of(m).after_optimizer_step(m, step, total_steps))
 
     def quantized_peft() -> nn.Module:
-        from variants.qlora import quantize_model
+        from variants.methods.qlora import quantize_model
         from variants.targets import task_head
 
         model = copy.deepcopy(base)
@@ -153,7 +155,7 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
         "peft-dora-qv": lambda: Config("peft-dora-qv", theirs(base, "dora", qv, r, p, total_steps)),
         "adalora-qv": lambda: hooked("adalora-qv", ours(base, "adalora", qv, r, p, head, t_init=0, t_final=0)),
         "peft-adalora-qv": lambda: Config(
-            "peft-adalora-qv", (m := theirs(base, "adalora", qv, r, p, total_steps)),
+            "peft-adalora-qv", theirs(base, "adalora", qv, r, p, total_steps),
             after_step=lambda model, step: model.base_model.update_and_allocate(step)),
         "qlora-qv": lambda: hooked("qlora-qv", ours(base, "qlora", qv, r, p, head)),
         "peft-qlora-qv": lambda: Config("peft-qlora-qv", quantized_peft()),
@@ -177,7 +179,7 @@ def train_step(config: Config, batch: dict[str, torch.Tensor], sync: Callable[[]
     (loss if extra is None else loss + extra).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    variants.transform_gradients(model, config.optimizer, LR)
+    variants.variant_of(model).transform_gradients(model, config.optimizer, LR)
     config.optimizer.step()
     config.step += 1
     config.after_step(model, config.step)
@@ -231,7 +233,7 @@ def inference_latency(base: nn.Module, qv: list[str], head: str | None, args, ba
     models = {"base": copy.deepcopy(base)}
     unmerged = ours(base, "lora", qv, args.rank, 0.0, head)
     with torch.no_grad():
-        for _, layer in variants.adapter_layers(unmerged):
+        for layer in variants.layers_of(unmerged).values():
             layer.lora_B.normal_(std=0.02)
     merged = copy.deepcopy(unmerged)
     variants.merge_adapters(merged)
@@ -278,7 +280,7 @@ def run(args) -> dict:
         config = builders[name]()
         config.model.to(device).train()
         named = [(n, p) for n, p in config.model.named_parameters() if p.requires_grad]
-        groups = param_groups(named, 0.0, "matrices", lambda n, p, m=config.model: variants.learning_rate_scale(m, n, p))
+        groups = param_groups(named, 0.0, "matrices", variants.variant_of(config.model).learning_rate_scale)
         config.optimizer = make_optimizer("adamw", groups, LR)
         configs.append(config)
     for config in configs:

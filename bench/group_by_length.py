@@ -96,8 +96,8 @@ def bench_task(task: str, glue_dir: Path, n_batches: int, rounds: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| task | batches/epoch | padding plain | padding grouped | step s plain fp32 | speedup: bf16 | "
-             "grouped | grouped + bf16 | grouping under bf16 |", "|" + "---|" * 9]
+    lines = [("| task | batches/epoch | padding plain | padding grouped | step s plain fp32 | speedup: bf16 | "
+              "grouped | grouped + bf16 | grouping under bf16 |"), "|" + "---|" * 9]
     for r in results:
         lines.append(f"| {r['task']} | {r['batches_per_epoch']} | {100 * r['plain_padding_share']:.1f}% | "
                      f"{100 * r['grouped_padding_share']:.1f}% | {r['plain_fp32_step_s']:.3f} | "

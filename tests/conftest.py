@@ -16,7 +16,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = str(_threads)
     torch.set_num_threads(_threads)
 
-from training.models import load_model  # noqa: E402
+from training.models import load_model
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,16 @@
 """AdaLoRA (Zhang et al. 2023): SVD-form update, orthogonality loss, importance, budget schedule."""
 
 import copy
+import itertools
 
 import pytest
 import torch
 from torch import nn
 
 import variants
-from variants import AdaLoRALinear, ConfigError
-from variants.adalora import budget_at
+from schema import ConfigError
+from variants import AdaLoRALinear
+from variants.methods.adalora import budget_at
 
 torch.manual_seed(0)
 
@@ -64,14 +66,14 @@ def test_orthogonality_regulariser_both_forms(form, expected):
         for layer in (first, second):
             layer.lora_P.copy_(torch.eye(10)[:, :3])
             layer.lora_Q.copy_(torch.eye(12)[:3])
-    assert variants.adapter_loss(model).item() == pytest.approx(0.0)
+    assert variants.variant_of(model).adapter_loss(model).item() == pytest.approx(0.0)
     with torch.no_grad():  # PᵀP = diag(4, 1, 1); QQᵀ = I + 1s at (0,0), (0,1), (1,0)
         first.lora_P[0, 0] = 2.0
         first.lora_Q[0, 1] = 1.0
-    assert variants.adapter_loss(model).item() == pytest.approx(expected)
+    assert variants.variant_of(model).adapter_loss(model).item() == pytest.approx(expected)
     model = nn.Sequential(nn.Linear(12, 10))
     variants.inject_adapters(model, "adalora", ["0"], rank=3, alpha=8, orth_reg_weight=0.0)
-    assert variants.adapter_loss(model) is None
+    assert variants.variant_of(model).adapter_loss(model) is None
     with pytest.raises(ConfigError, match="variant.orth_reg_form='squared' is not supported; allowed: mean_norm"):
         adalora(orth_reg_form="squared")
 
@@ -119,7 +121,7 @@ def test_budget_schedule_is_cubic():
     assert budget_at(35, **kw) == 80 + round(40 * 0.5**3)
     assert [budget_at(s, **kw) for s in (60, 61, 100)] == [80, 80, 80]
     budgets = [budget_at(s, **kw) for s in range(1, 101)]
-    assert all(a >= b for a, b in zip(budgets, budgets[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(budgets))
 
 
 def adalora(**settings) -> variants.AdaLoRA:
@@ -136,7 +138,7 @@ def adalora_model(layers: int, rank: int = 4, **settings) -> nn.Module:
 def fake_training(model: nn.Module, total_steps: int, seed: int = 0) -> list[dict[str, float]]:
     """Drive the hooks with random gradients and parameter noise standing in for optimizer steps."""
     gen = torch.Generator().manual_seed(seed)
-    variants.on_train_begin(model, total_steps)
+    variants.variant_of(model).on_train_begin(model, total_steps)
     logs = []
     for step in range(1, total_steps + 1):
         for i, layer in enumerate(variants.layers_of(model).values()):
@@ -145,7 +147,7 @@ def fake_training(model: nn.Module, total_steps: int, seed: int = 0) -> list[dic
                     p.add_(torch.randn(p.shape, generator=gen) * 0.1)
                 # Later layers get larger gradients, so they should win more of the budget.
                 p.grad = torch.randn(p.shape, generator=gen) * (1 + i)
-        logs.append(variants.after_optimizer_step(model, step, total_steps))
+        logs.append(variants.variant_of(model).after_optimizer_step(model, step, total_steps))
     return logs
 
 
@@ -170,7 +172,7 @@ def test_budget_reaches_target_globally_and_pruned_values_stay_zero():
 
 def test_schedule_longer_than_training_is_a_config_error():
     with pytest.raises(ConfigError, match=r"variant.t_init \+ variant.t_final = 30 \+ 30 steps exceeds the 50"):
-        variants.check_total_steps(adalora_model(1, t_init=30, t_final=30), 50)
+        variants.variant_of(adalora_model(1, t_init=30, t_final=30)).check_total_steps(50)
     fake_training(adalora_model(1, t_init=0.5, t_final=0.5), total_steps=10)  # fractions summing to 1 are fine
 
 
@@ -190,21 +192,21 @@ def test_model_identity_save_load(minilm, batch, tmp_path):
     variants.inject_adapters(model, "adalora", ["query", "value"], rank=6, alpha=12, target_rank=2)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, base(**batch).logits, atol=0, rtol=0)
-    layers = dict(variants.adapter_layers(model))
+    layers = variants.layers_of(model)
     fake_training(model, total_steps=20)
     path = tmp_path / "adapter.safetensors"
     variants.save_adapter(model, path)
     fresh = copy.deepcopy(base)
     config = variants.load_adapter(fresh, path)
     assert config["variant_kwargs"] == {"target_rank": 2}
-    loaded = dict(variants.adapter_layers(fresh))
+    loaded = variants.layers_of(fresh)
     assert {n: l.kept_rank for n, l in loaded.items()} == {n: l.kept_rank for n, l in layers.items()}
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:  # the importance EMAs are training state, not adapter
-        assert not any("_ipt_" in k or "_unc_" in k for k in f.keys())
+        assert not any("_ipt_" in k or "_unc_" in k for k in f.keys())  # noqa: SIM118  (safe_open is no dict)
 
 
 def test_matches_peft_adalora(minilm, batch):
@@ -221,7 +223,7 @@ def test_matches_peft_adalora(minilm, batch):
         for name, module in theirs.named_modules()
         if isinstance(module, peft.tuners.adalora.SVDLinear)
     }
-    ours = dict(variants.adapter_layers(model))
+    ours = variants.layers_of(model)
     assert ours.keys() == peft_layers.keys()
     with torch.no_grad():
         for name, layer in ours.items():
@@ -237,10 +239,10 @@ def test_matches_peft_adalora(minilm, batch):
             )
 
     # The orthogonality term: peft adds γ · mean of the norms to the loss it returns; ours is
-    # variants.adapter_loss, which the trainer adds. Same value and same gradients for P and Q.
+    # the variant's adapter_loss, which the trainer adds. Same value and same gradients for P and Q.
     labels = torch.tensor([0, 1])
     theirs_loss = theirs(**batch, labels=labels).loss
-    ours_loss = model(**batch, labels=labels).loss + variants.adapter_loss(model)
+    ours_loss = model(**batch, labels=labels).loss + variants.variant_of(model).adapter_loss(model)
     torch.testing.assert_close(ours_loss, theirs_loss, atol=1e-6, rtol=1e-5)
     ours_loss.backward()
     theirs_loss.backward()

@@ -20,7 +20,7 @@ def test_adapters_train_in_fp32_over_a_low_precision_base(minilm, batch, variant
     variants.inject_adapters(model, variant, ["query", "value"], rank=6, alpha=12, exclude=["classifier"],
                              **ADAPTERS[variant])
     variants.mark_trainable(model, train_modules=["classifier"])
-    adapter = [p for _, layer in variants.adapter_layers(model) for p in layer.adapter_parameters()]
+    adapter = [p for layer in variants.layers_of(model).values() for p in layer.adapter_parameters()]
     assert adapter and {p.dtype for p in adapter} == {torch.float32}
     if variant != "qlora":  # a zero-initialised adapter leaves the low-precision model's outputs as they were
         with torch.no_grad():

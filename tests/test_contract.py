@@ -27,7 +27,7 @@ def test_start_merge_and_exact_reload(minilm, batch, tmp_path, variant):
     base = copy.deepcopy(model)
     variants.inject_adapters(model, variant, ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
     labelled = {**batch, "labels": torch.tensor([0, 1])}
-    variants.initialize(model, variants.InitData(iter([labelled] * 8), lambda m, b: m(**b).loss))
+    variants.variant_of(model).initialize(model, variants.InitData(iter([labelled] * 8), lambda m, b: m(**b).loss))
     model.eval()
     layers = variants.layers_of(model).values()
     with torch.no_grad():

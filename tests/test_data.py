@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from training import smoke_task
+from schema import ConfigError
 from training.data import load_task, make_loader
-from variants import ConfigError
+from training.data import synthetic as smoke_task
 
 
 def test_smoke_task_is_deterministic_balanced_and_disjoint():
-    train, evaluation = smoke_task.generate(2000, 500)
-    assert (train, evaluation) == smoke_task.generate(2000, 500)
+    train, evaluation = smoke_task.generate_smoke(2000, 500)
+    assert (train, evaluation) == smoke_task.generate_smoke(2000, 500)
     assert len(train) == 2000 and len(evaluation) == 500
     assert 0.45 < sum(e["label"] for e in train) / len(train) < 0.55
     assert not {e["sentence"] for e in train} & {e["sentence"] for e in evaluation}
@@ -42,7 +42,7 @@ def reference_label(sentence: str) -> int:
 
 
 def test_smoke_task_labels_follow_the_rule():
-    train, evaluation = smoke_task.generate(4000, 1000)
+    train, evaluation = smoke_task.generate_smoke(4000, 1000)
     for example in train + evaluation:
         assert example["label"] == reference_label(example["sentence"]), example
     forms = [", but ", "although ", ", although ", " far from ", "would not say"]

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from helpers.close import assert_close_or_bf16
 from torch import nn
 
 import variants
-from helpers.close import assert_close_or_bf16
 from variants import DoRALinear
 
 
@@ -129,7 +129,7 @@ def test_model_identity_and_save_load(minilm, batch, tmp_path):
     variants.inject_adapters(model, "dora", ["query", "value"], rank=8, alpha=16)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, pristine(**batch).logits, atol=1e-6, rtol=0)
-        for _, layer in variants.adapter_layers(model):
+        for layer in variants.layers_of(model).values():
             layer.lora_B.normal_(std=0.02)
             layer.magnitude.mul_(1.05)
     variants.mark_trainable(model, train_modules=["classifier"])
@@ -159,7 +159,7 @@ def test_matches_peft_dora(minilm, batch, bf16):
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
     with torch.no_grad():
-        for name, layer in variants.adapter_layers(model):
+        for name, layer in variants.layers_of(model).items():
             layer.lora_B.normal_(std=0.02)
             layer.magnitude.mul_(1 + 0.05 * torch.randn_like(layer.magnitude))
             peft_layers[name].lora_A["default"].weight.copy_(layer.lora_A)
@@ -176,12 +176,12 @@ def test_matches_peft_dora(minilm, batch, bf16):
     close(ours_out, theirs_out, atol=1e-5, rtol=1e-5)
     ours_out.float().sum().backward()
     theirs_out.float().sum().backward()
-    for name, layer in variants.adapter_layers(model):
+    for name, layer in variants.layers_of(model).items():
         ref = peft_layers[name]
         close(layer.lora_B.grad, ref.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
         close(layer.magnitude.grad, ref.lora_magnitude_vector["default"].weight.grad, atol=1e-5, rtol=1e-4)
 
     variants.merge_adapters(model)
     merged_theirs = theirs.merge_and_unload().state_dict()
-    for name, layer in variants.adapter_layers(model):
+    for name, layer in variants.layers_of(model).items():
         torch.testing.assert_close(layer.base.weight, merged_theirs[f"{name}.weight"], atol=1e-6, rtol=1e-5)

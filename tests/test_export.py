@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from test_causal_lm import (  # noqa: F401  (tokenizer fixture below)
+    needs_smollm2,
+    tiny_llama,
+    tokenizer,
+)
 
 import variants
 from training.export import main as export_main
-from variants.peft_format import save_peft_adapter
-
-from test_causal_lm import needs_smollm2, tiny_llama  # noqa: F401  (tokenizer fixture below)
-from test_causal_lm import tokenizer  # noqa: F401
+from variants.interop.peft_format import save_peft_adapter
 
 PEFT_FAMILY = [
     ("lora", {}),
@@ -29,7 +31,7 @@ def perturb(model: torch.nn.Module, seed: int = 1) -> None:
     """Every adapter tensor moved off its start, as training would."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in variants.adapter_layers(model):
+        for layer in variants.layers_of(model).values():
             for name, param in layer.named_parameters():
                 if not name.startswith("base."):
                     param.add_(0.05 * torch.randn(param.shape, generator=generator))
@@ -40,7 +42,7 @@ def adapt(model, name, settings, targets):
     total_steps = kwargs.pop("total_steps", None)
     variants.inject_adapters(model, name, targets, rank=4, alpha=8, **kwargs)
     if total_steps:
-        variants.on_train_begin(model, total_steps)
+        variants.variant_of(model).on_train_begin(model, total_steps)
     perturb(model)
     return model
 
@@ -80,14 +82,14 @@ def test_an_eva_adapter_with_its_own_ranks_and_a_rank_0_layer_loads_into_peft(mi
     """EVA's ranks from data (rank_pattern, alpha_pattern) and a layer at rank 0, which peft must
     not adapt: the loaded model gives the adapted model's outputs."""
     from training.data import make_loader
-    from training.smoke_task import generate
+    from training.data.synthetic import generate_smoke as generate
 
-    model, tokenizer = minilm
+    model, minilm_tokenizer = minilm
     fresh = copy.deepcopy(model)
-    loader = make_loader(generate(320, 10)[0], tokenizer, ["sentence"], 64, 16, shuffle=False)
+    loader = make_loader(generate(320, 10)[0], minilm_tokenizer, ["sentence"], 64, 16, shuffle=False)
     data = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
     variants.inject_adapters(model, "eva", ["query", "intermediate.dense"], rank=4, alpha=8, rho=2.0)
-    variants.initialize(model, variants.InitData(iter(data * 10), lambda m, b: None))
+    variants.variant_of(model).initialize(model, variants.InitData(iter(data * 10), lambda m, b: None))
     layers = variants.layers_of(model)
     dropped = next(name for name, layer in layers.items() if layer.rank)
     layers[dropped].resize(0, 0.0)

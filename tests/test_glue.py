@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from schema import ConfigError
 from training.data import load_task, make_loader
 from training.metrics import compute_metrics
-from variants import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "task"
 
@@ -39,18 +39,18 @@ LAYOUTS = {
                     "0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\tA man with a hard hat.\tA man wearing a hat.\t3.800"],
     },
     "mnli": {
-        "train.tsv": ["index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-                      "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label",
-                      "0\t31193\t31193n\tgovernment\t(\t(\t(\t(\tConceptually cream skimming has two dimensions.\t"
-                      "Product and geography are what make cream skimming work.\tneutral\tneutral"],
-        "dev_matched.tsv": ["index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
-                            "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
-                            "0\t1\t1e\tfiction\t(\t(\t(\t(\tThe new rights are nice.\tEveryone likes the rights.\tneutral\t"
-                            "entailment\tneutral\tneutral\tneutral\tneutral"],
-        "dev_mismatched.tsv": ["index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
-                               "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
-                               "0\t2\t2c\tletters\t(\t(\t(\t(\tYour gift is appreciated.\tNobody appreciates it.\t"
-                               "contradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction"],
+        "train.tsv": [("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+                       "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"),
+                      ("0\t31193\t31193n\tgovernment\t(\t(\t(\t(\tConceptually cream skimming has two dimensions.\t"
+                       "Product and geography are what make cream skimming work.\tneutral\tneutral")],
+        "dev_matched.tsv": [("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+                             "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label"),
+                            ("0\t1\t1e\tfiction\t(\t(\t(\t(\tThe new rights are nice.\tEveryone likes the rights.\tneutral\t"
+                             "entailment\tneutral\tneutral\tneutral\tneutral")],
+        "dev_mismatched.tsv": [("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+                                "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label"),
+                               ("0\t2\t2c\tletters\t(\t(\t(\t(\tYour gift is appreciated.\tNobody appreciates it.\t"
+                                "contradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction")],
     },
     "qnli": {
         "train.tsv": ["index\tquestion\tsentence\tlabel", "0\tWhen?\tIn 1990.\tentailment"],

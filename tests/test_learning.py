@@ -2,14 +2,15 @@
 
 import pytest
 import torch
+from helpers.loop import train_in_process
 from omegaconf import OmegaConf
 
 import variants
 from training.data import make_loader
-from training.smoke_task import generate
+from training.data.synthetic import generate_smoke as generate
 from training.device import Runtime
 from training.evaluation import evaluate
-from helpers.loop import train_in_process
+
 
 def trainer_cfg(lr: float):
     return OmegaConf.create({

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import variants
-from variants import ConfigError, LoRALinear
+from schema import ConfigError
+from variants import LoRALinear
 
 
 def make_lora(d_in=64, d_out=48, rank=4, alpha=8.0, **kw) -> LoRALinear:
@@ -139,17 +140,17 @@ def test_bad_arguments_leave_model_untouched(minilm):
     model, _ = minilm
     before = copy.deepcopy(model.state_dict())
     for kwargs, key in [
-        (dict(rank=0, alpha=8), "rank"),
-        (dict(rank=385, alpha=8), "rank"),
-        (dict(rank="8", alpha=8), "rank"),
-        (dict(rank=8, alpha=0), "alpha"),
-        (dict(rank=8, alpha=8, dropout=-0.1), "variant.dropout"),
+        ({"rank": 0, "alpha": 8}, "rank"),
+        ({"rank": 385, "alpha": 8}, "rank"),
+        ({"rank": "8", "alpha": 8}, "rank"),
+        ({"rank": 8, "alpha": 0}, "alpha"),
+        ({"rank": 8, "alpha": 8, "dropout": -0.1}, "variant.dropout"),
     ]:
         with pytest.raises(ConfigError, match=key):
             variants.inject_adapters(model, "lora", ["query"], **kwargs)
     with pytest.raises(ConfigError, match="variant='nope'.*allowed: .*lora"):
         variants.inject_adapters(model, "nope", ["query"], rank=8, alpha=8)
-    assert not list(variants.adapter_layers(model))
+    assert not variants.layers_of(model)
     assert model.state_dict().keys() == before.keys()
 
 
@@ -192,7 +193,7 @@ def test_load_rejects_mismatched_or_corrupt_files(minilm, tmp_path):
 def test_merged_model_matches_unmerged(minilm, batch):
     model, _ = minilm
     variants.inject_adapters(model, "lora", "all-linear", rank=8, alpha=16, exclude=["classifier"])
-    for _, layer in variants.adapter_layers(model):
+    for layer in variants.layers_of(model).values():
         randomize(layer)
         layer.lora_B.data.mul_(0.01)
     with torch.no_grad():
@@ -223,7 +224,7 @@ def test_init_from_loads_the_adapter_tensors_and_nothing_else(minilm, tmp_path):
     variants.inject_adapters(source, "lora", ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
     variants.mark_trainable(source, train_modules=["classifier"])
     with torch.no_grad():
-        for _, layer in variants.adapter_layers(source):
+        for layer in variants.layers_of(source).values():
             layer.lora_B.normal_(std=0.02)
         source.classifier.weight.add_(1.0)
     variants.save_adapter(source, tmp_path / "mnli.safetensors")
@@ -232,7 +233,7 @@ def test_init_from_loads_the_adapter_tensors_and_nothing_else(minilm, tmp_path):
     head = model.classifier.weight.detach().clone()
     loaded = variants.init_adapters_from(model, tmp_path / "mnli.safetensors")
     assert len(loaded) == 24 and all(n.endswith(("lora_A", "lora_B")) for n in loaded)
-    ours, theirs = dict(variants.adapter_layers(model)), dict(variants.adapter_layers(source))
+    ours, theirs = variants.layers_of(model), variants.layers_of(source)
     for name, layer in ours.items():
         assert torch.equal(layer.lora_A, theirs[name].lora_A) and torch.equal(layer.lora_B, theirs[name].lora_B)
     assert torch.equal(model.classifier.weight, head)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import variants
-from variants.lora_ga import estimate_weight_gradients, gradient_factors
-from variants.offset import OffsetLoRALinear
+from variants.methods.lora_ga import estimate_weight_gradients, gradient_factors
+from variants.methods.offset import OffsetLoRALinear
 
 
 def small_layer(rank=2, alpha=4):
@@ -133,7 +133,7 @@ def test_the_model_starts_identical_to_the_base_and_reloads_exactly(minilm, batc
     model, _ = minilm
     base = copy.deepcopy(model).eval()
     variants.inject_adapters(model, "lora_ga", ["query", "value"], rank=4, alpha=8, init_batches=2)
-    report = variants.initialize(model, fake_data(model, batch))
+    report = variants.variant_of(model).initialize(model, fake_data(model, batch))
     assert report["init_batches"] == 2 and len(report["gradient_norm"]) == 12
     model.eval()
     with torch.no_grad():
@@ -191,8 +191,8 @@ def test_initial_factors_and_adjusted_weight_match_peft_on_the_same_gradient(mon
     ({"init_batches": 0}, "variant.init_batches=0 must be a positive integer"),
     ({"direction": "BA"}, "variant.direction='BA' is not supported; allowed: ArB2r, A2rBr, ArBr"),
     ({"scale": "big"}, "variant.scale='big' is not supported; allowed: stable, unit, gd, peft_stable"),
-    ({"rank": 200}, "rank=200 needs 2r singular vectors, more than bert.encoder.layer.0.attention.self.query has; "
-                    "allowed: rank <= 192"),
+    ({"rank": 200}, ("rank=200 needs 2r singular vectors, more than bert.encoder.layer.0.attention.self.query has; "
+                     "allowed: rank <= 192")),
 ])
 def test_bad_settings_are_one_line_and_leave_the_model_alone(minilm, settings, message):
     model, _ = minilm

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import variants
-from variants.lora_pro import equivalent_gradient, projected_gradients, solve_sylvester_symmetric
+from variants.methods.lora_pro import equivalent_gradient, projected_gradients, solve_sylvester_symmetric
 
 M, N, R, S = 12, 10, 3, 2.0  # d_out, d_in, rank, scaling
 
@@ -49,7 +49,7 @@ def test_x_solves_the_sylvester_equation_and_changes_loras_gradients_least():
         new_a, new_b = zero_a + x_mode_or_x @ down, zero_b - up @ x_mode_or_x
         return float((new_a - g_a).norm() ** 2 + (new_b - g_b).norm() ** 2)
 
-    new_a, new_b = projected_gradients(down, up, g_a, g_b, S, "sylvester")
+    new_a, _new_b = projected_gradients(down, up, g_a, g_b, S, "sylvester")
     zero_a, _ = projected_gradients(down, up, g_a, g_b, S, "zero")
     torch.testing.assert_close(new_a, zero_a + x @ down, atol=1e-4, rtol=1e-4)
     best = change(x)
@@ -74,7 +74,7 @@ def one_step(model, lr=0.01):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     before = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.lora_A.grad.clone(),
               layer.lora_B.grad.clone())
-    variants.transform_gradients(model, optimizer, lr)
+    variants.variant_of(model).transform_gradients(model, optimizer, lr)
     optimizer.step()
     return before
 
@@ -126,7 +126,7 @@ def test_at_the_start_b_is_zero_so_the_first_full_step_moves_b_alone_along_the_p
     y.pow(2).sum().backward()
     full = 2 * y.detach().t() @ x  # g = ∂L/∂W of L = Σ y², y = W·x (+ bias)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    variants.transform_gradients(model, optimizer, lr)
+    variants.variant_of(model).transform_gradients(model, optimizer, lr)
     optimizer.step()
 
     assert torch.equal(layer.lora_A, a)
@@ -149,7 +149,7 @@ def test_full_mode_weight_decay_shrinks_the_whole_equivalent_weight_and_the_deca
         a, b = model[0].lora_A.detach().clone(), model[0].lora_B.detach().clone()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                       weight_decay=weight_decay)
-        variants.transform_gradients(model, optimizer, lr)
+        variants.variant_of(model).transform_gradients(model, optimizer, lr)
         stepped[weight_decay] = model
     plain, decayed = stepped[0.0][0], stepped[decay][0]
     shrink = (1 - lr * decay) ** 0.5
@@ -178,7 +178,7 @@ def test_bf16_moments_follow_fp32_moments_over_several_steps():
         for step in range(5):
             x = torch.randn(5, N, generator=torch.Generator().manual_seed(10 + step))
             model[0](x).pow(2).sum().backward()
-            variants.transform_gradients(model, optimizer, lr)
+            variants.variant_of(model).transform_gradients(model, optimizer, lr)
             optimizer.step()
         method = variants.variant_of(model)
         assert method.adam_step == 5 and method.moments["0"][0].dtype == getattr(torch, {"fp32": "float32",

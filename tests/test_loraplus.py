@@ -11,7 +11,7 @@ import variants
 from training import optim
 
 peft = pytest.importorskip("peft")
-from peft.optimizers import create_loraplus_optimizer  # noqa: E402
+from peft.optimizers import create_loraplus_optimizer
 
 TRAINER = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "weight_decay_on": "matrices", "scheduler": "linear",
                             "warmup_ratio": 0.0, "optimizer": "adamw"})

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
+from helpers.close import assert_close_or_bf16
 
 import variants
-from helpers.close import assert_close_or_bf16
 
 peft = pytest.importorskip("peft")
 
@@ -25,7 +25,7 @@ def copy_weights_into_peft(ours, theirs):
         for name, module in theirs.named_modules()
         if isinstance(module, peft.tuners.lora.LoraLayer)
     }
-    ours_layers = dict(variants.adapter_layers(ours))
+    ours_layers = variants.layers_of(ours)
     assert ours_layers.keys() == peft_layers.keys()
     with torch.no_grad():
         for name, layer in ours_layers.items():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import variants
-from variants.pissa import singular_factors
+from variants.methods.pissa import singular_factors
 
 R = 3
 

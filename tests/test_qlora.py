@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import variants
-from variants import ConfigError, QLoRALinear
-from variants.qlora import dequantized_weight, quantization_storage, quantize_linear, quantize_model
+from schema import ConfigError
+from variants import QLoRALinear
+from variants.methods.qlora import dequantized_weight, quantization_storage, quantize_linear, quantize_model
 
 
 def quantized_minilm(model):
@@ -64,7 +65,7 @@ def test_matches_peft_lora_on_the_same_quantized_base(minilm, batch):
     variants.inject_adapters(model, "qlora", ["query", "value"], rank=8, alpha=16, exclude=["classifier"])
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
-    ours = dict(variants.adapter_layers(model))
+    ours = variants.layers_of(model)
     assert ours.keys() == peft_layers.keys()
     with torch.no_grad():
         for name, layer in ours.items():
@@ -114,7 +115,7 @@ def test_only_adapters_train_and_save_load_round_trip(minilm, batch, tmp_path):
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all("lora_" in n or n.startswith("classifier") for n in with_grad)
     with torch.no_grad():
-        for _, layer in variants.adapter_layers(model):
+        for layer in variants.layers_of(model).values():
             layer.lora_B.normal_(std=0.02)
     model.eval()
     path = tmp_path / "qlora.safetensors"
@@ -126,7 +127,7 @@ def test_only_adapters_train_and_save_load_round_trip(minilm, batch, tmp_path):
 
 
 def test_the_api_example_runs_for_qlora(minilm, batch):
-    """The README's Python API example with "qlora" and no exclude: the task head outside the
+    """The Python API example (docs/python-api.md) with "qlora" and no exclude: the task head outside the
     backbone is left in full precision, so it can train."""
     model, _ = minilm
     variants.inject_adapters(model, "qlora", ["query", "value"], rank=8, alpha=16, dropout=0.1)
@@ -207,12 +208,12 @@ def test_merged_model_dequantized_for_export(minilm, batch, tmp_path):
     """merge_and_unwrap + dequantize_model: a plain full-precision model with the same outputs."""
     from transformers import AutoModelForSequenceClassification
 
-    from variants.qlora import dequantize_model
+    from variants.methods.qlora import dequantize_model
 
     model, _ = minilm
     variants.inject_adapters(model, "qlora", ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
     with torch.no_grad():
-        for _, layer in variants.adapter_layers(model):
+        for layer in variants.layers_of(model).values():
             layer.lora_B.normal_(std=0.02)
         expected = model(**batch).logits
     variants.merge_and_unwrap(model)
@@ -225,21 +226,21 @@ def test_merged_model_dequantized_for_export(minilm, batch, tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_the_readmes_qlora_api_example_runs(batch, capsys):
-    """The README's QLoRA snippet, as written, on the offline MiniLM instead of roberta-base."""
+def test_the_docs_qlora_api_example_runs(batch, capsys):
+    """The QLoRA snippet of docs/python-api.md, as written, on the offline MiniLM instead of roberta-base."""
     from pathlib import Path
 
     from transformers import AutoModelForSequenceClassification
 
     from training.models import resolve_model_path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text()
     after = readme[readme.index("QLoRA goes through the same calls."):]
     snippet = after[after.index("```python") + len("```python"):after.index("```", after.index("```python") + 9)]
     snippet = snippet.replace('"roberta-base"', repr(resolve_model_path("minilm")))
     namespace = {"variants": variants, "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
                  "batch": {**batch, "labels": torch.tensor([0, 1])}}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(snippet, "docs/python-api.md", "exec"), namespace)  # noqa: S102  (runs the snippet as written)
     model = namespace["model"]
     assert model.classifier.weight.grad is not None and isinstance(model.bert.pooler.dense, QLoRALinear)
     assert "4.1" in capsys.readouterr().out

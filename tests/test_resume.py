@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_causal_lm import needs_smollm2
 from test_run import ROOT, run_py
 
@@ -35,7 +34,7 @@ def kill_after_checkpoint(proc, checkpoint, min_step):
         if checkpoint.is_file():
             try:
                 step = torch.load(checkpoint, weights_only=True, mmap=True)["step"]
-            except Exception:  # replaced between open and read: try again
+            except Exception:  # noqa: BLE001  (replaced between open and read: try again)
                 step = -1
             if step >= min_step:
                 proc.send_signal(signal.SIGKILL)

@@ -7,13 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from test_run import run_py
 from transformers import AutoTokenizer
 
-from test_run import run_py
 from training import rundir
-from training.batching import LengthGroupedBatches, training_batches
 from training.checkpoint import TrainState
 from training.data import load_task, make_loader
+from training.data.batching import LengthGroupedBatches, training_batches
 from training.device import runtime_for
 from training.evaluation import ClassifierEvaluator
 from training.experiment import _setup_data

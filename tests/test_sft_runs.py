@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from test_causal_lm import ROOT, compose_cfg, needs_smollm2, task_cfg
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from training import rundir, run_experiment
+from training import run_experiment, rundir
+from training.data.sft import prompt_format
 from training.export import main as export_main
 from training.models import keep_first_layers, load_model, load_trained
-from training.sft_data import prompt_format
-
-from test_causal_lm import ROOT, compose_cfg, needs_smollm2, task_cfg
 
 pytestmark = needs_smollm2
 
@@ -97,13 +96,13 @@ def test_export_refuses_qlora_in_peft_format_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     short_run(run_dir, "variant=qlora")
     result = subprocess.run([sys.executable, "-m", "training.export", str(run_dir), "--peft", str(tmp_path / "p")],
-                            cwd=ROOT, capture_output=True, text=True)
+                            cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "QLoRA's A and B were trained on the 4-bit base" in result.stderr.strip().splitlines()[-1]
 
 
 def test_bitfit_is_refused_on_a_model_without_biases(tmp_path):
-    from variants import ConfigError
+    from schema import ConfigError
 
     with pytest.raises(ConfigError, match="LlamaForCausalLM has no bias terms to train"):
         short_run(tmp_path / "run", "variant=bitfit")

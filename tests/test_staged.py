@@ -5,16 +5,17 @@ import json
 
 import pytest
 import torch
+from helpers.loop import train_in_process
 from omegaconf import OmegaConf
 from torch import nn
 from transformers import get_scheduler
 
 import variants
+from schema import ConfigError
 from training.data import make_loader
+from training.data.synthetic import generate_smoke as generate
 from training.optim import SCHEDULERS
-from training.smoke_task import generate
-from helpers.loop import train_in_process
-from variants import ConfigError, register_variant
+from variants import register_variant
 
 
 @register_variant("test-recorded-staged")

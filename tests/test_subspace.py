@@ -143,7 +143,7 @@ def test_amplification_of_a_real_adapter(minilm, tmp_path, capsys, variant, sett
     variants.inject_adapters(model, variant, ["query", "value"], rank=4, alpha=8, exclude=["classifier"], **settings)
     variants.mark_trainable(model, train_modules=["classifier"])
     with torch.no_grad():
-        for _, layer in variants.adapter_layers(model):
+        for layer in variants.layers_of(model).values():
             layer.lora_B.normal_(std=0.05)
     run = tmp_path / "run"
     run.mkdir()
@@ -152,7 +152,7 @@ def test_amplification_of_a_real_adapter(minilm, tmp_path, capsys, variant, sett
                                "--plot", str(tmp_path / "a.png")]) == 0
     rows = (tmp_path / "a.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("run,bert.encoder.layer.0.attention.self.query,4,")
-    layer = dict(variants.adapter_layers(model))["bert.encoder.layer.0.attention.self.query"]
+    layer = variants.layers_of(model)["bert.encoder.layer.0.attention.self.query"]
     delta_norm = float(rows[1].split(",")[3])
     assert delta_norm == pytest.approx(float(torch.linalg.matrix_norm(layer.delta_weight().detach())), rel=1e-5)
 
@@ -197,7 +197,7 @@ def test_the_documented_pairing_starts_at_the_random_level_and_one_seed_nests_th
         model = copy.deepcopy(minilm[0])
         torch.manual_seed(seed)
         variants.inject_adapters(model, "lora", ["query", "value"], rank=rank, alpha=16)
-        return dict(variants.adapter_layers(model))["bert.encoder.layer.0.attention.self.query"].lora_A.detach().double()
+        return variants.layers_of(model)["bert.encoder.layer.0.attention.self.query"].lora_A.detach().double()
 
     phi_start = phi(singular_basis(start(8, 0)), singular_basis(start(64, 1)))
     assert phi_start[:, -1].mean() < 1.3 * 64 / 384 and phi_start[0, 0] < 0.05  # random: j/d, ~1/d

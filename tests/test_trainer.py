@@ -2,22 +2,22 @@
 
 import copy
 import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers.loop import train_in_process
 from omegaconf import OmegaConf
+from torch import nn
 
 import variants
-from training.data import make_loader
-from training.smoke_task import generate
+from schema import ConfigError
 from training import optim
+from training.data import make_loader
+from training.data.synthetic import generate_smoke as generate
 from training.device import peak_memory_mb, reset_peak_memory
 from training.trainer import check_trainer_config, plan_run
-from helpers.loop import train_in_process
-from variants import AdapterLayer, ConfigError, LoRALinear, register_variant
+from variants import register_variant
 
 
 @register_variant("test-hooked-lora")
@@ -96,7 +96,7 @@ def test_hooks_are_called_with_all_layers_and_live_gradients(minilm, tmp_path):
 
 def test_the_penalty_is_part_of_the_optimised_loss(minilm, tmp_path):
     """With B held at zero the task loss gives A no gradient, so only the penalty moves A."""
-    norm = lambda m: sum(layer.lora_A.pow(2).sum().item() for layer in variants.layers_of(m).values())  # noqa: E731
+    norm = lambda m: sum(layer.lora_A.pow(2).sum().item() for layer in variants.layers_of(m).values())
     torch.manual_seed(0)
     before = copy.deepcopy(minilm[0])
     variants.inject_adapters(before, "test-hooked-lora", ["query", "value"], rank=2, alpha=2, dropout=0.1)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import variants
-from variants import ConfigError
+from schema import ConfigError
 
 from . import rundir
 
@@ -217,7 +217,7 @@ def model_state(model: nn.Module) -> dict[str, Any]:
 
 @torch.no_grad()
 def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
-    variants.fit_to_saved(model, state["tensors"])
+    variants.variant_of(model).fit_to_saved(model, state["tensors"])
     own = model.state_dict(keep_vars=True)
     for name, tensor in state["tensors"].items():
         own[name].copy_(tensor)
@@ -255,7 +255,7 @@ def load_latest(path: Path) -> tuple[dict[str, Any], list[str]]:
             if not isinstance(saved, dict) or "step" not in saved:
                 raise ValueError("not a checkpoint")
             return saved, [f"{p}; resuming from {candidate.name} instead" for p in problems]
-        except Exception as err:  # torch raises many types for a damaged file; its advice is not passed on
+        except Exception as err:  # noqa: BLE001  (torch raises many types for a damaged file; its advice is not passed on)
             problems.append(f"{candidate} is unreadable ({type(err).__name__})")
     if not problems:
         raise ConfigError(f"resume=true but {str(path.parent)!r} has no {path.name} to resume from")

@@ -6,7 +6,7 @@ import importlib
 import re
 from pathlib import Path
 
-from variants import ConfigError
+from schema import ConfigError
 
 # A plain choice or a comma-separated sweep of plain choices; Hydra's sweep functions
 # (range(), glob(), choice()) and lists are left for Hydra to expand.

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from variants import ConfigError
+from schema import ConfigError
 
 from . import distributed
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import BatchSampler
 
 import variants
-from variants import ConfigError
+from schema import ConfigError
 
 
 @dataclass(frozen=True)

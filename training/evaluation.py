@@ -28,9 +28,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from .data.sft import IGNORE
 from .device import Runtime
 from .metrics import Predictions, compute_metrics
-from .sft_data import IGNORE
 
 
 class Evaluator(Protocol):

@@ -22,19 +22,18 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase, set_seed
 
 import variants
-from variants import ConfigError
+from schema import ConfigError
+from variants.budget import rank_for_budget
 
-from . import checkpoint, distributed, resuming, rundir, sft_data
+from . import checkpoint, distributed, resuming, rundir
 from .checkpoint import TrainState
-from .data import load_task, make_loader
+from .data import load_task, make_loader, sft
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
 from .metrics import check_metric_names
 from .models import MODEL_TYPES, load_model
-from .tracking import WANDB_MODES, NullTracker, Tracker
-from variants.budget import rank_for_budget
-
 from .selection import best_of
+from .tracking import WANDB_MODES, NullTracker, Tracker
 from .trainer import Plan, check_trainer_config, plan_run, train
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     model, tokenizer, adapted, runtime, budget = _setup_model(cfg, runtime)
     train_loader, eval_loaders, evaluator = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
     plan = plan_run(cfg.trainer, len(train_loader), evaluator, list(eval_loaders), cfg.task.main_metric)
-    variants.check_total_steps(model, plan.steps)  # a schedule longer than the run fails here, before writing
+    variants.variant_of(model).check_total_steps(plan.steps)  # a schedule longer than the run fails here, before writing
     resume, run_record = _load_checkpoint(cfg, run_dir, runtime)
 
     main = runtime.context.is_main
@@ -113,7 +112,7 @@ def _check_top_level(cfg: DictConfig) -> None:
         raise ConfigError(f"tracking.mode={cfg.tracking.mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
     _check_task_matches_model(cfg)
     if task_type(cfg) == "causal_lm":
-        sft_data.check_sft_task(cfg.task)
+        sft.check_sft_task(cfg.task)
     check_metric_names(list(cfg.task.metrics), task_type(cfg))
     if cfg.task.main_metric not in cfg.task.metrics:
         raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
@@ -208,12 +207,12 @@ def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examp
 
 def _setup_causal_lm_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
                           runtime: Runtime) -> tuple[DataLoader, dict[str, DataLoader], Evaluator]:
-    """Instruction/response pairs (``training/sft_data.py``), scored by loss and generation."""
-    fmt, max_length = sft_data.prompt_format(tokenizer, cfg.task), cfg.model.max_length
-    train_loader = sft_data.make_train_loader(train_examples, fmt, max_length, cfg.trainer.batch_size, cfg.seed,
+    """Instruction/response pairs (``training/data/sft.py``), scored by loss and generation."""
+    fmt, max_length = sft.prompt_format(tokenizer, cfg.task), cfg.model.max_length
+    train_loader = sft.make_train_loader(train_examples, fmt, max_length, cfg.trainer.batch_size, cfg.seed,
                                               packing=bool(cfg.task.get("packing")), shard=runtime.context,
                                               group_by_length=cfg.trainer.group_by_length)
-    eval_loaders = {name: sft_data.make_eval_loader(examples, fmt, max_length, cfg.trainer.eval_batch_size)
+    eval_loaders = {name: sft.make_eval_loader(examples, fmt, max_length, cfg.trainer.eval_batch_size)
                     for name, examples in eval_sets.items()}
     return train_loader, eval_loaders, GenerationEvaluator(list(cfg.task.metrics), tokenizer, cfg.task.max_new_tokens)
 

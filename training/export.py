@@ -7,7 +7,7 @@ The run's model is rebuilt from its ``adapter.safetensors`` on a fresh base (the
 names). ``--merged`` folds every adapter into its layer (QLoRA: the 4-bit weights dequantized,
 then W0 + ΔW in fp32) and saves the plain model and its tokenizer: it reloads without this
 project and generates what the adapted model generates. ``--peft`` writes the LoRA-family
-adapters as ``variants/peft_format.py`` describes. Bad input: one line, exit status 2.
+adapters as ``variants/interop/peft_format.py`` describes. Bad input: one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 import variants
-from variants import ConfigError
-from variants.peft_format import save_peft_adapter
-from variants.qlora import dequantize_model
+from schema import ConfigError
+from variants.interop.peft_format import save_peft_adapter
+from variants.methods.qlora import dequantize_model
 
 from . import rundir
 from .models import load_trained, loadable_path
@@ -43,10 +43,11 @@ def export_merged(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: Pat
 
 def trained_outside_adapters(adapter_path: Path, model: nn.Module) -> list[str]:
     """The run's saved tensors that are parameters outside the adapter layers (the head)."""
-    layers = [name for name, _ in variants.adapter_layers(model)]
+    layers = list(variants.layers_of(model))
     params = dict(model.named_parameters())
     with safe_open(str(adapter_path), "pt") as f:
-        return [k for k in f.keys() if k in params and not any(k.startswith(layer + ".") for layer in layers)]
+        return [k for k in f.keys() if k in params  # noqa: SIM118  (safe_open is no dict)
+                and not any(k.startswith(layer + ".") for layer in layers)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from variants import ConfigError
+from schema import ConfigError
+
 
 @dataclass(frozen=True)
 class Predictions:
@@ -66,3 +67,34 @@ def check_metric_names(names: list[str], task_type: str = "classification") -> N
 
 def compute_metrics(names: list[str], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {name: float(METRICS[name](predictions, labels)) for name in names}
+
+
+class MetricError(ValueError):
+    """A metric asked of ``batch_metric`` that it does not compute."""
+
+
+def batch_metric(name: str, predicted: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """``METRICS[name]`` over the last axis of (..., n) arrays at once: the same numbers for each
+    row (a bootstrap's resamples, say) as for one. F1 and Matthews for two classes (0/1); where
+    one is undefined it is 0, as scikit-learn gives."""
+    if name == "accuracy":
+        return (predicted == gold).mean(-1)
+    if name in ("f1", "matthews"):
+        if gold.max(initial=0) > 1 or predicted.max(initial=0) > 1:
+            raise MetricError(f"metric {name!r} is computed here for two classes (0/1); these runs have more")
+        p, g = predicted.astype(bool), gold.astype(bool)
+        tp, fp = (p & g).sum(-1, dtype=float), (p & ~g).sum(-1, dtype=float)
+        fn, tn = (~p & g).sum(-1, dtype=float), (~p & ~g).sum(-1, dtype=float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if name == "f1":
+                value = 2 * tp / (2 * tp + fp + fn)
+            else:
+                value = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        return np.nan_to_num(value)  # sklearn's convention: 0 where undefined
+    if name in ("pearson", "spearman"):
+        if name == "spearman":
+            predicted, gold = stats.rankdata(predicted, axis=-1), stats.rankdata(gold, axis=-1)
+        x = predicted - predicted.mean(-1, keepdims=True)
+        y = gold - gold.mean(-1, keepdims=True)
+        return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+    raise MetricError(f"metric {name!r} has no bootstrap form; allowed: {', '.join(METRICS)}")

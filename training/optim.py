@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 import variants
-from variants import ConfigError
+from schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,11 @@ def build(cfg, model: nn.Module, total_steps: int, device: torch.device, done_st
     ``done_steps`` on. A fresh optimizer starts with empty state."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     fp32_masters([p for _, p in named])
-    lr = variants.learning_rate(model, cfg.lr)
+    method = variants.variant_of(model)
+    lr = method.learning_rate(cfg.lr)
     name = resolve_optimizer(cfg.get("optimizer", "auto"), model, device)
     groups = param_groups(named, cfg.weight_decay, cfg.get("weight_decay_on", "matrices"),
-                          lambda n, p: variants.learning_rate_scale(model, n, p))
+                          method.learning_rate_scale)
     optimizer = make_optimizer(name, groups, lr)
     scheduler = continuous_schedule(cfg.scheduler, optimizer, int(cfg.warmup_ratio * total_steps), total_steps,
                                     done_steps)
@@ -119,7 +120,7 @@ def resolve_optimizer(name: str, model: nn.Module, device: torch.device) -> str:
     if name not in OPTIMIZERS:
         raise ConfigError(f"trainer.optimizer={name!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
     if name == "auto":
-        return variants.preferred_optimizer(model) if device.type == "cuda" else "adamw"
+        return variants.variant_of(model).paper_optimizer if device.type == "cuda" else "adamw"
     if name != "adamw" and device.type != "cuda":
         log.warning("trainer.optimizer=%s needs CUDA; using plain AdamW on %s", name, device)
         return "adamw"

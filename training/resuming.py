@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from variants import ConfigError
+from schema import ConfigError
 
 # Keys that never change what trains: how the run was started and where it is tracked.
 IGNORED = ("resume", "resume_changes", "skip_completed", "tracking")

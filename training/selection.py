@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from variants import ConfigError
+from schema import ConfigError
 
 from .checkpoint import TrainState
 from .metrics import higher_is_better
@@ -94,7 +94,7 @@ def selection_for(cfg: Any, eval_sets: list[str], metric: str, steps_per_epoch: 
     wanted = cfg.get("select_on", "auto")
     eval_set = ("val" if "val" in eval_sets else "main") if wanted == "auto" else wanted
     if eval_set not in eval_sets:
-        raise ConfigError(f"trainer.select_on=val but the task holds no validation set out; allowed: main or auto, "
+        raise ConfigError("trainer.select_on=val but the task holds no validation set out; allowed: main or auto, "
                           "or set task.val_fraction")
     stopping = cfg.get("early_stopping") or {}
     min_steps = math.ceil(stopping.get("min_epochs", 0) * steps_per_epoch)

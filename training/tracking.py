@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from variants import ConfigError
+from schema import ConfigError
 
 from . import rundir
 from .metrics import Predictions

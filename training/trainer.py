@@ -1,8 +1,8 @@
-"""The training loop. Variant-specific behaviour reaches it only through the model-wide hooks
-(``variants.initialize``, ``variants.on_train_begin``, ``variants.adapter_loss``,
-``variants.transform_gradients``, ``variants.after_optimizer_step`` and, through the optimizer,
-``variants.learning_rate`` and ``variants.learning_rate_scale``); the loop never asks which
-variant it runs.
+"""The training loop. Variant-specific behaviour reaches it only through the hooks of the model's
+variant (``variants.variant_of(model)``: ``initialize``, ``check_total_steps``, ``on_train_begin``,
+``adapter_loss``, ``transform_gradients``, ``after_optimizer_step`` and, through the optimizer,
+``learning_rate`` and ``learning_rate_scale``); the loop never asks which variant it runs (a
+model without one has a ``NoVariant``, whose hooks do nothing).
 
 Under ``torchrun`` the loop calls the data-parallel wrapper (``model``), which averages the
 gradients in backward; ``raw_model`` is the unwrapped module, for the hooks, evaluation and
@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import variants
-from variants import ConfigError
+from schema import ConfigError
 
 from . import checkpoint, distributed, optim, selection
 from .checkpoint import DataPosition, TrainState
@@ -75,8 +75,8 @@ class Plan:
     steps: int
     steps_per_epoch: int
     eval_every: int
-    evaluator: Evaluator = ClassifierEvaluator()
-    selection: Selection = Selection("main", "accuracy")
+    evaluator: Evaluator = field(default_factory=ClassifierEvaluator)
+    selection: Selection = field(default_factory=lambda: Selection("main", "accuracy"))
     eval_others: str = "always"  # or "when_best": the non-selection sets only at new bests and at the end
 
 
@@ -87,7 +87,7 @@ def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None 
     (``training/evaluation.py``; default: a classifier's accuracy); ``eval_sets`` and
     ``main_metric``: what ``trainer.select_on`` and early stopping compare."""
     if cfg.get("epochs"):
-        steps = int(math.ceil(cfg.epochs * steps_per_epoch))
+        steps = math.ceil(cfg.epochs * steps_per_epoch)
     elif isinstance(cfg.max_steps, int) and not isinstance(cfg.max_steps, bool) and cfg.max_steps >= 1:
         steps = cfg.max_steps
     else:
@@ -179,7 +179,9 @@ def train(
     before its step."""
     raw_model = model
     initialization = _initialize(raw_model, train_loader, runtime) if resume is None else None
-    variants.on_train_begin(raw_model, plan.steps)
+    method = variants.variant_of(raw_model)
+    method.check_total_steps(plan.steps)
+    method.on_train_begin(raw_model, plan.steps)
     if cfg.get("gradient_checkpointing"):
         raw_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -204,10 +206,10 @@ def train(
             started = time.perf_counter()
             loss, adapter_loss = _forward_backward(model, raw_model, runtime.to_device(batch), runtime, state.step)
             opt.clip(cfg.grad_clip)  # the gradients as backward averaged them, clipped as usual, then the variant's
-            state.pending.update(variants.transform_gradients(raw_model, opt.optimizer, opt.lr))
+            state.pending.update(method.transform_gradients(raw_model, opt.optimizer, opt.lr))
             opt.step()
             state.step += 1
-            state.pending.update(variants.after_optimizer_step(raw_model, state.step, plan.steps))  # grads still live
+            state.pending.update(method.after_optimizer_step(raw_model, state.step, plan.steps))  # grads still live
             opt.zero_grad()
             runtime.synchronize()
             state.record_step(loss, adapter_loss, time.perf_counter() - started)
@@ -257,10 +259,11 @@ def train(
 
 
 def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime) -> dict[str, Any]:
-    """The variant's data-driven initialisation (``variants.initialize``) on training batches,
-    drawn without disturbing the run: the shuffling and the random streams are as they were, so
-    a run whose variant initialises from data sees the same batches and dropout masks as one
-    whose variant does not."""
+    """The variant's data-driven initialisation (its ``initialize``) on training batches, drawn
+    without disturbing the run: the shuffling and the random streams are as they were, so a run
+    whose variant initialises from data sees the same batches and dropout masks as one whose
+    variant does not. Nothing (an empty report) when the adapters were started from another run's
+    (``init_adapters_from``): it would overwrite what was loaded."""
     shuffling = train_loader.generator.get_state()
 
     def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -270,7 +273,8 @@ def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime
     batches = (runtime.to_device(batch) for batch in _batches(train_loader, DataPosition()))
     data = variants.InitData(batches, task_loss, lambda t: distributed.mean_over_ranks(t, runtime.context))
     with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
-        report = variants.initialize(raw_model, data)
+        method = variants.variant_of(raw_model)
+        report = {} if method.started_from_file else method.initialize(raw_model, data)
     train_loader.generator.set_state(shuffling)
     if report:
         log.info("initialised from training data: %s", {k: v for k, v in report.items() if not isinstance(v, dict)})
@@ -302,7 +306,7 @@ def _forward_backward(
     regulariser; backward. Returns (task loss, regulariser or None)."""
     with runtime.autocast():
         loss = model(**batch).loss
-        adapter_loss = variants.adapter_loss(raw_model)
+        adapter_loss = variants.variant_of(raw_model).adapter_loss(raw_model)
     total = loss if adapter_loss is None else loss + adapter_loss
     finite = bool(torch.isfinite(total.detach()))
     if not distributed.all_true(finite, runtime.context):  # every process stops, so rank 0 records why

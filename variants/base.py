@@ -3,9 +3,9 @@
 A variant is a fine-tuning method, and one instance of it belongs to one model. It is built once
 from the run's settings (``variant.*``), checks them once, and holds what is model-wide:
 AdaLoRA's budget schedule, staged training's phases, QLoRA's quantization settings, LoRA+'s rate
-ratio. Layers hold only per-layer math. The trainer reaches the method through the model-level
-functions of ``variants.model`` (``on_train_begin(model, …)`` and the rest), which call the
-model's variant, so it never asks which variant it runs.
+ratio. Layers hold only per-layer math. The trainer reaches the method through the model's
+variant, ``variant_of(model).on_train_begin(model, …)`` and the rest, so it never asks which
+variant it runs; a model that carries none has a ``NoVariant``, whose hooks do nothing.
 
 Two kinds:
 
@@ -47,21 +47,23 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from schema import ConfigError
+
 from .targets import Targets, find_target_modules, replace_module
 
 VARIANT_ATTRIBUTE = "_variant"  # the model's variant instance, set by inject_adapters
 
 
-def variant_of(model: nn.Module) -> Variant | None:
-    """The variant ``inject_adapters`` applied to ``model``; None before it ran."""
-    return getattr(model, VARIANT_ATTRIBUTE, None)
+def variant_of(model: nn.Module) -> Variant:
+    """The variant ``inject_adapters`` applied to ``model``; a ``NoVariant`` (hooks that do
+    nothing) before it ran and after ``merge_and_unwrap``."""
+    variant = getattr(model, VARIANT_ATTRIBUTE, None)
+    return NoVariant() if variant is None else variant
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """What the model's variant was built with, as saved with an adapter; {} before it ran."""
-    variant = variant_of(model)
-    return variant.config() if variant is not None else {}
+    return variant_of(model).config()
 
 
 @contextmanager
@@ -182,12 +184,14 @@ class Variant:
 
     def initialize(self, model: nn.Module, data: InitData) -> dict[str, Any]:
         """Data-driven initialisation before the first step of a fresh run (never on resume: the
-        checkpoint holds its result). May run forward and backward passes over ``data.batches``;
+        checkpoint holds its result; nor when ``started_from_file``: it would overwrite what was
+        loaded). May run forward and backward passes over ``data.batches``;
         must leave every ``.grad`` as it found it. Returns facts for the run's summary."""
         return {}
 
     def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
-        """Called once before the first step of a fresh run (after ``initialize``): reset schedules."""
+        """Called once before the first step of a fresh run (after ``initialize``, and after
+        ``check_total_steps``, which the caller runs first): reset schedules."""
 
     def learning_rate(self, lr: float) -> float:
         """The peak rate of the optimizer the trainer is about to build, given the configured
@@ -237,6 +241,21 @@ class Variant:
     def report(self, model: nn.Module) -> dict[str, Any]:
         """JSON-serialisable facts about the trained model worth keeping with the run."""
         return {}
+
+
+class NoVariant(Variant):
+    """The variant of a model that carries none: every hook is ``Variant``'s default, which does
+    nothing, it trains nothing itself and has no config. ``variant_of`` returns one, so that a
+    caller runs a model's hooks without asking whether it has a variant."""
+
+    def __init__(self) -> None:
+        self.settings, self.targets, self.exclude, self.modules = {}, None, [], []
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return []
 
 
 def adapter_dtype(base: nn.Linear) -> torch.dtype:

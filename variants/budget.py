@@ -14,7 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from .base import AdapterVariant, ConfigError, get_variant
+from schema import ConfigError
+
+from .base import AdapterVariant, get_variant
 from .targets import Targets, find_target_modules
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from .errors import ConfigError
+from schema import ConfigError
 
 ALL_LINEAR = "all-linear"
 

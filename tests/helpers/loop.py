@@ -4,8 +4,8 @@ import torch
 from omegaconf import DictConfig
 
 from training.device import Runtime
-from training.tracking import Tracker
 from training.evaluation import ClassifierEvaluator
+from training.tracking import Tracker
 from training.trainer import plan_run, train
 
 

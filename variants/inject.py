@@ -1,0 +1,133 @@
+"""Applying a variant to a model: inject it, choose what trains, count it, merge it into the base.
+
+These work for every registered variant; nothing here knows one variant from another. The
+variant's training hooks are called on it directly (``variant_of(model).adapter_loss(model)``);
+saving and loading what trained is ``variants/adapter_file.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from schema import ConfigError
+
+from .base import VARIANT_ATTRIBUTE, get_variant, layers_of, variant_of
+from .targets import Targets, modules_named, replace_module
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def inject_adapters(
+    model: nn.Module,
+    variant: str,
+    targets: Targets | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    exclude: Sequence[str] = (),
+    **variant_kwargs: Any,
+) -> list[str]:
+    """Apply ``variant`` to ``model`` in place and freeze everything it does not train.
+
+    An adapter variant wraps each ``nn.Linear`` that ``targets`` selects (never one in or
+    inside ``exclude``, the task head) and needs ``rank`` and ``alpha``; a baseline selects which
+    of the model's own parameters train. The variant is built and checked once, before the model
+    changes, so a bad argument leaves it untouched; it stays with the model (``variant_of``).
+    Returns the names of the adapted modules ([] for a baseline).
+    """
+    method = get_variant(variant).create(rank=rank, alpha=alpha, **variant_kwargs)
+    names = method.inject(model, targets, exclude)
+    method.targets, method.exclude, method.modules = targets, list(exclude), names
+    setattr(model, VARIANT_ATTRIBUTE, method)
+    mark_trainable(model)
+    return names
+
+
+def mark_trainable(model: nn.Module, bias: str = "none", train_modules: Sequence[str] = ()) -> None:
+    """Freeze the model except what its variant trains, the chosen biases and ``train_modules``.
+
+    ``bias``: ``none`` (no bias beyond the variant's), ``all`` (every bias in the model), or
+    ``lora_only`` (the biases of the adapted layers). ``train_modules`` names modules that train
+    in full, such as a freshly initialised classification head; same matching as a list of targets.
+    """
+    if bias not in BIAS_MODES:
+        raise ConfigError(f"variant.bias={bias!r} is not supported; allowed: {', '.join(BIAS_MODES)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in variant_of(model).trainable_parameters(model):
+        p.requires_grad_(True)
+    if bias == "lora_only":
+        for layer in layers_of(model).values():
+            if layer.base.bias is not None:
+                layer.base.bias.requires_grad_(True)
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(True)
+    if train_modules:
+        matched = modules_named(model, train_modules)
+        if not matched:
+            raise ConfigError(f"model.train_modules={list(train_modules)} matches no module")
+        for module in matched:
+            _check_full_precision(model, module, train_modules)
+            for p in module.parameters():
+                p.requires_grad_(True)
+
+
+def _check_full_precision(model: nn.Module, module: nn.Module, train_modules: Sequence[str]) -> None:
+    """A module that trains in full cannot have quantized (integer-coded) weights."""
+    for name, p in module.named_parameters():
+        if not p.is_floating_point():
+            where = next(n for n, m in model.named_modules() if m is module)
+            raise ConfigError(
+                f"train_modules={list(train_modules)}: {where}.{name} is quantized, so it cannot train; pass "
+                f"exclude={list(train_modules)} to inject_adapters so that the variant leaves it in full precision"
+            )
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a 4-bit weight counts its logical elements."""
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    return trainable, total
+
+
+def count_trainable_in(model: nn.Module, names: Sequence[str]) -> int:
+    """Trainable parameters inside the modules ``names`` selects (e.g. the task head), each
+    counted once."""
+    params = {id(p): p for m in modules_named(model, names) for p in m.parameters() if p.requires_grad}
+    return sum(_numel(p) for p in params.values())
+
+
+def _numel(p: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit values per byte; the original shape is in its quant_state.
+    quant_state = getattr(p, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else p.numel()
+
+
+def adapter_report(model: nn.Module) -> dict[str, Any]:
+    """Facts about the trained model worth keeping with the run: its variant's ``report`` ({}
+    for a model without one)."""
+    return variant_of(model).report(model)
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for layer in layers_of(model).values():
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for layer in layers_of(model).values():
+        layer.unmerge()
+
+
+def merge_and_unwrap(model: nn.Module) -> None:
+    """Merge every adapter and put its (merged) base layer back in its place: a plain model of
+    the original architecture, for ``save_pretrained`` or deployment. Not reversible."""
+    for name, layer in layers_of(model).items():
+        layer.merge()
+        replace_module(model, name, layer.base)
+    model.__dict__.pop(VARIANT_ATTRIBUTE, None)  # no variant is left to run hooks for: variant_of gives NoVariant

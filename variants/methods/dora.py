@@ -1,0 +1,144 @@
+"""DoRA: Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation".
+
+    W' = m · V / ‖V‖_c,   V = W0 + (α/r)·B·A                                   (Eq. 5)
+
+The direction V is LoRA-updated, the magnitude m (one per output feature) trains freely, and
+‖·‖_c is the L2 norm of each output feature's weights, taken over the input dimension. With
+m = ‖W0‖_c and B = 0 at the start, W' = W0 and the wrapped model is exactly the base model.
+
+By default ‖V‖_c is treated as a constant in the backward pass (§4.3): the gradient then does
+not flow through the norm, which saves the memory of its graph at a small cost in accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from schema import ConfigError
+
+from ..base import register_variant
+from .lora import LoRA, LoRALinear
+
+
+class DoRALinear(LoRALinear):
+    """DoRA around a frozen ``nn.Linear``; A, B, dropout and init as in ``LoRALinear``.
+
+    Extra args:
+        detach_norm: treat ‖V‖_c as a constant in backward (the paper's §4.3 choice).
+
+    Adds ``magnitude``: ``(d_out,)``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        detach_norm: bool = True,
+        **lora_settings: Any,
+    ) -> None:
+        super().__init__(base, rank, alpha, **lora_settings)
+        self.detach_norm = detach_norm
+        self.magnitude = nn.Parameter(self.base.weight.detach().to(self.lora_A.dtype).norm(dim=1))
+        # ‖V‖_c at merge time: what unmerge needs to recover W0 from the merged weight.
+        self.register_buffer("_merged_norm", None, persistent=False)
+
+    def frozen_weight(self) -> torch.Tensor:
+        """W0, also while merged (then recovered as W'·‖V‖_c/m − (α/r)·B·A). Not detached: the
+        direction's gradient flows through it to A and B."""
+        weight = self.base.weight.to(self.lora_A.dtype)
+        if not self.merged:
+            return weight
+        return weight * (self._merged_norm / self.magnitude).unsqueeze(1) - self.low_rank_weight()
+
+    def direction(self) -> torch.Tensor:
+        """V = W0 + (α/r)·B·A: ``(d_out, d_in)``, in the adapter's dtype (fp32) also under autocast."""
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return self.frozen_weight() + self.low_rank_weight()
+
+    def direction_norm(self) -> torch.Tensor:
+        """‖V‖_c, one norm per output feature: ``(d_out,)``; detached if ``detach_norm``."""
+        norm = self.direction().norm(dim=1)
+        return norm.detach() if self.detach_norm else norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged or not self.active:
+            return result
+        # W'x + b = result + (s − 1)·W0·x' + s·(α/r)·B·A·x', s = m/‖V‖ and x' the adapter input.
+        # s stays fp32, and so does every sum with it: a learned change of m is ~0.1%, while bf16's
+        # step near 1 is 0.4–0.8%, so rounding s, (s − 1)·W0·x or the sum to bf16 would lose it
+        # (peft keeps s in fp32 too). Under autocast the layer therefore returns fp32 (the next
+        # matmul casts it as autocast does); without autocast, the base layer's dtype.
+        scale = self.magnitude.float() / self.direction_norm().float()
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # Dropout on both adapter terms (as the paper's code): W0·x' needs its own GEMM.
+            adapter_input = self.dropout(x)
+            rescaled = torch.addcmul(result.float(), F.linear(adapter_input, self.base.weight).float(), scale - 1)
+        else:
+            # x' = x: reuse W0·x from the base output, s·(W0·x) + b = s·result + (1 − s)·b.
+            adapter_input = x
+            bias = self.base.bias
+            rescaled = result.float() * scale if bias is None else torch.addcmul((1 - scale) * bias.float(),
+                                                                                  result.float(), scale)
+        down = self.down_projection(adapter_input)
+        if torch.is_autocast_enabled(x.device.type):  # s stays out of the bf16 GEMM's operands
+            return torch.addcmul(rescaled, down @ self.lora_B.t(), scale)
+        # Folding s into B (d_out × r) lets the last term accumulate into the rest in one GEMM.
+        return self.add_up_projection(rescaled, down, self.lora_B * scale.unsqueeze(1)).to(result.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' = m·V/‖V‖_c, exactly, with the norm not detached."""
+        direction = self.direction()
+        return self.magnitude.unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
+
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        """peft's DoRA: LoRA's A, B and scaling, and m as ``lora_magnitude_vector``."""
+        return {**super().as_lora(), "lora_magnitude_vector": self.magnitude}
+
+    def delta_weight(self) -> torch.Tensor:
+        """W' − W0."""
+        return self.merged_weight() - self.frozen_weight()
+
+    def _merge(self) -> None:
+        self._merged_norm = self.direction().norm(dim=1)
+        self.base.weight.copy_(self.merged_weight())
+
+    def _unmerge(self) -> None:
+        self.base.weight.copy_(self.frozen_weight())  # still merged: W0 recovered from W'
+        self._merged_norm = None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, detach_norm={self.detach_norm}"
+
+
+@register_variant("dora")
+class DoRA(LoRA):
+    """DoRA on the targeted layers: ``DoRALinear`` each. Settings: LoRA's, and ``detach_norm``."""
+
+    analysis_caveats: ClassVar[dict[str, str]] = {
+        "amplification": (
+            "DoRA's dW = W' - W0 includes the magnitude rescaling (m/||V||_c - 1)*W0, which is full rank and "
+            "lies along W0's own directions, so its top-r directions, ||dW|| and the amplification factor "
+            "are not comparable with LoRA's rank-r dW; the direction update's A and B are compared by "
+            "subspace_overlap."
+        ),
+    }
+
+    def __init__(self, rank: int, alpha: float, detach_norm: bool = True, **lora_settings: Any) -> None:
+        super().__init__(rank, alpha, **lora_settings)
+        if not isinstance(detach_norm, bool):
+            raise ConfigError(f"variant.detach_norm={detach_norm!r} must be true or false")
+        self.detach_norm = detach_norm
+
+    def new_layer(self, base: nn.Linear) -> DoRALinear:
+        return DoRALinear(base, self.rank, self.alpha, detach_norm=self.detach_norm, **self.layer_settings())
+
+    @classmethod
+    def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
+        """LoRA's A and B, plus the magnitude m ``(d_out,)``."""
+        return rank * (in_features + out_features) + out_features

@@ -1,0 +1,152 @@
+"""LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models".
+
+    h = W0·x + (α/r)·B·A·x                                   (Eq. 3, with the §4.1 scaling)
+
+A: ``(r, d_in)``, random; B: ``(d_out, r)``, zero, so ΔW = (α/r)·B·A = 0 at the start and the
+wrapped model is exactly the base model.
+
+LoRA+ (Hayou, Ghosh and Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): with
+``lr_ratio`` = λ, B trains at λ times A's rate, η_B = λ·η_A with λ ≫ 1 (the paper's guidance:
+λ = 2⁴ = 16). A knob of every variant of the LoRA family. The paper's
+own code (``loraplus.py``, which peft's ``create_loraplus_optimizer`` follows) also gives every
+other trainable vector the B rate: biases, LayerNorm shifts, DoRA's magnitude, the head's bias;
+matrices (A, the head's weight) keep η. That is the default (``lr_ratio_on="b_and_vectors"``);
+``"b_only"`` scales B alone, as the paper's text reads.
+
+rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"):
+``scaling="rslora"`` scales the update by α/√r instead of α/r. With α/r the update's size and
+its factors' gradients shrink as r grows, so a rank-64 adapter learns like a rank-8 one; the
+paper's §3 shows the adapters stay rank-stabilized (activations and gradients Θ(1) in r) if and
+only if the factor is Θ(1/√r). A knob of every variant of the LoRA family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from schema import ConfigError
+
+from ..base import AdapterLayer, AdapterVariant, adapter_dtype, register_variant
+
+A_INITS = ("kaiming", "gaussian")
+LR_RATIO_ON = ("b_and_vectors", "b_only")
+SCALINGS = ("standard", "rslora")
+
+
+def lora_scaling(alpha: float, rank: int, rule: str = "standard") -> float:
+    """The factor on B·A: α/r (LoRA §4.1) or α/√r (rsLoRA)."""
+    return alpha / math.sqrt(rank) if rule == "rslora" else alpha / rank
+
+
+class LoRALinear(AdapterLayer):
+    """LoRA around a frozen ``nn.Linear``.
+
+    Args:
+        base: the frozen layer, weight ``(d_out, d_in)``.
+        rank: r, the inner dimension of B·A.
+        alpha: α; the update is scaled by α/r so that changing r needs no re-tuning of the
+            learning rate (paper §4.1), or by α/√r with ``scaling="rslora"``.
+        dropout: dropout on the adapter path's input, not on the base path.
+        init: how A starts: ``kaiming`` (uniform, as ``nn.Linear``'s default and loralib) or
+            ``gaussian`` (N(0, 1/r²), the paper's "random Gaussian").
+        scaling: ``standard`` (α/r) or ``rslora`` (α/√r).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 scaling: str = "standard") -> None:
+        super().__init__(base)
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = lora_scaling(alpha, rank, scaling)
+        self.scaling_rule = scaling
+        dtype = adapter_dtype(base)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1.0 / rank)
+
+    def down_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """(α/r)·A·x: ``(..., d_in) -> (..., r)``. ``x`` is the adapter path's input, dropout
+        already applied. The scaling goes on these r features, the cheapest place for it."""
+        return (x.to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling
+
+    @staticmethod
+    def add_up_projection(result: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """result + down·upᵀ: ``(..., d_out) + (..., r)·(d_out, r)ᵀ`` as one GEMM accumulating
+        into ``result``, instead of a GEMM and a pass over the output to add it."""
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]).to(result.dtype),
+                           up.t().to(result.dtype))
+        return flat.view(result.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged or not self.active:
+            return result
+        return self.add_up_projection(result, self.down_projection(self.dropout(x)), self.lora_B)
+
+    def low_rank_weight(self) -> torch.Tensor:
+        """(α/r)·B·A: ``(d_out, d_in)``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.low_rank_weight()
+
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B, "scaling": self.scaling}
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, {super().extra_repr()}"
+
+
+@register_variant("lora")
+class LoRA(AdapterVariant):
+    """LoRA on the targeted layers: ``LoRALinear`` each, and LoRA+'s rate ratio.
+
+    Settings: ``dropout``, ``init`` and ``scaling`` (as ``LoRALinear``); ``lr_ratio``: λ of
+    LoRA+, B's rate over A's (None: one rate, plain LoRA); ``lr_ratio_on``: what else takes λ
+    (see above). Subclasses build their layers with ``layer_settings()``."""
+
+    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                 lr_ratio: float | None = None, lr_ratio_on: str = "b_and_vectors", scaling: str = "standard") -> None:
+        super().__init__(rank, alpha)
+        for key, value, allowed in (("init", init, A_INITS), ("scaling", scaling, SCALINGS)):
+            if value not in allowed:
+                raise ConfigError(f"variant.{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
+        if lr_ratio is not None and (isinstance(lr_ratio, bool) or not isinstance(lr_ratio, (int, float))
+                                     or lr_ratio <= 0):
+            raise ConfigError(f"variant.lr_ratio={lr_ratio!r} must be a number > 0 (LoRA+: 16) or null")
+        if lr_ratio_on not in LR_RATIO_ON:
+            raise ConfigError(f"variant.lr_ratio_on={lr_ratio_on!r} is not supported; "
+                              f"allowed: {', '.join(LR_RATIO_ON)}")
+        self.dropout, self.init, self.lr_ratio, self.lr_ratio_on = dropout, init, lr_ratio, lr_ratio_on
+        self.scaling_rule = scaling
+
+    def layer_settings(self) -> dict[str, Any]:
+        """The keyword arguments every layer of the LoRA family takes."""
+        return {"dropout": self.dropout, "init": self.init, "scaling": self.scaling_rule}
+
+    def new_layer(self, base: nn.Linear) -> LoRALinear:
+        return LoRALinear(base, self.rank, self.alpha, **self.layer_settings())
+
+    def learning_rate_scale(self, name: str, parameter: nn.Parameter) -> float:
+        """LoRA+: λ for B (and, by default, for every trainable vector); 1 for the rest."""
+        if self.lr_ratio is None:
+            return 1.0
+        vector = self.lr_ratio_on == "b_and_vectors" and parameter.ndim == 1
+        return self.lr_ratio if name.endswith(".lora_B") or vector else 1.0
+
+    @classmethod
+    def low_rank_factors(cls, state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B); also DoRA's, QLoRA's and staged's, which share them."""
+        return state["lora_A"], state["lora_B"]

@@ -1,0 +1,243 @@
+"""QLoRA: Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs".
+
+    Y = X·doubleDequant(c1, c2, W^NF4) + (α/r)·X·Aᵀ·Bᵀ                      (Eq. 5)
+
+The frozen base weights are stored in 4-bit NormalFloat (NF4) in blocks of 64, each block with
+its absmax constant; with double quantization those constants are themselves quantized to 8
+bits in blocks of 256 (§3), about 0.5 + 8/64·(1/4)… ≈ 0.52 bytes per parameter in all. Every
+linear layer of the model is quantized, not only the adapted ones; embeddings, norms and the
+task head (what ``exclude`` names, and the modules outside a Hugging Face model's backbone,
+e.g. ``classifier``, ``lm_head``) stay in their own precision. The LoRA factors train in fp32 (bf16 compute under the
+trainer's autocast on GPUs). bitsandbytes does the quantization and the 4-bit matmul.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from schema import ConfigError
+
+from ..base import register_variant
+from ..targets import replace_module, task_head, within
+from .lora import LoRA, LoRALinear
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bnb() -> Any:
+    # Imported on first use: only QLoRA runs pay for bitsandbytes' import (and its CPU notices).
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    return isinstance(layer, (_bnb().nn.Linear4bit, _bnb().nn.Linear8bitLt))
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    if name not in COMPUTE_DTYPES:
+        raise ConfigError(f"variant.compute_dtype={name!r} is not supported; allowed: {', '.join(COMPUTE_DTYPES)}")
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return COMPUTE_DTYPES[name]
+
+
+def check_quant_args(quant_type: str, blocksize: int, compute_dtype: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ConfigError(f"variant.quant_type={quant_type!r} is not supported; allowed: {', '.join(QUANT_TYPES)}")
+    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+        raise ConfigError(f"variant.blocksize={blocksize!r} is not supported; allowed: 64, 128, 256, ..., 4096")
+    _compute_dtype(compute_dtype)
+
+
+def quantize_linear(
+    linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
+    compute_dtype: str = "auto",
+) -> nn.Linear:
+    """A bitsandbytes copy of ``linear``: ``Linear4bit`` (nf4/fp4) or ``Linear8bitLt`` (int8,
+    LLM.int8 with outlier threshold 6). The bias keeps its precision, also in training
+    (``bnb_layers``: bitsandbytes' own layers would cast it to bf16 in place)."""
+    check_quant_args(quant_type, blocksize, compute_dtype)
+    bnb = _bnb()
+    from ..interop import bnb_layers
+
+    device = linear.weight.device
+    weight = linear.weight.detach().to("cpu", torch.float32)
+    has_bias = linear.bias is not None
+    if quant_type == "int8":
+        layer = bnb_layers.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+                                    has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb_layers.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                  compute_dtype=_compute_dtype(compute_dtype), compress_statistics=double_quant,
+                                  quant_type=quant_type)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant,
+                                         quant_type=quant_type, blocksize=blocksize)
+        # On AVX512-BF16 CPUs bitsandbytes repacks the weight in place at the first no-grad eval
+        # forward and from then on computes in bf16: eval would no longer match training, and
+        # the repacked codes no longer dequantize. Keep the one exact fp32 path.
+        layer.support_avx512bf16_for_cpu = False
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    return layer.to(device)  # bitsandbytes quantizes on the move to a device
+
+
+def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
+    """W as the quantized layer computes with it: ``(d_out, d_in)``, fp32."""
+    bnb, weight = _bnb(), layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return weight.data.float() * weight.SCB.float().unsqueeze(1) / 127
+    return weight.detach().float()
+
+
+@torch.no_grad()
+def plain_linear(quantized: nn.Linear, weight: torch.Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A frozen ``nn.Linear`` with ``weight`` and the quantized layer's bias, in ``dtype``
+    (default: the layer's compute dtype)."""
+    dtype = dtype or getattr(quantized, "compute_dtype", None) or torch.float32
+    plain = nn.Linear(quantized.in_features, quantized.out_features, bias=quantized.bias is not None,
+                      device=weight.device, dtype=dtype)
+    plain.weight.copy_(weight)
+    if quantized.bias is not None:
+        plain.bias.copy_(quantized.bias)
+    return plain.requires_grad_(False)
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Replace every quantized linear layer by a plain ``nn.Linear`` holding its dequantized
+    weight, in ``dtype`` (default: the layer's compute dtype). With ``merge_adapters`` first,
+    the result is the merged model in full precision, ready for ``save_pretrained``."""
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            replace_module(model, name, plain_linear(module, dequantized_weight(module), dtype))
+
+
+def quantized_bytes(layer: nn.Linear) -> int:
+    """Bytes of a quantized layer's weight: packed codes plus every quantization constant."""
+    bnb, weight = _bnb(), layer.weight
+    size = weight.data.numel() * weight.data.element_size()
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = weight.quant_state.as_dict(packed=False)
+        size += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    elif isinstance(layer, bnb.nn.Linear8bitLt):
+        size += weight.SCB.numel() * weight.SCB.element_size()
+    return size
+
+
+def quantization_storage(model: nn.Module) -> dict[str, Any]:
+    """How much the quantized linear weights of ``model`` take, constants included."""
+    layers = [m for m in model.modules() if is_quantized(m)]
+    params = sum(m.in_features * m.out_features for m in layers)
+    size = sum(quantized_bytes(m) for m in layers)
+    return {
+        "quantized_linears": len(layers),
+        "quantized_params": params,
+        "quantized_bytes": size,
+        "bytes_per_param": size / params if params else None,
+        "bits_per_param": 8 * size / params if params else None,
+    }
+
+
+class QLoRALinear(LoRALinear):
+    """LoRA on a quantized frozen base. A plain ``nn.Linear`` given as ``base`` is quantized here
+    with ``quant_args`` (``quantize_linear``'s keywords).
+
+    Extra args:
+        quant_args: how the base is (re-)quantized: ``quant_type``, ``double_quant``,
+            ``blocksize``, ``compute_dtype``.
+        requantize_on_merge: ``merge()`` writes W0 + ΔW back in the quantized format instead of
+            the compute dtype; saves memory, costs one more rounding of every weight.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, quant_args: Mapping[str, Any] | None = None,
+                 requantize_on_merge: bool = False, **lora_settings: Any) -> None:
+        self.quant_args = dict(quant_args or {})
+        if not is_quantized(base):
+            base = quantize_linear(base, **self.quant_args)
+        super().__init__(base, rank, alpha, **lora_settings)
+        self.requantize_on_merge = requantize_on_merge
+        self._quantized_base: nn.Linear | None = None
+
+    def frozen_weight(self) -> torch.Tensor:
+        """W0 as the quantized layer computes with it (dequantized), also while merged."""
+        return dequantized_weight(self._quantized_base if self.merged else self.base)
+
+    def _merge(self) -> None:
+        """Replace the quantized base by W0 + ΔW in the compute dtype (or re-quantized); W0 is
+        the dequantized weight. The quantized base is kept, so ``unmerge`` restores it exactly."""
+        quantized = self.base
+        merged = plain_linear(quantized, dequantized_weight(quantized) + self.delta_weight())
+        self.base = quantize_linear(merged, **self.quant_args) if self.requantize_on_merge else merged
+        self._quantized_base = quantized
+
+    def _unmerge(self) -> None:
+        self.base = self._quantized_base
+        self._quantized_base = None
+
+    def as_lora(self) -> dict[str, torch.Tensor | float]:
+        raise NotImplementedError("QLoRA's A and B were trained on the 4-bit base, so on the original weights they "
+                                  "would not give the trained model; export the merged model instead (--merged)")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quant_type={self.quant_args.get('quant_type', 'nf4')}"
+
+
+@register_variant("qlora")
+class QLoRA(LoRA):
+    """LoRA on a quantized model: every linear layer but the task head is quantized, the
+    targets inside ``QLoRALinear``. Settings: LoRA's, and the quantization's:
+
+        quant_type: ``nf4`` (the paper's), ``fp4``, or ``int8`` (LLM.int8, no blocksize).
+        double_quant: quantize the 4-bit blocks' absmax constants too (§3 Double Quantization).
+        blocksize: weights per 4-bit quantization block.
+        compute_dtype: dtype of the 4-bit matmul: ``auto`` (bf16 on a GPU with bf16, else fp32),
+            ``fp32``, ``bf16``, ``fp16``.
+        requantize_on_merge: see ``QLoRALinear``.
+    """
+
+    paper_optimizer = "paged_adamw_32bit"  # QLoRA §3, Paged Optimizers
+
+    def __init__(self, rank: int, alpha: float, quant_type: str = "nf4", double_quant: bool = True,
+                 blocksize: int = 64, compute_dtype: str = "auto", requantize_on_merge: bool = False,
+                 **lora_settings: Any) -> None:
+        super().__init__(rank, alpha, **lora_settings)
+        check_quant_args(quant_type, blocksize, compute_dtype)
+        for key, value in (("double_quant", double_quant), ("requantize_on_merge", requantize_on_merge)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"variant.{key}={value!r} must be true or false")
+        self.quant_args = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": blocksize,
+                           "compute_dtype": compute_dtype}
+        self.requantize_on_merge = requantize_on_merge
+
+    def new_layer(self, base: nn.Linear) -> QLoRALinear:
+        return QLoRALinear(base, self.rank, self.alpha, quant_args=self.quant_args,
+                           requantize_on_merge=self.requantize_on_merge, **self.layer_settings())
+
+    def prepare_model(self, model: nn.Module, targets: Sequence[str], exclude: Sequence[str]) -> None:
+        """Quantize every ``nn.Linear`` that is neither a target (the layers quantize their own
+        base), nor in ``exclude``, nor in the model's task head (``targets.task_head``: the new
+        head trains in full, so it must keep its precision)."""
+        quantize_model(model, skip=targets, keep=[*exclude, *task_head(model)], **self.quant_args)
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        return {"quantization": {**self.quant_args, **quantization_storage(model)}}
+
+
+def quantize_model(model: nn.Module, skip: Sequence[str] = (), keep: Sequence[str] = (), **quant_args: Any) -> None:
+    """Quantize every ``nn.Linear`` of ``model`` in place, except the modules named in ``skip``
+    and those in or inside ``keep``."""
+    skip = set(skip)
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name in skip or within(name, keep):
+            continue
+        replace_module(model, name, quantize_linear(module, **quant_args))
