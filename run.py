@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 
 import training.sweep  # noqa: F401  registers ${job_dirname:...}, which names sweep job dirs (hydra.sweep.subdir)
 from schema import ConfigError
+from schema.door import check_overrides
 from training import run_experiment, rundir
 from training.cli import check_group_choices, check_launcher
 from training.experiment import write_failure
@@ -163,6 +164,7 @@ if __name__ == "__main__":
         sys.argv[1:] = torchrun_arguments(resume_arguments(sys.argv[1:]))
         check_group_choices(sys.argv[1:], CONF_DIR)
         check_launcher(sys.argv[1:])
+        check_overrides([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")], CONF_DIR)
         for arg in sys.argv[1:]:  # before Hydra rewrites .hydra/ in a dir another process is running in
             if arg.startswith("hydra.run.dir=") and _rank_zero():
                 rundir.check_free(Path(arg.split("=", 1)[1]))

@@ -185,8 +185,9 @@ def _run(summary: dict, config: dict, at: str, run_dir: Path | None) -> tuple[Ru
     key = method({"variant": summary["variant"], "rank": summary["rank"], "alpha": summary["alpha"],
                   "config": {k: v for k, v in config.items() if k != "variant.lr"}})  # the lr is what is selected
     lr = config.get("trainer.lr") or summary["peak_lr"]  # the rate the run was configured with (with_variant_lr wrote variant.lr there); staged's peak_lr is its first phase's
+    planned = (summary.get("stopped") or {}).get("planned_steps", summary["steps"])  # early stopping is the protocol
     run = Run(run_dir, summary["task"], key, float(lr), summary["seed"], metric, val, test, step,
-              summary, {**config, "steps": summary["steps"]})
+              summary, {**config, "steps": planned})
     return run, ""
 
 

@@ -32,6 +32,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from analysis.collect_runs import collect, flatten, summary_row
 
@@ -66,7 +67,14 @@ def method(row: dict, by: Sequence[str] = ()) -> tuple[str, tuple[tuple[str, str
     parts += sorted(knobs.items())
     parts += [("warm_start", bool(config.get("init_from")))]  # init_from: started from another run's adapters
     parts += [(k, config.get(k)) for k in by]
-    return row["variant"], tuple((k, json.dumps(v)) for k, v in parts)
+    return row["variant"], tuple((k, _text(v)) for k, v in parts)
+
+
+def _text(value: Any) -> str:
+    """A setting as text, numbers by value: alpha 16 and 16.0 (a float field of the schema) are one."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(value)
 
 
 def _setting_defaults(variant: str) -> dict:
@@ -90,8 +98,8 @@ def labels(methods: set[tuple[str, tuple[tuple[str, str], ...]]]) -> dict:
     names = {}
     for variant, settings in methods:
         own = dict(settings)
-        defaults = {k: json.dumps(v) for k, v in _setting_defaults(variant).items()}
-        varying = [k for k in own if len({json.dumps(other.get(k)) for other in by_variant[variant]}) > 1
+        defaults = {k: _text(v) for k, v in _setting_defaults(variant).items()}
+        varying = [k for k in own if len({other.get(k) for other in by_variant[variant]}) > 1
                    and own[k] != defaults.get(k)]
         names[(variant, settings)] = " ".join([variant, *(f"{k}={own[k]}" for k in varying)])
     return names

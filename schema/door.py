@@ -15,8 +15,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from .errors import ConfigError
 from .fields import Allowed, problems, refusal
@@ -39,7 +46,7 @@ def typed(cfg: DictConfig) -> Run:
     base.task = OmegaConf.structured(TASK_SCHEMAS.get(task_type, ClassificationTask))
     try:
         run = OmegaConf.to_object(OmegaConf.merge(base, cfg))
-    except Exception as err:
+    except OmegaConfBaseException as err:
         raise ConfigError(one_line(err, base)) from None
     found = problems(run, "") + _between_groups(run)
     if found:
@@ -51,8 +58,8 @@ def _between_groups(run: Run) -> list[str]:
     task_type = getattr(run.task, "type", None)
     if task_type is not None and task_type != run.model.type:
         example = "model=smollm2" if task_type == "causal_lm" else "model=minilm"
-        return [f"task={run.task.name} is a {task_type} task but the model is model.type={run.model.type} "
-                f"({run.model.name_or_path}); allowed: a {task_type} model, e.g. {example}"]
+        return [(f"task={run.task.name} is a {task_type} task but the model is model.type={run.model.type} "
+                 f"({run.model.name_or_path}); allowed: a {task_type} model, e.g. {example}")]
     return []
 
 
@@ -109,7 +116,7 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
     if not isinstance(node, DictConfig):
         return []
     keys = []
-    for name in node.keys():
+    for name in node:
         key = f"{prefix}{name}"
         keys.append(key)
         child = node._get_node(name)
@@ -129,13 +136,13 @@ def check_overrides(overrides: list[str], conf_dir: Path, config_name: str = "co
     mine = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         parsed = OverridesParser.create().parse_overrides(mine)
-    except Exception as err:  # a malformed override: Hydra's parser names it
+    except HydraException as err:  # a malformed override: Hydra's parser names it
         raise ConfigError(_first_line(err)) from None
     with initialize_config_dir(config_dir=str(conf_dir.resolve()), version_base=None):
         for job in _jobs(parsed, BasicSweeper):
             try:
                 cfg = compose(config_name, overrides=job)
-            except Exception as err:
+            except (HydraException, OmegaConfBaseException) as err:
                 raise ConfigError(one_line(err, _schema_view(compose, config_name, job))) from None
             typed(cfg)
 
@@ -158,6 +165,6 @@ def _schema_view(compose: Any, config_name: str, job: list[str]) -> DictConfig |
     kept = [o for o in job if not o.lstrip("+~").split("=", 1)[0].count(".")]  # group choices only
     try:
         return compose(config_name, overrides=kept)
-    except Exception:
+    except (HydraException, OmegaConfBaseException):
         return None
 

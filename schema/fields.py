@@ -91,7 +91,7 @@ def type_text(hint: Any) -> str:
     """How a type reads in an error and in the docs: ``an integer``, ``null or a number`` …"""
     inner, optional = _unwrap_optional(hint)
     text = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-            Any: "any value"}.get(inner)
+            dict: "a mapping", list: "a list", Any: "any value"}.get(inner)
     if text is None:
         origin = typing.get_origin(inner)
         text = {list: "a list", dict: "a mapping"}.get(origin, getattr(inner, "__name__", str(inner)))

@@ -93,6 +93,12 @@ class Trainer:
     checkpoint_every: int | None = knob(100, "steps between checkpoints (checkpoint.pt, removed when the run "
                                         "completes); null: none", within=">= 1")
 
+    def rules(self, prefix: str) -> list[str]:
+        if self.max_steps is None and self.epochs is None:
+            return [(f"{prefix}.max_steps=None and {prefix}.epochs=None: the run needs a length; allowed: "
+                     f"{prefix}.max_steps an integer >= 1, or {prefix}.epochs a number > 0")]
+        return []
+
 
 @dataclass
 class Model:
@@ -100,8 +106,8 @@ class Model:
     type: str = knob("classification", "classification | causal_lm: must match the task's type", choices=MODEL_TYPES)
     attention_qv: list[str] = knob(["query", "value"], "the names of W_q and W_v, the LoRA paper's default targets")
     train_modules: list[str] = knob(["classifier"], "modules that train in full beside the variant (a new task head)")
-    head_modules: list[str] | None = knob(None, "what variant=head trains when it is not train_modules (a causal "
-                                          "LM's output layer)")
+    head_modules: list[str] = knob("${model.train_modules}", "what variant=head trains: the task head (a causal "
+                                   "LM's output layer, which is not among train_modules)")
     gguf_file: str | None = knob(None, "a GGUF file inside name_or_path (the smollm2 alias sets its own)")
     dtype: str = knob("float32", "the weights' dtype; bfloat16 trains under bf16 autocast, auto keeps the stored "
                       "one; what trains is kept in fp32", choices=MODEL_DTYPES)
@@ -165,13 +171,13 @@ class ClassificationTask:
     def rules(self, prefix: str) -> list[str]:
         unknown = [m for m in self.metrics if m not in CLASSIFICATION_METRICS]
         if unknown:
-            return [f"{prefix}.metrics has {unknown}; allowed for a classification task: "
-                    f"{', '.join(CLASSIFICATION_METRICS)}"]
+            return [(f"{prefix}.metrics has {unknown}; allowed for a classification task: "
+                     f"{', '.join(CLASSIFICATION_METRICS)}")]
         return _main_metric_rule(self, prefix)
 
 
 def _chat_template(value: Any) -> bool:
-    return value in ("auto", True, False)
+    return value == "auto" or value is True or value is False  # `is`: 0 and 1 are not false and true
 
 
 @dataclass

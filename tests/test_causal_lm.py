@@ -4,6 +4,7 @@ generation-based scoring, the offline SmolLM2 model, and one-line errors for bad
 import copy
 import importlib.util
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from schema import ConfigError
+from schema.door import check_overrides
 from training import run_experiment
 from training.data.sft import IGNORE, CausalLMCollator, encode, make_eval_loader, pack, prompt_format, read_jsonl
 from training.device import Runtime
@@ -78,8 +80,6 @@ def test_a_tokenizer_without_a_template_refuses_chat_template_true(tokenizer):
     assert not prompt_format(bare, task_cfg()).chat  # auto: the prompt as written
     with pytest.raises(ConfigError, match="has no chat template; allowed: auto or false"):
         prompt_format(bare, task_cfg(chat_template=True))
-    with pytest.raises(ConfigError, match="allowed: auto, true, false"):
-        prompt_format(tokenizer, task_cfg(chat_template="yes"))
 
 
 @pytest.mark.parametrize("chat_template", [True, False])
@@ -264,10 +264,11 @@ def test_sft_smoke_draws_up_to_its_limit_without_repeating_a_prompt():
     assert (limit + 1 + 3) // 5 + (200 + 3) // 5 > sft_smoke.SEQUENCE_PROMPTS
 
 
-@pytest.mark.parametrize("value", [1, 0, "yes"])
-def test_chat_template_takes_only_auto_true_or_false(tokenizer, value):
-    with pytest.raises(ConfigError, match=f"task.chat_template={value!r} is not supported; allowed: auto, true, false"):
-        prompt_format(tokenizer, task_cfg(chat_template=value))
+@pytest.mark.parametrize("value, shown", [("1", "1"), ("0", "0"), ("yes", "'yes'")])
+def test_chat_template_takes_only_auto_true_or_false(value, shown):
+    """Through the schema's door (schema.groups.InstructionTask), as run.py checks it before Hydra."""
+    with pytest.raises(ConfigError, match=re.escape(f"task.chat_template={shown} must be one of auto, true, false")):
+        check_overrides(["model=smollm2", "task=sft", f"task.chat_template={value}"], ROOT / "conf")
 
 
 def compose_cfg(*overrides):
@@ -282,16 +283,19 @@ def compose_cfg(*overrides):
                           "allowed: a causal_lm model, e.g. model=smollm2")),
     (["model=smollm2", "task=sft_smoke", "task.metrics=[accuracy]"], ("task.metrics has ['accuracy']; allowed for a "
                                                                       "causal_lm task: loss, perplexity")),
-    (["model=smollm2", "task=sft_smoke", "task.max_new_tokens=0"], "task.max_new_tokens=0 must be a positive integer"),
-    (["model=smollm2", "task=sft_smoke", "task.train_size=0"], "task.train_size=0 must be a positive integer"),
+    (["model=smollm2", "task=sft_smoke", "task.max_new_tokens=0"], "task.max_new_tokens=0 must be an integer >= 1"),
+    (["model=smollm2", "task=sft_smoke", "task.train_size=0"], "task.train_size=0 must be an integer >= 1"),
     (["model=smollm2", "task=sft_smoke", "task.train_size=3600"], ("task.train_size=3600 with task.eval_size=200 asks "
      "for more distinct prompts than sft_smoke has; allowed: train_size <= 3401 at this eval_size")),
-    (["model=smollm2", "task=sft", "task.eval_files=dev.jsonl"], "task.eval_files='dev.jsonl' must map set names"),
+    (["model=smollm2", "task=sft", "~task.eval_files.main", "+task.eval_files.dev=dev.jsonl"],
+     "task.eval_files={'dev': 'dev.jsonl'} must map set names to JSONL files, with main"),
     (["model=smollm2", "task=sft", "task.source=hub", "task.hf_path=x/y", "~task.splits.train"],
      "task.source=hub needs task.hf_path (got 'x/y') and task.splits with train and main"),
-    (["model=smollm2", "task=sft", "task.source=csv"], "task.source='csv' is not supported for a causal_lm task"),
+    (["model=smollm2", "task=sft", "task.source=csv"], "task.source='csv' is not supported; allowed: sft_smoke, jsonl, hub"),
 ])
 def test_task_and_model_types_must_match(tmp_path, overrides, message):
+    """run_experiment's own check (the schema's values, then what a source needs), for a config
+    composed without run.py's check before Hydra."""
     with pytest.raises(ConfigError) as failure:
         run_experiment(compose_cfg(*overrides), tmp_path / "run")
     assert message in str(failure.value) and "\n" not in str(failure.value)

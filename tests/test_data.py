@@ -1,9 +1,7 @@
 """Task data: the generated smoke task, GLUE-format folders, dynamic padding."""
 
-from pathlib import Path
-
 import pytest
-from omegaconf import OmegaConf
+from helpers.config import task_config
 
 from schema import ConfigError
 from training.data import load_task, make_loader
@@ -50,9 +48,7 @@ def test_smoke_task_labels_follow_the_rule():
 
 
 def sst2_task(data_dir):
-    task = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "task" / "sst2.yaml")
-    task.data_dir = str(data_dir)
-    return task
+    return task_config("sst2", data_dir=str(data_dir))
 
 
 def write_sst2(folder, n=6):

@@ -163,9 +163,9 @@ def test_a_saved_eva_adapter_and_a_checkpoint_state_bring_their_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"rho": 0.5}, r"variant.rho=0.5 must be a number >= 1"),
-    ({"tau": 0}, r"variant.tau=0 must be in \(0, 1\]"),
-    ({"max_batches": 0}, "variant.max_batches=0 must be a positive integer"),
+    ({"rho": 0.5}, r"variant.rho=0.5 must be a finite number >= 1"),
+    ({"tau": 0}, r"variant.tau=0 must be a finite number in \(0, 1\]"),
+    ({"max_batches": 0}, "variant.max_batches=0 must be an integer >= 1"),
 ])
 def test_bad_settings(settings, message):
     with pytest.raises(variants.ConfigError, match=message):

@@ -45,12 +45,12 @@ def test_a_diverging_run_ends_failed_not_completed(tmp_path):
     assert json.loads((run_dir / rundir.SUMMARY).read_text())["status"] == "completed" and min(losses) > 1e4
 
 
-@pytest.mark.parametrize("value, shown", [("nan", "nan"), ("inf", "inf"), ("abc", "'abc'"), ("-1", "-1")])
+@pytest.mark.parametrize("value, shown", [("nan", "nan"), ("inf", "inf"), ("abc", "'abc'"), ("-1", "-1.0")])
 def test_a_bad_rate_is_one_line_before_anything_and_leaves_no_run_dir(tmp_path, value, shown):
     run_dir = tmp_path / "refused"
     result = run_py(*SMALL, f"trainer.lr={value}", f"hydra.run.dir={run_dir}")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: trainer.lr={shown} must be a finite number > 0"
+    assert result.stderr.strip().splitlines()[-1] == f"error: trainer.lr={shown} must be null or a finite number > 0"
     assert "Traceback" not in result.stderr and "Logging error" not in result.stderr
     assert not run_dir.exists()  # Hydra had made it; nothing of the run's was written, so it is gone
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.config import task_config
 from omegaconf import OmegaConf
 
 from schema import ConfigError
@@ -84,9 +85,7 @@ EXPECTED = {  # (first train example, {eval set: first example})
 
 
 def task_with_folder(name: str, folder: Path):
-    task = OmegaConf.load(CONF / f"{name}.yaml")
-    task.data_dir = str(folder)
-    return task
+    return task_config(name, data_dir=str(folder))
 
 
 def write_layout(name: str, folder: Path) -> Path:
@@ -111,11 +110,11 @@ def test_every_glue_task_reads_its_tsv_layout(name, tmp_path):
 
 
 def test_task_configs_match_the_paper_metrics():
-    main = {n: OmegaConf.load(CONF / f"{n}.yaml").main_metric for n in LAYOUTS}
+    main = {n: task_config(n).main_metric for n in LAYOUTS}
     assert main == {"cola": "matthews", "sst2": "accuracy", "mrpc": "accuracy", "qqp": "accuracy",
                     "stsb": "pearson", "mnli": "accuracy", "qnli": "accuracy", "rte": "accuracy"}
-    assert OmegaConf.load(CONF / "stsb.yaml").num_labels == 1  # regression head
-    assert OmegaConf.load(CONF / "mnli.yaml").num_labels == 3
+    assert task_config("stsb").num_labels == 1  # regression head
+    assert task_config("mnli").num_labels == 3
 
 
 def test_bad_rows_and_labels_are_clear_errors(tmp_path):

@@ -73,7 +73,7 @@ def test_init_options():
         lora.create(rank=4, alpha=8, init="orthogonal")
     with pytest.raises(ConfigError, match="variant.dropout"):
         lora.create(rank=4, alpha=8, dropout=1.0)
-    with pytest.raises(ConfigError, match="variant.lr_ratio=0 must be a number > 0"):
+    with pytest.raises(ConfigError, match="variant.lr_ratio=0 must be null or a finite number > 0"):
         lora.create(rank=4, alpha=8, lr_ratio=0)
     with pytest.raises(ConfigError, match=r"variant.detach_norm is not a setting of variant='lora'; allowed: dropout, "
                                           r"init, lr_ratio"):

@@ -188,7 +188,7 @@ def test_initial_factors_and_adjusted_weight_match_peft_on_the_same_gradient(mon
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"init_batches": 0}, "variant.init_batches=0 must be a positive integer"),
+    ({"init_batches": 0}, "variant.init_batches=0 must be an integer >= 1"),
     ({"direction": "BA"}, "variant.direction='BA' is not supported; allowed: ArB2r, A2rBr, ArBr"),
     ({"scale": "big"}, "variant.scale='big' is not supported; allowed: stable, unit, gd, peft_stable"),
     ({"rank": 200}, ("rank=200 needs 2r singular vectors, more than bert.encoder.layer.0.attention.self.query has; "

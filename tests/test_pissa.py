@@ -90,8 +90,8 @@ def test_factors_and_residual_match_peft_pissa(minilm, monkeypatch, init, niter,
 
 
 @pytest.mark.parametrize("variant, settings, message", [
-    ("pissa", {"niter": -1}, r"variant.niter=-1 must be null \(exact SVD\) or an integer >= 0"),
-    ("milora", {"niter": 4}, "variant.niter is PiSSA's randomized SVD"),
+    ("pissa", {"niter": -1}, "variant.niter=-1 must be null or an integer >= 0"),
+    ("milora", {"niter": 4}, r"variant.niter=4 must be null \(niter is PiSSA's randomized SVD"),
 ])
 def test_bad_settings(variant, settings, message):
     with pytest.raises(variants.ConfigError, match=message):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from test_data import write_sst2
 
 from schema import ConfigError
+from schema.door import check_overrides
 from training import run_experiment
 from training.cli import check_group_choices
 
@@ -271,11 +272,11 @@ def test_local_glue_folder_and_model_path(tmp_path):
     [  # one case per place a mistake can surface: before Hydra, in the model, in tracking, in a baseline
         ("variant=foo", ("variant='foo' is not a known variant; allowed: adalora, bitfit, dora, eva, full, head, lora, "
                          "lora_ga, lora_pro, milora, pissa, qlora, staged")),
-        ("rank=0", "rank=0 must be an integer in [1, min(d_in, d_out)] of the targeted layers"),
+        ("rank=0", "rank=0 must be an integer >= 1"),
         ("+variant.foo=1", "variant.foo is not a setting of variant='lora'; allowed: dropout, init, lr_ratio, lr_ratio_on, scaling"),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
         ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
-        ("variant=full variant.lr=0", "variant.lr=0 must be a number > 0 (or set trainer.lr)"),
+        ("variant=full variant.lr=0", "variant.lr=0.0 must be null or a finite number > 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, override, message):
@@ -292,18 +293,18 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
     "override, message",
     [
         ("variant=qlora variant.quant_type=int4", "variant.quant_type='int4' is not supported; allowed: nf4, fp4, int8"),
-        ("variant=staged variant.full_fraction=1.5", "variant.full_fraction=1.5 must be in (0, 1)"),
+        ("variant=staged variant.full_fraction=1.5", "variant.full_fraction=1.5 must be a finite number in (0, 1)"),
         ("variant=staged variant.full_fraction=0.1", "variant.full_fraction=0.1 of 4 steps gives a switch at step 0"),
-        ("variant.dropout=1.0", "variant.dropout=1.0 must be in [0, 1)"),
-        ("trainer.lr=abc", "trainer.lr='abc' must be a finite number > 0"),
+        ("variant.dropout=1.0", "variant.dropout=1.0 must be a finite number in [0, 1)"),
+        ("trainer.lr=abc", "trainer.lr='abc' must be null or a finite number > 0"),
         ("seed=x", "seed='x' must be an integer"),
-        ("variant=adalora variant.target_rank=9", "variant.target_rank=9 must be a number in (0, rank=8]"),
+        ("variant=adalora variant.target_rank=9", "variant.target_rank=9.0 must be a number in (0, rank=8]"),
         ("variant=adalora variant.t_init=3 variant.t_final=3", "variant.t_init + variant.t_final = 3 + 3 steps exceeds the 4"),
         ("model=foo", "model='foo' is not a known model; allowed: minilm, roberta_base"),
         ("task=foo", "task='foo' is not a known task; allowed: "),
         ("rank=100000", "rank=100000 must be an integer in [1, 384]"),
         ("rank=abc", "rank='abc' must be an integer"),
-        ("alpha=0", "alpha=0 must be a number > 0"),
+        ("alpha=0", "alpha=0.0 must be a finite number > 0"),
         ("variant.targets=[q_proj]", "variant.targets=['q_proj'] matches no nn.Linear module; allowed:"),
         ("variant=full variant.train_embeddings=maybe", "variant.train_embeddings='maybe' must be true or false"),
         ("variant=bitfit variant.targets=[LayerNorm.weight]", "variant.targets=['LayerNorm.weight'] names no module with a bias"),
@@ -312,19 +313,22 @@ def test_bad_input_is_one_clear_line(tmp_path, override, message):
         ("model.dtype=float16", "model.dtype: the weights load as float16, and training in fp16 needs loss scaling"),
         ("model.dtype=bfloat16 trainer.precision=fp32", "trainer.precision=fp32 cannot train bfloat16 weights"),
         ("init_from=/no/such/run", "init_from='/no/such/run' does not exist; allowed: a finished run dir or its"),
-        ("task.val_fraction=0.7", "task.val_fraction=0.7 must be null or a number in (0, 0.5]"),
+        ("task.val_fraction=0.7", "task.val_fraction=0.7 must be null or a finite number in (0, 0.5]"),
         ("task.val_fraction=0.001", "task.val_fraction=0.001 would leave a class empty on one side"),
         ("budget=5000", "budget=5000 is below one rank of lora on the targeted layers; allowed: >= 9216"),
         ("budget=99999999", "budget=99999999 needs rank 10851 of lora, above the largest possible (384); allowed: <= 3538944"),
-        ("variant=lora variant.lr=-1", "variant.lr=-1 must be a number > 0 (or set trainer.lr)"),
+        ("variant=lora variant.lr=-1", "variant.lr=-1.0 must be null or a finite number > 0"),
     ],
 )
 def test_bad_config_values_fail_before_anything_is_written(tmp_path, override, message):
-    """The same checks as above, in process (run.py turns any ConfigError into that one line)."""
+    """The same checks as above, in process, as run.py makes them: the group choices and every
+    value (the schema) before Hydra, then what only the model or the data can tell (run.py turns
+    any ConfigError into that one line)."""
     overrides = [*TINY, "tracking.mode=disabled", *override.split()]
     run_dir = tmp_path / "bad"
     with pytest.raises(ConfigError) as failure:
         check_group_choices(overrides, ROOT / "conf")
+        check_overrides(overrides, ROOT / "conf")
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
         run_experiment(cfg, run_dir)

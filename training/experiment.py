@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 
 import variants
 from schema import ConfigError
+from schema.door import typed
 from variants.budget import rank_for_budget
 
 from . import checkpoint, distributed, resuming, rundir
@@ -30,11 +31,10 @@ from .checkpoint import TrainState
 from .data import load_task, make_loader, sft
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
-from .metrics import check_metric_names
-from .models import MODEL_TYPES, load_model
+from .models import load_model
 from .selection import best_of
-from .tracking import WANDB_MODES, NullTracker, Tracker
-from .trainer import Plan, check_trainer_config, plan_run, train
+from .tracking import NullTracker, Tracker
+from .trainer import Plan, plan_run, train
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     """Validate, build, train, evaluate and save one run; returns the summary (on every rank;
     only rank 0's is written)."""
     started = time.perf_counter()
-    cfg = with_variant_lr(cfg)
-    _check_top_level(cfg)
+    cfg = _checked(cfg)
     runtime = runtime_for(cfg.trainer.device, cfg.trainer.precision)
     reset_peak_memory(runtime.device)
     set_seed(cfg.seed)
@@ -100,22 +99,15 @@ def base_model_metadata(cfg: DictConfig) -> dict[str, Any]:
             "num_labels": cfg.task.get("num_labels"), "keep_layers": cfg.model.get("keep_layers")}
 
 
-def _check_top_level(cfg: DictConfig) -> None:
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ConfigError(f"seed={cfg.seed!r} must be an integer")
-    changes = cfg.get("resume_changes") or []
-    if not (OmegaConf.is_list(changes) or isinstance(changes, list)) or not all(isinstance(k, str) for k in changes):
-        raise ConfigError(f"resume_changes={changes!r} must be a list of config keys, e.g. [trainer.epochs]")
-    variants.get_variant(cfg.variant.name)
-    check_trainer_config(cfg.trainer)
-    if cfg.tracking.mode not in WANDB_MODES:  # before torchrun's processes part ways: rank 0 alone opens the tracker
-        raise ConfigError(f"tracking.mode={cfg.tracking.mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
-    _check_task_matches_model(cfg)
+def _checked(cfg: DictConfig) -> DictConfig:
+    """Every value against the schema (``schema.door.typed``: one ``ConfigError`` listing what it
+    refuses), before torchrun's processes part ways and anything is written; then what the values
+    alone cannot tell; and the run's peak rate resolved (``with_variant_lr``)."""
+    typed(cfg)
+    variants.get_variant(cfg.variant.name)  # a name the schema has no node for: the known variants, in one line
     if task_type(cfg) == "causal_lm":
         sft.check_sft_task(cfg.task)
-    check_metric_names(list(cfg.task.metrics), task_type(cfg))
-    if cfg.task.main_metric not in cfg.task.metrics:
-        raise ConfigError(f"task.main_metric={cfg.task.main_metric!r} must be one of task.metrics: {list(cfg.task.metrics)}")
+    return with_variant_lr(cfg)
 
 
 def task_type(cfg: DictConfig) -> str:
@@ -123,20 +115,11 @@ def task_type(cfg: DictConfig) -> str:
     return cfg.task.get("type", "classification")
 
 
-def _check_task_matches_model(cfg: DictConfig) -> None:
-    kind, model_kind = task_type(cfg), cfg.model.get("type", "classification")
-    if kind not in MODEL_TYPES:
-        raise ConfigError(f"task.type={kind!r} is not supported; allowed: {', '.join(MODEL_TYPES)}")
-    if kind != model_kind:
-        example = "model=smollm2" if kind == "causal_lm" else "model=minilm"
-        raise ConfigError(f"task={cfg.task.name} is a {kind} task but the model is model.type={model_kind} "
-                          f"({cfg.model.name_or_path}); allowed: a {kind} model, e.g. {example}")
-
-
 def with_variant_lr(cfg: DictConfig) -> DictConfig:
     """The config with ``trainer.lr`` set to the run's peak rate: ``trainer.lr`` when given (the
     user's override), else the variant's own (``variant.lr``, from its YAML: each method's rate
-    differs by orders of magnitude). The resolved rate is what config.yaml records."""
+    differs by orders of magnitude). The resolved rate is what config.yaml records. The schema
+    checks either rate's value; here only that one is set."""
     lr, own = cfg.trainer.get("lr"), cfg.variant.get("lr")
     if lr is not None:
         if own is not None and own != lr:
@@ -144,8 +127,6 @@ def with_variant_lr(cfg: DictConfig) -> DictConfig:
         return cfg
     if own is None:
         raise ConfigError(f"trainer.lr=None and variant.lr=None for variant={cfg.variant.name!r}: set one, a number > 0")
-    if isinstance(own, bool) or not isinstance(own, (int, float)) or own <= 0:
-        raise ConfigError(f"variant.lr={own!r} must be a number > 0 (or set trainer.lr)")
     cfg = cfg.copy()
     cfg.trainer.lr = float(own)
     return cfg
@@ -362,9 +343,7 @@ def weights_mb(model: nn.Module) -> float:
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set the probability of every dropout in the base model (``model.dropout``)."""
-    if not 0 <= p < 1:
-        raise ConfigError(f"model.dropout={p!r} must be null or in [0, 1)")
+    """Set the probability of every dropout in the base model (``model.dropout``, in [0, 1))."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p

@@ -10,8 +10,6 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from schema import ConfigError
-
 
 @dataclass(frozen=True)
 class Predictions:
@@ -48,21 +46,13 @@ METRICS: dict[str, Metric] = {
 }
 
 
-# A causal-LM task's: mean loss per response token and its exp, and two scores of the greedy
-# generations against the reference answers (training/evaluation.py).
-LM_METRICS = ("loss", "perplexity", "exact_match", "answer_in_output")
+# A causal-LM task's (schema.groups.LM_METRICS): mean loss per response token and its exp, and two
+# scores of the greedy generations against the reference answers (training/evaluation.py).
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def higher_is_better(name: str) -> bool:
     return name not in LOWER_IS_BETTER
-
-
-def check_metric_names(names: list[str], task_type: str = "classification") -> None:
-    allowed = LM_METRICS if task_type == "causal_lm" else tuple(METRICS)
-    unknown = [n for n in names if n not in allowed]
-    if unknown:
-        raise ConfigError(f"task.metrics has {unknown}; allowed for a {task_type} task: {', '.join(allowed)}")
 
 
 def compute_metrics(names: list[str], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:

@@ -30,13 +30,13 @@ from transformers import (
 
 import variants
 from schema import ConfigError
+from schema.groups import MODEL_DTYPES
 
 from .cli import require
 from .rundir import pid_running
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("classification", "causal_lm")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -85,7 +85,8 @@ def model_source(name_or_path: str, gguf_file: str | None = None) -> ModelSource
     return ModelSource(name_or_path, gguf_file)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+# model.dtype (schema.groups.MODEL_DTYPES) -> what from_pretrained takes
+DTYPES = {name: "auto" if name == "auto" else getattr(torch, name) for name in MODEL_DTYPES}
 
 
 def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "float32", model_type: str = "classification",
@@ -98,12 +99,10 @@ def load_model(name_or_path: str, num_labels: int | None = None, dtype: str = "f
     pretrained. ``dtype`` is the weights' dtype (``model.dtype``): ``float32`` (default),
     ``bfloat16``, ``float16``, or ``auto`` (as the checkpoint stores them); a GGUF file's
     quantized tensors are dequantized to it. Adapters train in fp32 whatever it is.
-    ``keep_layers``: keep only the first N transformer blocks (``keep_first_layers``).
+    ``keep_layers``: keep only the first N transformer blocks (``keep_first_layers``). The values
+    are the schema's (``schema.groups.Model``): ``run_experiment`` checks them, and
+    ``load_trained`` reads them from an adapter file that a checked run wrote.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"model.dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"model.type={model_type!r} is not supported; allowed: {', '.join(MODEL_TYPES)}")
     source = model_source(name_or_path, gguf_file)
     try:
         if source.gguf_file:
@@ -213,7 +212,7 @@ def keep_first_layers(model: nn.Module, count: int) -> None:
     copy of the pretrained network, for quick checks of the machinery, not for results."""
     n = model.config.num_hidden_layers
     stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= n or not stacks:
+    if count > n or not stacks:  # the schema checks count >= 1; the model's depth only the model knows
         raise ConfigError(f"model.keep_layers={count!r} must be null or an integer in [1, {n}] "
                           "(the model's transformer blocks)")
     del stacks[0][count:]

@@ -22,16 +22,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
 import variants
-from schema import ConfigError
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit")
-# Schedules that need no arguments beyond warm-up and length.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt")
-WEIGHT_DECAY_ON = ("matrices", "all")
-
 
 @dataclass
 class Optimization:
@@ -102,8 +94,6 @@ def param_groups(named: Sequence[tuple[str, nn.Parameter]], weight_decay: float,
     the variant's, e.g. LoRA+'s λ for B), and the schedule scales every group alike.
     ``on="matrices"``: decay only tensors with two or more dimensions; ``on="all"``: every
     trainable tensor."""
-    if on not in WEIGHT_DECAY_ON:
-        raise ConfigError(f"trainer.weight_decay_on={on!r} is not supported; allowed: {', '.join(WEIGHT_DECAY_ON)}")
     groups: dict[tuple[float, float], dict] = {}
     for n, p in named:
         decay = weight_decay if on == "all" or p.ndim >= 2 else 0.0
@@ -117,8 +107,6 @@ def resolve_optimizer(name: str, model: nn.Module, device: torch.device) -> str:
     """``auto``: the variant's preferred optimizer on CUDA (QLoRA's paged AdamW), AdamW
     elsewhere. A paged optimizer needs CUDA: asked for by name elsewhere, the run says so and
     uses plain AdamW."""
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"trainer.optimizer={name!r} is not supported; allowed: {', '.join(OPTIMIZERS)}")
     if name == "auto":
         return variants.variant_of(model).paper_optimizer if device.type == "cuda" else "adamw"
     if name != "adamw" and device.type != "cuda":
@@ -144,12 +132,11 @@ def continuous_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_step
                         done_steps: int = 0) -> LambdaLR:
     """``name``'s warm-up/decay multiplier over ``total_steps``, from ``done_steps`` on.
 
-    transformers' schedules are ``LambdaLR``s, but ``get_scheduler`` drops ``last_epoch`` for
+    transformers' schedules (``schema.groups.SCHEDULERS``: those that need no arguments beyond
+    warm-up and length) are ``LambdaLR``s, but ``get_scheduler`` drops ``last_epoch`` for
     ``constant`` and ``constant_with_warmup`` (they would warm up again at a phase switch);
     so the multiplier functions are taken from its schedule and restarted here at ``done_steps``."""
     schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-    if not isinstance(schedule, LambdaLR):  # every name in SCHEDULERS gives one
-        raise ConfigError(f"trainer.scheduler={name!r} is not supported; allowed: {', '.join(SCHEDULERS)}")
     if done_steps == 0:
         return schedule
     return LambdaLR(optimizer, schedule.lr_lambdas, last_epoch=done_steps - 1)

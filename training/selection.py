@@ -29,7 +29,6 @@ from schema import ConfigError
 from .checkpoint import TrainState
 from .metrics import higher_is_better
 
-SELECT_ON = ("auto", "val", "main")
 History = list[tuple[int, dict[str, float]]]
 
 
@@ -101,20 +100,3 @@ def selection_for(cfg: Any, eval_sets: list[str], metric: str, steps_per_epoch: 
     return Selection(eval_set, metric, patience=stopping.get("patience"), min_delta=float(stopping.get("min_delta", 0.0)),
                      min_steps=min_steps, keep_best=bool(cfg.get("keep_best", False)))
 
-
-def check_config(cfg: Any) -> list[str]:
-    """Problems with the selection keys of a ``trainer`` config, as ``key=value must be ...``."""
-    problems = []
-    if cfg.get("select_on", "auto") not in SELECT_ON:
-        problems.append(f"trainer.select_on={cfg.get('select_on')!r} must be one of {', '.join(SELECT_ON)}")
-    stopping = cfg.get("early_stopping") or {}
-    patience = stopping.get("patience")
-    if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
-        problems.append(f"trainer.early_stopping.patience={patience!r} must be null or a positive integer")
-    for key in ("min_delta", "min_epochs"):
-        value = stopping.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            problems.append(f"trainer.early_stopping.{key}={value!r} must be a number >= 0")
-    if not isinstance(cfg.get("keep_best", False), bool):
-        problems.append(f"trainer.keep_best={cfg.get('keep_best')!r} must be true or false")
-    return problems

@@ -12,15 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from schema import ConfigError
-
 from . import rundir
 from .metrics import Predictions
 from .rundir import METRICS
 
 log = logging.getLogger(__name__)
-
-WANDB_MODES = ("online", "offline", "disabled")
 
 
 class Tracker:
@@ -37,8 +33,6 @@ class Tracker:
         resume_id: str | None = None,
         resumed: bool = False,
     ) -> None:
-        if mode not in WANDB_MODES:
-            raise ConfigError(f"tracking.mode={mode!r} is not supported; allowed: {', '.join(WANDB_MODES)}")
         # a resumed run appends (its file was cut back to the checkpoint); a new one starts the file afresh,
         # also in a run dir an unfinished run left behind
         self._metrics_file = (run_dir / METRICS).open("a" if resumed else "w", encoding="utf-8")

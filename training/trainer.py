@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import variants
-from schema import ConfigError
 
 from . import checkpoint, distributed, optim, selection
 from .checkpoint import DataPosition, TrainState
@@ -38,9 +36,6 @@ from .selection import Selection
 from .tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-EVAL_OTHERS = ("always", "when_best")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -85,74 +80,19 @@ def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None 
     """``trainer.epochs`` (when set) or ``trainer.max_steps``, and ``trainer.eval_every`` (steps,
     ``epoch`` or ``epoch/N``), for a loader of ``steps_per_epoch`` batches; ``evaluator``: the task's
     (``training/evaluation.py``; default: a classifier's accuracy); ``eval_sets`` and
-    ``main_metric``: what ``trainer.select_on`` and early stopping compare."""
-    if cfg.get("epochs"):
-        steps = math.ceil(cfg.epochs * steps_per_epoch)
-    elif isinstance(cfg.max_steps, int) and not isinstance(cfg.max_steps, bool) and cfg.max_steps >= 1:
-        steps = cfg.max_steps
-    else:
-        raise ConfigError(f"trainer.max_steps={cfg.max_steps!r} must be a positive integer (or set trainer.epochs)")
+    ``main_metric``: what ``trainer.select_on`` and early stopping compare. ``cfg``'s values are
+    the schema's (``schema.groups.Trainer``, checked by ``schema.door.typed``)."""
+    steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.get("epochs") else cfg.max_steps
     if cfg.eval_every == "epoch":
         eval_every = steps_per_epoch
-    elif isinstance(cfg.eval_every, str) and re.fullmatch(r"epoch/[1-9][0-9]*", cfg.eval_every):
+    elif str(cfg.eval_every).startswith("epoch/"):  # N evaluations an epoch
         eval_every = max(1, math.ceil(steps_per_epoch / int(cfg.eval_every.split("/")[1])))
-    elif isinstance(cfg.eval_every, int) and not isinstance(cfg.eval_every, bool) and cfg.eval_every >= 1:
-        eval_every = cfg.eval_every
     else:
-        raise ConfigError(f"trainer.eval_every={cfg.eval_every!r} must be a positive integer, 'epoch' or 'epoch/N' "
-                          "(N evaluations an epoch)")
+        eval_every = cfg.eval_every
     return Plan(steps=steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                 evaluator=evaluator or ClassifierEvaluator(),
                 selection=selection.selection_for(cfg, list(eval_sets), main_metric, steps_per_epoch),
                 eval_others=cfg.get("eval_others", "always"))
-
-
-def _number(value: Any) -> bool:
-    """A finite int or float (not a bool, NaN or infinity)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_trainer_config(cfg: DictConfig) -> None:
-    """Every ``trainer`` value, before anything runs: one ``ConfigError`` naming the key."""
-    def fail(key: str, allowed: str) -> None:
-        raise ConfigError(f"trainer.{key}={cfg.get(key)!r} must be {allowed}")
-
-    for key in ("batch_size", "eval_batch_size", "log_every"):
-        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg.get(key) < 1:
-            fail(key, "a positive integer")
-    if not _number(cfg.lr) or cfg.lr <= 0:
-        fail("lr", "a finite number > 0")
-    if not _number(cfg.weight_decay) or cfg.weight_decay < 0:
-        fail("weight_decay", "a number >= 0")
-    if cfg.get("weight_decay_on", "matrices") not in optim.WEIGHT_DECAY_ON:
-        fail("weight_decay_on", f"one of {', '.join(optim.WEIGHT_DECAY_ON)}")
-    if not _number(cfg.warmup_ratio) or not 0 <= cfg.warmup_ratio < 1:
-        fail("warmup_ratio", "a number in [0, 1)")
-    if cfg.grad_clip is not None and (not _number(cfg.grad_clip) or cfg.grad_clip < 0):
-        fail("grad_clip", "null or a number >= 0")
-    if cfg.get("epochs") is not None and (not _number(cfg.epochs) or cfg.epochs <= 0):
-        fail("epochs", "null or a number > 0")
-    every = cfg.get("checkpoint_every")
-    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
-        fail("checkpoint_every", "null or a positive integer")
-    if not isinstance(cfg.get("eval_at_start", False), bool):
-        fail("eval_at_start", "true or false")
-    if cfg.scheduler not in optim.SCHEDULERS:
-        fail("scheduler", f"one of {', '.join(optim.SCHEDULERS)}")
-    if cfg.get("optimizer", "auto") not in optim.OPTIMIZERS:
-        fail("optimizer", f"one of {', '.join(optim.OPTIMIZERS)}")
-    if cfg.get("eval_others", "always") not in EVAL_OTHERS:
-        fail("eval_others", f"one of {', '.join(EVAL_OTHERS)}")
-    divergence = cfg.get("divergence") or {}
-    factor, logs = divergence.get("factor"), divergence.get("logs", 3)
-    if factor is not None and (not _number(factor) or factor <= 1):
-        raise ConfigError(f"trainer.divergence.factor={factor!r} must be null (off) or a number > 1")
-    if not isinstance(logs, int) or isinstance(logs, bool) or logs < 1:
-        raise ConfigError(f"trainer.divergence.logs={logs!r} must be a positive integer")
-    if not isinstance(cfg.get("group_by_length", False), bool):
-        fail("group_by_length", "true or false")
-    for problem in selection.check_config(cfg):
-        raise ConfigError(problem)
 
 
 def train(

@@ -38,7 +38,7 @@ The hooks of a variant, in the order a run meets them (all but ``inject`` and
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from schema import ConfigError
+from schema import ConfigError, add_variant, problems
 
 from .targets import Targets, find_target_modules, replace_module
 
@@ -87,11 +87,18 @@ class InitData:
     mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
 
 
+@dataclasses.dataclass
+class NoSettings:
+    """No settings of its own."""
+
+
 class Variant:
-    """A fine-tuning method applied to one model. Subclasses take their settings as keyword
-    arguments of ``__init__`` and raise ``ConfigError`` for a bad one; ``create`` builds them."""
+    """A fine-tuning method applied to one model. Its settings are a dataclass of ``knob``
+    fields (``Settings``: each one's type, default, doc and allowed values, checked by ``create``);
+    ``__init__`` takes them as keyword arguments, already checked."""
 
     name: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
     # The optimizer the method's paper trained with; the trainer takes it on CUDA when
     # trainer.optimizer=auto (QLoRA: bitsandbytes' paged AdamW).
     paper_optimizer: ClassVar[str] = "adamw"
@@ -106,13 +113,17 @@ class Variant:
     @classmethod
     def create(cls, rank: int | None = None, alpha: float | None = None, **settings: Any) -> Variant:
         """The variant for ``settings`` (the ``variant.*`` keys of a run, without the runner's),
-        checked: an unknown key is a ``ConfigError`` that lists the allowed ones."""
+        checked against its ``Settings``: an unknown key or a refused value is a ``ConfigError``
+        in one line; what is not given takes the ``Settings`` default."""
         allowed = cls.setting_names()
         unknown = sorted(set(settings) - set(allowed))
         if unknown:
             raise ConfigError(f"variant.{unknown[0]} is not a setting of variant={cls.name!r}; allowed: "
                               f"{', '.join(allowed) or 'none'}")
-        variant = cls._construct(rank, alpha, settings)
+        chosen = cls.Settings(**settings)
+        if found := problems(chosen, "variant"):
+            raise ConfigError("; ".join(found))
+        variant = cls._construct(rank, alpha, dataclasses.asdict(chosen))
         variant.settings = dict(settings)
         variant.targets, variant.exclude, variant.modules = None, [], []
         return variant
@@ -123,28 +134,13 @@ class Variant:
 
     @classmethod
     def setting_names(cls) -> list[str]:
-        """The keyword settings of ``__init__`` (``rank`` and ``alpha`` are the run's own)."""
-        names: list[str] = []
-        for klass in cls.__mro__:  # an __init__ that passes **settings on takes its parent's too
-            parameters = inspect.signature(klass.__init__).parameters.values()
-            names += [p.name for p in parameters if p.name not in names and p.name not in ("self", "rank", "alpha")
-                      and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            if not any(p.kind is p.VAR_KEYWORD for p in parameters) or klass is Variant:
-                return names
-        return names
+        """The method's own settings (``rank`` and ``alpha`` are the run's)."""
+        return [f.name for f in dataclasses.fields(cls.Settings)]
 
     @classmethod
     def setting_defaults(cls) -> dict[str, Any]:
-        """The default of every keyword setting (``setting_names``) that has one."""
-        defaults: dict[str, Any] = {}
-        for klass in cls.__mro__:
-            parameters = inspect.signature(klass.__init__).parameters.values()
-            for p in parameters:
-                if p.name in cls.setting_names() and p.default is not p.empty:
-                    defaults.setdefault(p.name, p.default)
-            if not any(p.kind is p.VAR_KEYWORD for p in parameters) or klass is Variant:
-                break
-        return defaults
+        """The default of every setting."""
+        return dataclasses.asdict(cls.Settings())
 
     def config(self) -> dict[str, Any]:
         """What rebuilds this variant on a fresh model: saved as an adapter file's metadata."""
@@ -430,6 +426,7 @@ def register_variant(name: str) -> Callable[[type[Variant]], type[Variant]]:
             raise ValueError(f"variant {name!r} is registered twice")
         cls.name = name
         VARIANTS[name] = cls
+        add_variant(name, cls.Settings)  # conf/variant/<name>.yaml builds on it
         return cls
 
     return add

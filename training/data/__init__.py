@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from schema import ConfigError
+from schema.groups import SFT_SOURCES
 
 from . import glue, sft
 from .batching import LengthGroupedBatches, training_batches
@@ -21,9 +21,7 @@ from .examples import Example, Splits, hold_out_and_cap
 from .glue import make_loader, split_validation
 from .synthetic import generate_smoke
 
-SOURCES = ("smoke", "glue", *sft.SOURCES)
-
-__all__ = ["SOURCES", "Example", "LengthGroupedBatches", "Splits", "load_task", "make_loader", "split_validation",
+__all__ = ["Example", "LengthGroupedBatches", "Splits", "load_task", "make_loader", "split_validation",
            "training_batches"]
 
 
@@ -31,16 +29,14 @@ def load_task(task: DictConfig, seed: int = 0) -> Splits:
     """(train, {eval name: examples}) for the task config, ``main`` evaluation first, then
     ``val`` when ``task.val_fraction`` is set (carved out with ``seed``), each truncated to
     ``max_*_examples`` if set."""
-    if task.source in sft.SOURCES:
+    if task.source in SFT_SOURCES:
         train, evaluations = sft.load(task)
         return hold_out_and_cap(task, train, evaluations, lambda examples, fraction: sft.random_split(
             examples, fraction, seed))
     if task.source == "smoke":
         train, main = generate_smoke(task.train_size, task.eval_size)
         evaluations = {"main": main}
-    elif task.source == "glue":
+    else:  # glue: the schema allows no other source (schema.groups.CLASSIFICATION_SOURCES)
         train, evaluations = glue.load(task)
-    else:
-        raise ConfigError(f"task.source={task.source!r} is not supported; allowed: {', '.join(SOURCES)}")
     return hold_out_and_cap(task, train, evaluations, lambda examples, fraction: split_validation(
         examples, fraction, seed, task.num_labels))

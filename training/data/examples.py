@@ -25,12 +25,6 @@ Example = dict[str, Any]
 Splits = tuple[list[Example], dict[str, list[Example]]]
 
 
-def check_fraction(fraction: Any) -> None:
-    """``task.val_fraction``: a share of the training set in (0, 0.5]."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 0.5:
-        raise ConfigError(f"task.val_fraction={fraction!r} must be null or a number in (0, 0.5]")
-
-
 def hold_out_and_cap(task: DictConfig, train: list[Example], evaluations: dict[str, list[Example]],
                      split: Callable[[list[Example], Any], tuple[list[Example], list[Example]]]) -> Splits:
     """``val`` carved out of ``train`` by ``split(train, task.val_fraction)`` when

@@ -8,21 +8,31 @@ them is a common variant of FT that keeps the vocabulary's pretrained geometry.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-from schema import ConfigError
+from schema import knob
 
 from ..base import ParameterSubset, register_variant
 from ..targets import Targets
 
 
+@dataclass
+class FullFineTuningSettings:
+    """Full fine-tuning's one setting: whether the embedding tables train too."""
+
+    train_embeddings: bool = knob(True, "false: every nn.Embedding stays frozen (MiniLM-L6: 11.9M of its 22.7M "
+                                  "parameters), keeping the vocabulary's pretrained geometry")
+
+
 @register_variant("full")
 class FullFineTuning(ParameterSubset):
-    """Every parameter of the model, optionally without the embedding tables."""
+    """Every parameter of the model, optionally without the embedding tables. Settings: ``FullFineTuningSettings``."""
 
-    def __init__(self, train_embeddings: bool = True) -> None:
-        if not isinstance(train_embeddings, bool):
-            raise ConfigError(f"variant.train_embeddings={train_embeddings!r} must be true or false")
+    Settings = FullFineTuningSettings
+
+    def __init__(self, *, train_embeddings: bool) -> None:
         self.train_embeddings = train_embeddings
 
     def select(self, model: nn.Module, targets: Targets | None) -> list[nn.Parameter]:

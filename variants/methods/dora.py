@@ -12,16 +12,17 @@ not flow through the norm, which saves the memory of its graph at a small cost i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from schema import ConfigError
+from schema import knob
 
 from ..base import register_variant
-from .lora import LoRA, LoRALinear
+from .lora import LoRA, LoRALinear, LoRASettings
 
 
 class DoRALinear(LoRALinear):
@@ -116,9 +117,19 @@ class DoRALinear(LoRALinear):
         return f"{super().extra_repr()}, detach_norm={self.detach_norm}"
 
 
+@dataclass
+class DoRASettings(LoRASettings):
+    """DoRA's settings: LoRA's (B starts at zero, the magnitude m at ‖W0‖_c), and how the norm's gradient flows."""
+
+    detach_norm: bool = knob(True, "treat ‖V‖_c as a constant in backward (the paper's §4.3: saves the norm's graph "
+                             "memory at a small cost in accuracy); false: the exact gradient")
+
+
 @register_variant("dora")
 class DoRA(LoRA):
-    """DoRA on the targeted layers: ``DoRALinear`` each. Settings: LoRA's, and ``detach_norm``."""
+    """DoRA on the targeted layers: ``DoRALinear`` each. Settings: ``DoRASettings``."""
+
+    Settings = DoRASettings
 
     analysis_caveats: ClassVar[dict[str, str]] = {
         "amplification": (
@@ -129,10 +140,8 @@ class DoRA(LoRA):
         ),
     }
 
-    def __init__(self, rank: int, alpha: float, detach_norm: bool = True, **lora_settings: Any) -> None:
+    def __init__(self, rank: int, alpha: float, *, detach_norm: bool, **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
-        if not isinstance(detach_norm, bool):
-            raise ConfigError(f"variant.detach_norm={detach_norm!r} must be true or false")
         self.detach_norm = detach_norm
 
     def new_layer(self, base: nn.Linear) -> DoRALinear:

@@ -38,15 +38,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from schema import ConfigError
+from schema import knob
 
 from ..base import InitData, layers_of, register_variant
-from .lora import LoRA, LoRALinear, lora_scaling
+from .lora import LoRA, LoRALinear, LoRASettings, lora_scaling
 
 
 class EVALinear(LoRALinear):
@@ -143,15 +144,26 @@ def captured_inputs(layers: Mapping[str, nn.Module]) -> Iterator[tuple[dict[str,
             handle.remove()
 
 
+@dataclass
+class EVASettings(LoRASettings):
+    """EVA's settings: LoRA's, and how the input components are estimated and the ranks redistributed."""
+
+    rho: float = knob(2.0, "ρ: components per layer, ρ·r, the largest rank a layer can get; 1: rank r everywhere, "
+                      "no redistribution (the authors' default: 2)", within=">= 1")
+    tau: float = knob(0.99, "τ: a component has converged when its cosine similarity with the previous estimate is "
+                      ">= τ (the authors' default)", within="(0, 1]")
+    max_batches: int = knob(100, "training batches at most for the estimate; the summary's "
+                            "initialization.not_converged lists layers not converged by then", within=">= 1")
+    adjust_scaling: bool = knob(True, "α_l = α·r_l/r, so each layer keeps the factor α/r (the authors' code in peft); "
+                                "false: α everywhere, a layer's factor changes with its rank")
+
+
 @register_variant("eva")
 class EVA(LoRA):
     """LoRA with A started at the principal components of each layer's inputs, ranks
-    redistributed by explained variance: ``EVALinear`` layers.
+    redistributed by explained variance: ``EVALinear`` layers. Settings: ``EVASettings``."""
 
-    Settings (besides LoRA's): ``rho`` (ρ ≥ 1: components per layer, ρ·r, and so the largest
-    rank a layer can get), ``tau`` (the cosine similarity at which a component counts as
-    converged), ``max_batches`` (training batches at most; layers not converged by then keep
-    the estimate they have, and the run's summary lists them), ``adjust_scaling``."""
+    Settings = EVASettings
 
     analysis_caveats: ClassVar[dict[str, str]] = {
         "subspace_overlap": (
@@ -160,17 +172,9 @@ class EVA(LoRA):
         ),
     }
 
-    def __init__(self, rank: int, alpha: float, rho: float = 2.0, tau: float = 0.99, max_batches: int = 100,
-                 adjust_scaling: bool = True, **lora_settings: Any) -> None:
+    def __init__(self, rank: int, alpha: float, *, rho: float, tau: float, max_batches: int, adjust_scaling: bool,
+                 **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 1:
-            raise ConfigError(f"variant.rho={rho!r} must be a number >= 1 (1: no rank redistribution)")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
-            raise ConfigError(f"variant.tau={tau!r} must be in (0, 1]")
-        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
-            raise ConfigError(f"variant.max_batches={max_batches!r} must be a positive integer")
-        if not isinstance(adjust_scaling, bool):
-            raise ConfigError(f"variant.adjust_scaling={adjust_scaling!r} must be true or false")
         self.rho, self.tau, self.max_batches, self.adjust_scaling = rho, tau, max_batches, adjust_scaling
 
     def new_layer(self, base: nn.Linear) -> EVALinear:

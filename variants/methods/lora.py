@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from schema import ConfigError
+from schema import knob
 
 from ..base import AdapterLayer, AdapterVariant, adapter_dtype, register_variant
 
@@ -107,28 +108,32 @@ class LoRALinear(AdapterLayer):
         return f"rank={self.rank}, alpha={self.alpha}, {super().extra_repr()}"
 
 
+@dataclass
+class LoRASettings:
+    """LoRA's own settings, and LoRA+'s and rsLoRA's (every variant of the LoRA family has them)."""
+
+    dropout: float = knob(0.0, "dropout on the adapter path's input, not on the base path (conf: adapter_dropout)",
+                          within="[0, 1)")
+    init: str = knob("kaiming", "how A starts: kaiming (uniform, as nn.Linear's default and loralib) | gaussian "
+                     "(N(0, 1/r²), the paper's \"random Gaussian\"); B starts at zero", choices=A_INITS)
+    lr_ratio: float | None = knob(None, "LoRA+: λ, B's rate over A's (its paper: 16); null: one rate, plain LoRA",
+                                  within="> 0")
+    lr_ratio_on: str = knob("b_and_vectors", "what takes λ besides B: b_and_vectors (LoRA+'s code and peft: every "
+                            "trainable vector too) | b_only (the paper's text)", choices=LR_RATIO_ON)
+    scaling: str = knob("standard", "the factor on B·A: standard (α/r) | rslora (α/√r, rank-stable)",
+                        choices=SCALINGS)
+
+
 @register_variant("lora")
 class LoRA(AdapterVariant):
-    """LoRA on the targeted layers: ``LoRALinear`` each, and LoRA+'s rate ratio.
+    """LoRA on the targeted layers: ``LoRALinear`` each, and LoRA+'s rate ratio. Settings:
+    ``LoRASettings``; subclasses build their layers with ``layer_settings()``."""
 
-    Settings: ``dropout``, ``init`` and ``scaling`` (as ``LoRALinear``); ``lr_ratio``: λ of
-    LoRA+, B's rate over A's (None: one rate, plain LoRA); ``lr_ratio_on``: what else takes λ
-    (see above). Subclasses build their layers with ``layer_settings()``."""
+    Settings = LoRASettings
 
-    def __init__(self, rank: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                 lr_ratio: float | None = None, lr_ratio_on: str = "b_and_vectors", scaling: str = "standard") -> None:
+    def __init__(self, rank: int, alpha: float, *, dropout: float, init: str, lr_ratio: float | None,
+                 lr_ratio_on: str, scaling: str) -> None:
         super().__init__(rank, alpha)
-        for key, value, allowed in (("init", init, A_INITS), ("scaling", scaling, SCALINGS)):
-            if value not in allowed:
-                raise ConfigError(f"variant.{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ConfigError(f"variant.dropout={dropout!r} must be in [0, 1)")
-        if lr_ratio is not None and (isinstance(lr_ratio, bool) or not isinstance(lr_ratio, (int, float))
-                                     or lr_ratio <= 0):
-            raise ConfigError(f"variant.lr_ratio={lr_ratio!r} must be a number > 0 (LoRA+: 16) or null")
-        if lr_ratio_on not in LR_RATIO_ON:
-            raise ConfigError(f"variant.lr_ratio_on={lr_ratio_on!r} is not supported; "
-                              f"allowed: {', '.join(LR_RATIO_ON)}")
         self.dropout, self.init, self.lr_ratio, self.lr_ratio_on = dropout, init, lr_ratio, lr_ratio_on
         self.scaling_rule = scaling
 

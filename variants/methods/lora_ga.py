@@ -27,15 +27,16 @@ option (B = U·S on its columns times c, A unscaled), offered for comparison wit
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from schema import ConfigError
+from schema import ConfigError, knob
 
 from ..base import InitData, layers_of, register_variant, seeded
-from .lora import LoRALinear
+from .lora import LoRALinear, LoRASettings
 from .offset import OffsetLoRA, OffsetLoRALinear
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
@@ -70,19 +71,28 @@ def gradient_factors(grad: torch.Tensor, rank: int, scaling: float, direction: s
     return down.contiguous(), up.contiguous()
 
 
+@dataclass
+class LoRAGASettings(LoRASettings):
+    """LoRA-GA's settings: LoRA's, and how the gradient is estimated and decomposed (Algorithm 1)."""
+
+    init_batches: int = knob(8, "training batches (of trainer.batch_size examples) whose mean gradient is decomposed "
+                             "(the authors' scripts: 64 batches of 2)", within=">= 1")
+    direction: str = knob("ArB2r", "which singular vectors start A and B: ArB2r (A the top r right ones, B the next "
+                          "r left ones: the paper's) | A2rBr (the reverse) | ArBr (alternating)", choices=DIRECTIONS)
+    scale: str = knob("stable", "stable: c = d_out^(1/4)/√γ on both factors (the paper's §3.3 and code) | unit | gd "
+                      "(both divided by s) | peft_stable (peft's reading: B = U·S times c, A unscaled)",
+                      choices=SCALES)
+    stable_gamma: float = knob(16.0, "γ of the stable scale (the authors' default: 16)", within="> 0")
+    svd: str = knob("lowrank", "lowrank: torch.svd_lowrank(q=4r, niter=4), seeded, as the authors' code | exact",
+                    choices=SVDS)
+
+
 @register_variant("lora_ga")
 class LoRAGA(OffsetLoRA):
     """LoRA-GA on the targeted layers: ``OffsetLoRALinear`` each, started from the gradient.
+    Settings: ``LoRAGASettings``."""
 
-    Settings (besides LoRA's):
-        init_batches: training batches whose mean gradient is decomposed (the authors' code: 8).
-        direction: which singular vectors go to A and B: ``ArB2r`` (A the top r, B the next r:
-            the paper's), ``A2rBr`` (the reverse) or ``ArBr`` (alternating).
-        scale: ``stable`` (c = d_out^{1/4}/√γ on both factors, the paper's), ``unit`` (none), ``gd``
-            (both divided by s), ``peft_stable`` (peft's reading, see above).
-        stable_gamma: γ of the stable scale (the authors' default: 16).
-        svd: ``lowrank`` (randomized, as the authors' code) or ``exact``.
-    """
+    Settings = LoRAGASettings
 
     analysis_caveats: ClassVar[dict[str, str]] = {
         **OffsetLoRA.analysis_caveats,
@@ -93,17 +103,9 @@ class LoRAGA(OffsetLoRA):
         ),
     }
 
-    def __init__(self, rank: int, alpha: float, init_batches: int = 8, direction: str = "ArB2r",
-                 scale: str = "stable", stable_gamma: float = 16.0, svd: str = "lowrank", **lora_settings: Any) -> None:
+    def __init__(self, rank: int, alpha: float, *, init_batches: int, direction: str, scale: str,
+                 stable_gamma: float, svd: str, **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
-        if isinstance(init_batches, bool) or not isinstance(init_batches, int) or init_batches < 1:
-            raise ConfigError(f"variant.init_batches={init_batches!r} must be a positive integer")
-        for key, value, allowed in (("direction", direction, DIRECTIONS), ("scale", scale, SCALES),
-                                    ("svd", svd, SVDS)):
-            if value not in allowed:
-                raise ConfigError(f"variant.{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
-        if isinstance(stable_gamma, bool) or not isinstance(stable_gamma, (int, float)) or stable_gamma <= 0:
-            raise ConfigError(f"variant.stable_gamma={stable_gamma!r} must be a number > 0")
         self.init_batches, self.direction, self.scale = init_batches, direction, scale
         self.stable_gamma, self.svd = stable_gamma, svd
 

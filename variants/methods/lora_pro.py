@@ -30,15 +30,16 @@ the adjusted gradients go to the ordinary AdamW of A and B.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from schema import ConfigError
+from schema import knob
 
 from ..base import layers_of, register_variant
-from .lora import LoRA, LoRALinear
+from .lora import LoRA, LoRALinear, LoRASettings
 
 MODES = ("full", "efficient")
 X_MODES = ("sylvester", "zero")
@@ -80,24 +81,37 @@ def equivalent_gradient(down: torch.Tensor, up: torch.Tensor, grad_down: torch.T
     return scaling * (up.float() @ grad_down.float() + grad_up.float() @ down.float())
 
 
+@dataclass
+class LoRAProSettings(LoRASettings):
+    """LoRA-Pro's settings: LoRA's (lr_ratio only with mode=efficient), and how the gradients are projected."""
+
+    mode: str = knob("full", "full: AdamW moments of the full-size equivalent gradient, projected back, LoRA-Pro "
+                     "stepping A and B itself (the paper's §2.4) | efficient: the projected gradients to the ordinary "
+                     "AdamW (the authors' memory-efficient optimizer)", choices=MODES)
+    x_mode: str = knob("sylvester", "sylvester: the X of Theorem 2.2, closest to LoRA's gradients | zero: X = 0 (the "
+                       "same equivalent gradient, other A/B gradients)", choices=X_MODES)
+    moment_dtype: str = knob("bf16", "full mode: the moments' dtype, bf16 (as the authors' code) | fp32 (exact)",
+                             choices=tuple(MOMENT_DTYPES))
+
+    def rules(self, prefix: str) -> list[str]:
+        """LoRA+'s rate ratio needs the ordinary optimizer: in full mode LoRA-Pro steps A and B itself."""
+        key = f"{prefix}." if prefix else ""
+        if self.mode == "full" and self.lr_ratio is not None:
+            return [(f"{key}lr_ratio (LoRA+) needs {key}mode=efficient: in full mode LoRA-Pro takes A's and B's "
+                     "steps itself")]
+        return []
+
+
 @register_variant("lora_pro")
 class LoRAPro(LoRA):
     """LoRA (``LoRALinear`` layers) whose gradients are projected as LoRA-Pro says before each step.
+    Settings: ``LoRAProSettings``."""
 
-    Settings (besides LoRA's): ``mode`` (``full``: the paper's AdamW on the equivalent gradient;
-    ``efficient``: the projected gradients to the ordinary AdamW), ``x_mode`` (``sylvester``
-    or ``zero``), ``moment_dtype`` (``bf16`` as the authors' code, or ``fp32``; full mode)."""
+    Settings = LoRAProSettings
 
-    def __init__(self, rank: int, alpha: float, mode: str = "full", x_mode: str = "sylvester",
-                 moment_dtype: str = "bf16", **lora_settings: Any) -> None:
+    def __init__(self, rank: int, alpha: float, *, mode: str, x_mode: str, moment_dtype: str,
+                 **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
-        for key, value, allowed in (("mode", mode, MODES), ("x_mode", x_mode, X_MODES),
-                                    ("moment_dtype", moment_dtype, tuple(MOMENT_DTYPES))):
-            if value not in allowed:
-                raise ConfigError(f"variant.{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
-        if mode == "full" and self.lr_ratio is not None:
-            raise ConfigError("variant.lr_ratio (LoRA+) needs variant.mode=efficient: in full mode LoRA-Pro takes "
-                              "A's and B's steps itself")
         self.mode, self.x_mode, self.moment_dtype = mode, x_mode, moment_dtype
         self.adam_step = 0
         self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # full mode: (m, v) of g̃ per layer

@@ -14,29 +14,39 @@ that differs in which singular components start it (``singular_start``), not a s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
-from schema import ConfigError
+from schema import knob
 
 from ..base import register_variant
+from .lora import LoRASettings
 from .offset import OffsetLoRA, OffsetLoRALinear
 from .pissa import PiSSA, singular_start
 
 
+@dataclass
+class MiLoRASettings(LoRASettings):
+    """MiLoRA's settings: LoRA's (init has no effect: the SVD replaces A); PiSSA's niter must stay null."""
+
+    niter: int | None = knob(None, "null only: PiSSA's randomized SVD finds the largest singular components, and "
+                             "MiLoRA starts at the smallest (the exact SVD)", rule=lambda niter: niter is None,
+                             allowed="null (niter is PiSSA's randomized SVD, which finds the largest singular "
+                             "components; MiLoRA needs the smallest)")
+
+
 @register_variant("milora")
 class MiLoRA(OffsetLoRA):
-    """LoRA started at W0's smallest r singular components. Settings: LoRA's (``niter``, PiSSA's
-    randomized SVD, is refused: it finds the largest components)."""
+    """LoRA started at W0's smallest r singular components. Settings: ``MiLoRASettings``."""
+
+    Settings = MiLoRASettings
 
     analysis_caveats: ClassVar[dict[str, str]] = PiSSA.analysis_caveats  # its caveats name both methods
 
-    def __init__(self, rank: int, alpha: float, niter: int | None = None, **lora_settings: Any) -> None:
-        if niter is not None:
-            raise ConfigError("variant.niter is PiSSA's randomized SVD, which finds the largest singular components; "
-                              "MiLoRA needs the smallest: allowed: null")
-        super().__init__(rank, alpha, **lora_settings)
+    def __init__(self, rank: int, alpha: float, *, niter: int | None, **lora_settings: Any) -> None:
+        super().__init__(rank, alpha, **lora_settings)  # niter is null: the settings refuse any other
 
     def new_layer(self, base: nn.Linear) -> OffsetLoRALinear:
         return singular_start(self, base, "minor")

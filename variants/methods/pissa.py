@@ -24,14 +24,16 @@ peft), see ``variants/methods/offset.py``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from schema import ConfigError
+from schema import knob
 
 from ..base import register_variant, seeded
+from .lora import LoRASettings
 from .offset import OffsetLoRA, OffsetLoRALinear
 
 COMPONENTS = ("principal", "minor")
@@ -66,12 +68,20 @@ def singular_start(variant: OffsetLoRA, base: nn.Linear, components: str, niter:
     return layer
 
 
+@dataclass
+class PiSSASettings(LoRASettings):
+    """PiSSA's settings: LoRA's (init has no effect: the SVD replaces A), and which SVD starts A and B."""
+
+    niter: int | None = knob(None, "null: the exact SVD | n: torch.svd_lowrank with q = r and n power iterations, "
+                             "seeded (the paper's fast initialisation; peft's pissa_niter_<n>)", within=">= 0")
+
+
 @register_variant("pissa")
 class PiSSA(OffsetLoRA):
-    """LoRA started at W0's top-r singular components: ``OffsetLoRALinear`` layers.
+    """LoRA started at W0's top-r singular components: ``OffsetLoRALinear`` layers. Settings:
+    ``PiSSASettings``."""
 
-    Settings (besides LoRA's): ``niter`` (null: the exact SVD; n: the randomized SVD with n
-    power iterations, the paper's fast initialisation)."""
+    Settings = PiSSASettings
 
     analysis_caveats: ClassVar[dict[str, str]] = {
         **OffsetLoRA.analysis_caveats,
@@ -82,10 +92,8 @@ class PiSSA(OffsetLoRA):
         ),
     }
 
-    def __init__(self, rank: int, alpha: float, niter: int | None = None, **lora_settings: Any) -> None:
+    def __init__(self, rank: int, alpha: float, *, niter: int | None, **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
-        if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
-            raise ConfigError(f"variant.niter={niter!r} must be null (exact SVD) or an integer >= 0")
         self.niter = niter
 
     def new_layer(self, base: nn.Linear) -> OffsetLoRALinear:

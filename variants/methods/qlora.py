@@ -14,19 +14,36 @@ trainer's autocast on GPUs). bitsandbytes does the quantization and the 4-bit ma
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from schema import ConfigError
+from schema import ConfigError, knob, problems
 
 from ..base import register_variant
 from ..targets import replace_module, task_head, within
-from .lora import LoRA, LoRALinear
+from .lora import LoRA, LoRALinear, LoRASettings
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
+BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class QLoRASettings(LoRASettings):
+    """QLoRA's settings: LoRA's, and how the frozen base is quantized (§3)."""
+
+    quant_type: str = knob("nf4", "the base's format: nf4 (4-bit NormalFloat, the paper's) | fp4 | int8 (bitsandbytes' "
+                           "LLM.int8, outlier threshold 6; no blocksize)", choices=QUANT_TYPES)
+    double_quant: bool = knob(True, "quantize the 4-bit blocks' absmax constants to 8 bits too (the paper's §3 Double "
+                              "Quantization: 4.13 instead of 4.5 bits per weight)")
+    blocksize: int = knob(64, "weights per 4-bit quantization block (the paper's: 64)", choices=BLOCKSIZES)
+    compute_dtype: str = knob("auto", "dtype of the dequantized matmul: auto (bf16 on a GPU with bf16, else fp32) | "
+                              "fp32 | bf16 | fp16", choices=tuple(COMPUTE_DTYPES))
+    requantize_on_merge: bool = knob(False, "merge() writes W0 + ΔW re-quantized instead of in the compute dtype: "
+                                     "4-bit memory, one more rounding of every weight")
 
 
 def _bnb() -> Any:
@@ -41,19 +58,17 @@ def is_quantized(layer: nn.Module) -> bool:
 
 
 def _compute_dtype(name: str) -> torch.dtype:
-    if name not in COMPUTE_DTYPES:
-        raise ConfigError(f"variant.compute_dtype={name!r} is not supported; allowed: {', '.join(COMPUTE_DTYPES)}")
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return COMPUTE_DTYPES[name]
 
 
-def check_quant_args(quant_type: str, blocksize: int, compute_dtype: str) -> None:
-    if quant_type not in QUANT_TYPES:
-        raise ConfigError(f"variant.quant_type={quant_type!r} is not supported; allowed: {', '.join(QUANT_TYPES)}")
-    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
-        raise ConfigError(f"variant.blocksize={blocksize!r} is not supported; allowed: 64, 128, 256, ..., 4096")
-    _compute_dtype(compute_dtype)
+def check_quant_args(quant_type: str, double_quant: bool, blocksize: int, compute_dtype: str) -> None:
+    """``quantize_linear``'s arguments, checked as the variant's settings are (``QLoRASettings``)."""
+    found = problems(QLoRASettings(quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
+                                   compute_dtype=compute_dtype), "variant")
+    if found:
+        raise ConfigError("; ".join(found))
 
 
 def quantize_linear(
@@ -63,7 +78,7 @@ def quantize_linear(
     """A bitsandbytes copy of ``linear``: ``Linear4bit`` (nf4/fp4) or ``Linear8bitLt`` (int8,
     LLM.int8 with outlier threshold 6). The bias keeps its precision, also in training
     (``bnb_layers``: bitsandbytes' own layers would cast it to bf16 in place)."""
-    check_quant_args(quant_type, blocksize, compute_dtype)
+    check_quant_args(quant_type, double_quant, blocksize, compute_dtype)
     bnb = _bnb()
     from ..interop import bnb_layers
 
@@ -195,26 +210,14 @@ class QLoRALinear(LoRALinear):
 @register_variant("qlora")
 class QLoRA(LoRA):
     """LoRA on a quantized model: every linear layer but the task head is quantized, the
-    targets inside ``QLoRALinear``. Settings: LoRA's, and the quantization's:
+    targets inside ``QLoRALinear``. Settings: ``QLoRASettings``."""
 
-        quant_type: ``nf4`` (the paper's), ``fp4``, or ``int8`` (LLM.int8, no blocksize).
-        double_quant: quantize the 4-bit blocks' absmax constants too (§3 Double Quantization).
-        blocksize: weights per 4-bit quantization block.
-        compute_dtype: dtype of the 4-bit matmul: ``auto`` (bf16 on a GPU with bf16, else fp32),
-            ``fp32``, ``bf16``, ``fp16``.
-        requantize_on_merge: see ``QLoRALinear``.
-    """
-
+    Settings = QLoRASettings
     paper_optimizer = "paged_adamw_32bit"  # QLoRA §3, Paged Optimizers
 
-    def __init__(self, rank: int, alpha: float, quant_type: str = "nf4", double_quant: bool = True,
-                 blocksize: int = 64, compute_dtype: str = "auto", requantize_on_merge: bool = False,
-                 **lora_settings: Any) -> None:
+    def __init__(self, rank: int, alpha: float, *, quant_type: str, double_quant: bool, blocksize: int,
+                 compute_dtype: str, requantize_on_merge: bool, **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
-        check_quant_args(quant_type, blocksize, compute_dtype)
-        for key, value in (("double_quant", double_quant), ("requantize_on_merge", requantize_on_merge)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"variant.{key}={value!r} must be true or false")
         self.quant_args = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": blocksize,
                            "compute_dtype": compute_dtype}
         self.requantize_on_merge = requantize_on_merge

@@ -12,26 +12,34 @@ warm-up/decay multiplier of the schedule runs on unbroken over the whole run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from schema import ConfigError
+from schema import ConfigError, knob
 
 from ..base import layers_of, register_variant
-from .lora import LoRA
+from .lora import LoRA, LoRASettings
+
+
+@dataclass
+class StagedSettings(LoRASettings):
+    """Staged training's settings: LoRA's (those of the LoRA phase), and the full fine-tuning phase before it."""
+
+    full_fraction: float = knob(0.2, "share of the steps that fine-tune every weight (0.1-0.3 is the useful range); "
+                                "each phase must get at least one step", within="(0, 1)")
+    full_lr: float | None = knob(5e-5, "peak learning rate of the full phase (full fine-tuning wants a much smaller "
+                                 "one than LoRA); null: the configured rate for both phases", within="> 0")
 
 
 @register_variant("staged")
 class Staged(LoRA):
     """LoRA layers (A, B, dropout, init as in ``LoRALinear``) that stay off until the switch step.
+    Settings: ``StagedSettings``."""
 
-    Extra settings:
-        full_fraction: the fraction of training steps that fine-tune every weight (0.1–0.3
-            is the useful range).
-        full_lr: peak learning rate of the full phase; None uses the configured one for both.
-    """
+    Settings = StagedSettings
 
     analysis_caveats: ClassVar[dict[str, str]] = {
         "amplification": (
@@ -41,13 +49,9 @@ class Staged(LoRA):
         ),
     }
 
-    def __init__(self, rank: int, alpha: float, full_fraction: float = 0.2, full_lr: float | None = None,
+    def __init__(self, rank: int, alpha: float, *, full_fraction: float, full_lr: float | None,
                  **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
-        if isinstance(full_fraction, bool) or not isinstance(full_fraction, (int, float)) or not 0 < full_fraction < 1:
-            raise ConfigError(f"variant.full_fraction={full_fraction!r} must be in (0, 1)")
-        if full_lr is not None and (isinstance(full_lr, bool) or not isinstance(full_lr, (int, float)) or full_lr <= 0):
-            raise ConfigError(f"variant.full_lr={full_lr!r} must be a number > 0 or null")
         self.full_fraction = full_fraction
         self.full_lr = full_lr
         self.full_phase = False  # set by on_train_begin; a loaded or fresh model is plain LoRA
