@@ -105,9 +105,10 @@ def _field(cls: Any, name: Any) -> tuple[Any, Allowed] | None:
 
 def _unknown_key(key: str, schema: DictConfig | None) -> str:
     known = sorted(_keys(schema)) if schema is not None else []
-    closest = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     group = key.rsplit(".", 1)[0] if "." in key else ""
-    siblings = [k for k in known if k.rsplit(".", 1)[0] == group and k.count(".") == key.count(".")]
+    siblings = [k for k in known if k.count(".") == key.count(".") and (k.rsplit(".", 1)[0] if "." in k else "") == group]
+    names = {k.rsplit(".", 1)[-1]: k for k in siblings}
+    closest = [names[n] for n in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(names), n=1, cutoff=0.6)]
     hint = f"closest: {closest[0]}" if closest else f"allowed: {', '.join(siblings)}" if siblings else ""
     return f"{key} is not a config key" + (f"; {hint}" if hint else "")
 

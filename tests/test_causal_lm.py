@@ -287,7 +287,7 @@ def compose_cfg(*overrides):
     (["model=smollm2", "task=sft_smoke", "task.train_size=0"], "task.train_size=0 must be an integer >= 1"),
     (["model=smollm2", "task=sft_smoke", "task.train_size=3600"], ("task.train_size=3600 with task.eval_size=200 asks "
      "for more distinct prompts than sft_smoke has; allowed: train_size <= 3401 at this eval_size")),
-    (["model=smollm2", "task=sft", "~task.eval_files.main", "+task.eval_files.dev=dev.jsonl"],
+    (["model=smollm2", "task=sft", "task.eval_files.main=x", "~task.eval_files.main", "+task.eval_files.dev=dev.jsonl"],
      "task.eval_files={'dev': 'dev.jsonl'} must map set names to JSONL files, with main"),
     (["model=smollm2", "task=sft", "task.source=hub", "task.hf_path=x/y", "~task.splits.train"],
      "task.source=hub needs task.hf_path (got 'x/y') and task.splits with train and main"),

@@ -273,7 +273,9 @@ def test_local_glue_folder_and_model_path(tmp_path):
         ("variant=foo", ("variant='foo' is not a known variant; allowed: adalora, bitfit, dora, eva, full, head, lora, "
                          "lora_ga, lora_pro, milora, pissa, qlora, staged")),
         ("rank=0", "rank=0 must be an integer >= 1"),
-        ("+variant.foo=1", "variant.foo is not a setting of variant='lora'; allowed: dropout, init, lr_ratio, lr_ratio_on, scaling"),
+        ("+variant.foo=1", ("variant.foo is not a config key; allowed: variant.bias, variant.dropout, variant.init, "
+                            "variant.lr, variant.lr_ratio, variant.lr_ratio_on, variant.name, variant.scaling, "
+                            "variant.targets")),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
         ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
         ("variant=full variant.lr=0", "variant.lr=0.0 must be null or a finite number > 0"),

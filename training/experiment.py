@@ -101,9 +101,12 @@ def base_model_metadata(cfg: DictConfig) -> dict[str, Any]:
 
 def _checked(cfg: DictConfig) -> DictConfig:
     """Every value against the schema (``schema.door.typed``: one ``ConfigError`` listing what it
-    refuses), before torchrun's processes part ways and anything is written; then what the values
-    alone cannot tell; and the run's peak rate resolved (``with_variant_lr``)."""
-    typed(cfg)
+    refuses), then what the values alone cannot tell, on every process alike (under torchrun each
+    fails the same way) and before anything is written; and the run's peak rate resolved
+    (``with_variant_lr``)."""
+    # an untyped copy: a config that a launcher (joblib, submitit) pickled into its worker carries the
+    # composing process's node classes, onto which OmegaConf refuses to merge this process's schema
+    typed(OmegaConf.create(OmegaConf.to_container(cfg)))
     variants.get_variant(cfg.variant.name)  # a name the schema has no node for: the known variants, in one line
     if task_type(cfg) == "causal_lm":
         sft.check_sft_task(cfg.task)
