@@ -45,7 +45,9 @@ def typed(cfg: DictConfig) -> Run:
     task_type = (cfg.get("task") or {}).get("type", "classification")
     base.task = OmegaConf.structured(TASK_SCHEMAS.get(task_type, ClassificationTask))
     try:
-        run = OmegaConf.to_object(OmegaConf.merge(base, cfg))
+        # an untyped copy: a config a launcher (joblib, submitit) pickled into its worker carries the
+        # composing process's node classes, onto which OmegaConf refuses to merge this process's schema
+        run = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.create(OmegaConf.to_container(cfg))))
     except OmegaConfBaseException as err:
         raise ConfigError(one_line(err, base)) from None
     found = problems(run, "") + _between_groups(run)

@@ -79,14 +79,6 @@ def _in_interval(value: Any, interval: str) -> bool:
     raise ValueError(f"not an interval: {interval!r} (e.g. '> 0', '>= 1', '[0, 1)')")
 
 
-def doc_of(cls: type, name: str) -> str:
-    return next(f.metadata.get("doc", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
-def allowed_of(cls: type, name: str) -> Allowed:
-    return next(f.metadata.get("allowed", Allowed()) for f in dataclasses.fields(cls) if f.name == name)
-
-
 def type_text(hint: Any) -> str:
     """How a type reads in an error and in the docs: ``an integer``, ``null or a number`` …"""
     inner, optional = _unwrap_optional(hint)

@@ -104,9 +104,7 @@ def _checked(cfg: DictConfig) -> DictConfig:
     refuses), then what the values alone cannot tell, on every process alike (under torchrun each
     fails the same way) and before anything is written; and the run's peak rate resolved
     (``with_variant_lr``)."""
-    # an untyped copy: a config that a launcher (joblib, submitit) pickled into its worker carries the
-    # composing process's node classes, onto which OmegaConf refuses to merge this process's schema
-    typed(OmegaConf.create(OmegaConf.to_container(cfg)))
+    typed(cfg)
     variants.get_variant(cfg.variant.name)  # a name the schema has no node for: the known variants, in one line
     if task_type(cfg) == "causal_lm":
         sft.check_sft_task(cfg.task)
