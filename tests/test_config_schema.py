@@ -75,7 +75,8 @@ def _cases() -> list[tuple[str, list[str]]]:
     groups = [(Run, "", []), (Trainer, "trainer.", []), (Model, "model.", []), (Tracking, "tracking.", []),
               (ClassificationTask, "task.", ["task=mrpc"]), (InstructionTask, "task.", LM)]
     groups += [(VariantKeys, "variant.", [])]
-    groups += [(cls.Settings, "variant.", [f"variant={name}"]) for name, cls in sorted(variants.VARIANTS.items())]
+    groups += [(cls.Settings, "variant.", [f"variant={name}"]) for name, cls in sorted(variants.VARIANTS.items())
+               if (CONF / "variant" / f"{name}.yaml").is_file()]  # not the variants other tests register
     cases, seen = [], set()
     for cls, prefix, base in groups:
         for key, hint, allowed in _keys(cls, prefix):
@@ -164,7 +165,7 @@ def test_a_yaml_file_holds_only_what_differs_from_the_schema():
 
 def test_the_knobs_page_is_the_schemas():
     """docs/knobs.md is written from the schema; a field changed without rewriting it fails here."""
-    from schema.docs import page
-
-    expected = page({name: cls.Settings for name, cls in variants.VARIANTS.items()})
-    assert (ROOT / "docs" / "knobs.md").read_text() == expected, "run: python -m schema.docs > docs/knobs.md"
+    # the command the docstring names, in its own process: variants other tests register stay out of it
+    written = subprocess.run([sys.executable, "-m", "schema.docs"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    assert (ROOT / "docs" / "knobs.md").read_text() == written, "run: python -m schema.docs > docs/knobs.md"

@@ -301,14 +301,17 @@ def test_job_dir_names_hash_paths_and_long_values_and_stay_one_short_folder():
 
 def test_a_sweep_with_path_valued_and_many_overrides_gets_flat_dirs_and_counts_every_job(tmp_path):
     sweep = tmp_path / "sweep"
-    many = [f"+notes.n{i}=value_number_{i}" for i in range(12)]
-    result = run_py(*SMALL, "trainer.max_steps=2", "+notes.where=/a/b/c/d/e/f/g/h", *many, "seed=0,1",
+    many = ["trainer.weight_decay=0.0", "trainer.warmup_ratio=0.06", "trainer.grad_clip=1.0", "trainer.log_every=1",
+            "trainer.eval_batch_size=64", "trainer.eval_at_start=false", "trainer.keep_best=false",
+            "trainer.group_by_length=false", "trainer.gradient_checkpointing=false", "tracking.project=a_long_name",
+            "tracking.tags=[first_tag_of_this_sweep,second_tag_of_this_sweep]"]
+    result = run_py(*SMALL, "trainer.max_steps=2", "tracking.group=/a/b/c/d/e/f/g/h", *many, "seed=0,1",
                     f"hydra.sweep.dir={sweep}", "-m")
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"] and all(len(p.name) <= 100 for p in jobs)
     assert all((p / rundir.SUMMARY).is_file() for p in jobs)  # each job one folder, directly in the sweep dir
-    assert "+notes.where=/a/b/c/d/e/f/g/h" in (jobs[0] / ".hydra" / "overrides.yaml").read_text()  # all of them kept
+    assert "tracking.group=/a/b/c/d/e/f/g/h" in (jobs[0] / ".hydra" / "overrides.yaml").read_text()  # all of them kept
     assert len(json.loads((sweep / "sweep_summary.json").read_text())) == 2
     assert "sweep summary: 2 of 2 jobs completed" in result.stdout + result.stderr
     # a job dir nested deeper (a hand-set subdir) is still counted
