@@ -215,7 +215,19 @@ class InstructionTask:
         unknown = [m for m in self.metrics if m not in LM_METRICS]
         if unknown:
             return [f"{prefix}.metrics has {unknown}; allowed for a causal_lm task: {', '.join(LM_METRICS)}"]
-        return _main_metric_rule(self, prefix)
+        return _main_metric_rule(self, prefix) + self._source_rules(prefix)
+
+    def _source_rules(self, prefix: str) -> list[str]:
+        """What the chosen source needs (sft_smoke's size limit is checked where it is known:
+        ``training.data.synthetic.generate_sft_smoke``)."""
+        if self.source == "jsonl" and self.eval_files.get("main") is None:
+            return [(f"{prefix}.eval_files={dict(self.eval_files)!r} must map set names to JSONL files, "
+                    f"with main, e.g. {prefix}.eval_files.main=dev.jsonl")]
+        if self.source == "hub" and (not self.hf_path or not {"train", "main"} <= set(self.splits)):  # (the
+            # schema's default splits are merged under the user's: a key removed comes back at its default)
+            return [(f"{prefix}.source=hub needs {prefix}.hf_path (got {self.hf_path!r}) and {prefix}.splits with "
+                    f"train and main (got {dict(self.splits)!r})")]
+        return []
 
 
 def _main_metric_rule(task: Any, prefix: str) -> list[str]:

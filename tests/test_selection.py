@@ -16,7 +16,7 @@ from training.data import load_task, make_loader
 from training.data.batching import LengthGroupedBatches, training_batches
 from training.device import runtime_for
 from training.evaluation import ClassifierEvaluator
-from training.experiment import _setup_data
+from training.experiment import _checked, _setup_data
 from training.models import load_trained, resolve_model_path
 from training.selection import Selection
 from variants import read_adapter_config
@@ -154,17 +154,15 @@ def test_length_grouped_batches_cover_the_epoch_once_with_little_padding():
     assert longest[:50] != sorted(longest[:50], reverse=True)
 
 
-def test_group_by_length_reaches_the_trainer(tmp_path):
+def test_group_by_length_reaches_the_trainer():
     """The training loader of a run groups by length when asked (the padding it trains on drops)."""
+    from helpers.config import composed
 
-    cfg = OmegaConf.create({"task": {"type": "classification", "text_fields": ["sentence"], "metrics": ["accuracy"]},
-                            "model": {"max_length": 64}, "seed": 0,
-                            "trainer": {"batch_size": 8, "eval_batch_size": 8, "group_by_length": True}})
+    cfg = _checked(composed("task=smoke", "task.train_size=160", "trainer.batch_size=8", "trainer.group_by_length=true"))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    examples = [{"sentence": "word " * n, "label": n % 2} for n in range(1, 81)]
-    grouped, _, _ = _setup_data(cfg, tokenizer, examples, {}, runtime_for("cpu", "fp32"))
+    grouped = _setup_data(cfg, tokenizer, runtime_for("cpu", "fp32")).train_loader
     cfg.trainer.group_by_length = False
-    plain, _, _ = _setup_data(cfg, tokenizer, examples, {}, runtime_for("cpu", "fp32"))
+    plain = _setup_data(cfg, tokenizer, runtime_for("cpu", "fp32")).train_loader
 
     def pads(loader):
         return sum(int((batch["attention_mask"] == 0).sum()) for batch in loader)

@@ -1,8 +1,8 @@
 """One run from a composed config: data, model, variant, training, and the run directory.
 
-``run_experiment`` reads top to bottom as its steps: check the config, set up the runtime, the
-data and the model, plan the run, open the run dir and tracker (rank 0), train, and write the
-results. Every process of a ``torchrun`` job runs the same steps; only rank 0 writes.
+``run_experiment`` reads top to bottom as its steps: check the config (completed with the
+schema's defaults), set up the runtime, the model and the data (``_setup_*``), plan the run, open
+the run dir and tracker (rank 0), train, and write the results. Every process of a ``torchrun`` job runs the same steps; only rank 0 writes.
 The run directory's files are listed in ``training/rundir.py``.
 """
 
@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
@@ -31,8 +31,8 @@ from .checkpoint import TrainState
 from .data import load_task, make_loader, sft
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
-from .models import load_model
-from .selection import best_of
+from .models import load_model, weights_mb
+from .selection import at_best_val, best_eval
 from .tracking import NullTracker, Tracker
 from .trainer import Plan, plan_run, train
 
@@ -42,18 +42,24 @@ log = logging.getLogger(__name__)
 VARIANT_RUNNER_KEYS = ("name", "targets", "bias", "lr")
 
 
+class Data(NamedTuple):
+    """What ``_setup_data`` builds: this process's training batches, the eval sets' loaders, what
+    evaluates on them, and the example counts (training, ``main``) the summary records."""
+
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    evaluator: Evaluator
+    examples: tuple[int, int]
+
+
 def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
     """Validate, build, train, evaluate and save one run; returns the summary (on every rank;
     only rank 0's is written)."""
     started = time.perf_counter()
     cfg = _checked(cfg)
-    runtime = runtime_for(cfg.trainer.device, cfg.trainer.precision)
-    reset_peak_memory(runtime.device)
-    set_seed(cfg.seed)
-
-    train_examples, eval_sets = load_task(cfg.task, cfg.seed)
+    runtime = _setup_runtime(cfg)
     model, tokenizer, adapted, runtime, budget = _setup_model(cfg, runtime)
-    train_loader, eval_loaders, evaluator = _setup_data(cfg, tokenizer, train_examples, eval_sets, runtime)
+    train_loader, eval_loaders, evaluator, examples = _setup_data(cfg, tokenizer, runtime)
     plan = plan_run(cfg.trainer, len(train_loader), evaluator, list(eval_loaders), cfg.task.main_metric)
     variants.variant_of(model).check_total_steps(plan.steps)  # a schedule longer than the run fails here, before writing
     resume, run_record = _load_checkpoint(cfg, run_dir, runtime)
@@ -66,7 +72,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
                       save_best=_best_state_writer(cfg, run_dir) if main else None, run_record=run_record)
         replica_difference = distributed.max_replica_difference(model, runtime.context)
         summary = _summary(cfg, model, adapted, state, plan, runtime, tracker, group,
-                           examples=(len(train_examples), len(eval_sets["main"])),
+                           examples=examples,
                            wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
         summary["budget"] = budget
         summary["resumes"] = run_record["resumes"]
@@ -94,26 +100,28 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
 
 def base_model_metadata(cfg: DictConfig) -> dict[str, Any]:
     """What the adapter file records of its base model, so that ``load_trained`` can rebuild it."""
-    return {"model": cfg.model.name_or_path, "task": cfg.task.name, "model_type": task_type(cfg),
-            "gguf_file": cfg.model.get("gguf_file"), "model_dtype": cfg.model.get("dtype", "float32"),
-            "num_labels": cfg.task.get("num_labels"), "keep_layers": cfg.model.get("keep_layers")}
+    return {"model": cfg.model.name_or_path, "task": cfg.task.name, "model_type": cfg.task.type,
+            "gguf_file": cfg.model.gguf_file, "model_dtype": cfg.model.dtype,
+            "num_labels": cfg.task.get("num_labels"), "keep_layers": cfg.model.keep_layers}  # (a causal LM has no labels)
 
 
 def _checked(cfg: DictConfig) -> DictConfig:
     """Every value against the schema (``schema.door.typed``: one ``ConfigError`` listing what it
-    refuses), then what the values alone cannot tell, on every process alike (under torchrun each
-    fails the same way) and before anything is written; and the run's peak rate resolved
-    (``with_variant_lr``)."""
-    typed(cfg)
+    refuses), on every process alike (under torchrun each fails the same way) and before anything
+    is written; the config completed with the schema's defaults (every key present from here on),
+    with the run's peak rate resolved (``with_variant_lr``)."""
     variants.get_variant(cfg.variant.name)  # a name the schema has no node for: the known variants, in one line
-    if task_type(cfg) == "causal_lm":
-        sft.check_sft_task(cfg.task)
-    return with_variant_lr(cfg)
+    complete = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(typed(cfg))))
+    return with_variant_lr(complete)
 
 
-def task_type(cfg: DictConfig) -> str:
-    """``classification`` (GLUE, the smoke task) or ``causal_lm`` (instruction tuning)."""
-    return cfg.task.get("type", "classification")
+def _setup_runtime(cfg: DictConfig) -> Runtime:
+    """The device, precision and process group (``trainer.device``, ``trainer.precision``), with
+    peak-memory counting started and every generator seeded."""
+    runtime = runtime_for(cfg.trainer.device, cfg.trainer.precision)
+    reset_peak_memory(runtime.device)
+    set_seed(cfg.seed)
+    return runtime
 
 
 def with_variant_lr(cfg: DictConfig) -> DictConfig:
@@ -121,7 +129,7 @@ def with_variant_lr(cfg: DictConfig) -> DictConfig:
     user's override), else the variant's own (``variant.lr``, from its YAML: each method's rate
     differs by orders of magnitude). The resolved rate is what config.yaml records. The schema
     checks either rate's value; here only that one is set."""
-    lr, own = cfg.trainer.get("lr"), cfg.variant.get("lr")
+    lr, own = cfg.trainer.lr, cfg.variant.lr
     if lr is not None:
         if own is not None and own != lr:
             log.info("trainer.lr=%s overrides variant.lr=%s", lr, own)
@@ -142,18 +150,18 @@ def _setup_model(cfg: DictConfig, runtime: Runtime
     """The pretrained model with the variant applied and its trainable set chosen, on the
     device; the tokenizer; the adapted module names; the runtime its weights' dtype asks for;
     what ``budget`` chose (None without one)."""
-    model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.get("num_labels"), cfg.model.get("dtype", "float32"),
-                                  task_type(cfg), cfg.model.get("gguf_file"), cfg.model.get("keep_layers"))
+    model, tokenizer = load_model(cfg.model.name_or_path, cfg.task.get("num_labels"), cfg.model.dtype, cfg.task.type,
+                                  cfg.model.gguf_file, cfg.model.keep_layers)
     runtime = for_weights(runtime, next(model.parameters()).dtype, cfg.trainer.precision)
-    if cfg.model.get("dropout") is not None:
+    if cfg.model.dropout is not None:
         set_dropout(model, cfg.model.dropout)
     head = list(cfg.model.train_modules)
-    targets = cfg.variant.get("targets")  # baselines need none: full and bitfit select by kind
+    targets = cfg.variant.targets  # baselines need none: full and bitfit select by kind
     if targets is not None and not isinstance(targets, str):
         targets = list(targets)
     settings = {"rank": cfg.rank, **variant_kwargs(cfg.variant)}
     budget = None
-    if cfg.get("budget") is not None:
+    if cfg.budget is not None:
         choice = rank_for_budget(model, cfg.variant.name, targets, cfg.budget, head)
         settings.update(choice.settings if choice else {})
         budget = {"requested": cfg.budget, "rank": choice.rank if choice else None,
@@ -161,8 +169,8 @@ def _setup_model(cfg: DictConfig, runtime: Runtime
         log.info("budget=%d: %s", cfg.budget, f"rank {choice.rank}, {choice.method_params} parameters" if choice
                  else f"{cfg.variant.name} has no rank to choose; it trains what it trains")
     adapted = variants.inject_adapters(model, cfg.variant.name, targets, alpha=cfg.alpha, exclude=head, **settings)
-    variants.mark_trainable(model, bias=cfg.variant.get("bias", "none"), train_modules=head)
-    if cfg.get("init_from"):
+    variants.mark_trainable(model, bias=cfg.variant.bias, train_modules=head)
+    if cfg.init_from:
         loaded = variants.init_adapters_from(model, adapter_file(cfg.init_from))
         log.info("init_from %s: %d adapter tensors", cfg.init_from, len(loaded))
     trainable, total = variants.count_parameters(model)
@@ -171,12 +179,14 @@ def _setup_model(cfg: DictConfig, runtime: Runtime
     return model.to(runtime.device), tokenizer, adapted, runtime, budget
 
 
-def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
-                runtime: Runtime) -> tuple[DataLoader, dict[str, DataLoader], Evaluator]:
-    """The training loader (this process's slice of each global batch), the eval loaders, and
-    what evaluates on them."""
-    if task_type(cfg) == "causal_lm":
-        return _setup_causal_lm_data(cfg, tokenizer, train_examples, eval_sets, runtime)
+def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> Data:
+    """The task's examples (``training/data``; ``val`` held out of the training set with
+    ``task.val_fraction``), batched: the training loader (this process's slice of each global
+    batch), the eval loaders, and what evaluates on them."""
+    train_examples, eval_sets = load_task(cfg.task, cfg.seed)
+    examples = (len(train_examples), len(eval_sets["main"]))
+    if cfg.task.type == "causal_lm":
+        return Data(*_causal_lm_loaders(cfg, tokenizer, train_examples, eval_sets, runtime), examples)
     fields, max_length = list(cfg.task.text_fields), cfg.model.max_length
     train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True,
                                seed=cfg.seed, shard=runtime.context, group_by_length=cfg.trainer.group_by_length)
@@ -184,16 +194,16 @@ def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examp
         name: make_loader(examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
         for name, examples in eval_sets.items()
     }
-    return train_loader, eval_loaders, ClassifierEvaluator(list(cfg.task.metrics))
+    return Data(train_loader, eval_loaders, ClassifierEvaluator(list(cfg.task.metrics)), examples)
 
 
-def _setup_causal_lm_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
+def _causal_lm_loaders(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
                           runtime: Runtime) -> tuple[DataLoader, dict[str, DataLoader], Evaluator]:
     """Instruction/response pairs (``training/data/sft.py``), scored by loss and generation."""
     fmt, max_length = sft.prompt_format(tokenizer, cfg.task), cfg.model.max_length
     train_loader = sft.make_train_loader(train_examples, fmt, max_length, cfg.trainer.batch_size, cfg.seed,
-                                              packing=bool(cfg.task.get("packing")), shard=runtime.context,
-                                              group_by_length=cfg.trainer.group_by_length)
+                                         packing=cfg.task.packing, shard=runtime.context,
+                                         group_by_length=cfg.trainer.group_by_length)
     eval_loaders = {name: sft.make_eval_loader(examples, fmt, max_length, cfg.trainer.eval_batch_size)
                     for name, examples in eval_sets.items()}
     return train_loader, eval_loaders, GenerationEvaluator(list(cfg.task.metrics), tokenizer, cfg.task.max_new_tokens)
@@ -214,14 +224,14 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> tuple[
     the config is checked against the checkpoint's (``training/resuming.py``); and the run record
     the next checkpoints carry: the resolved config and every resume's accepted changes."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    if not cfg.get("resume"):
+    if not cfg.resume:
         return None, {"config": config, "resumes": []}
     saved, warnings = checkpoint.load_latest(run_dir / rundir.CHECKPOINT)
     for warning in warnings:
         log.warning(warning)
     checkpoint.check_format(saved, runtime.context.world_size)
     trained = saved.get("run") or {"config": _config_yaml(run_dir), "resumes": []}  # older checkpoints: config.yaml
-    accepted = resuming.check(trained["config"], config, list(cfg.get("resume_changes") or []), saved["step"])
+    accepted = resuming.check(trained["config"], config, list(cfg.resume_changes or []), saved["step"])
     if runtime.context.is_main:
         for warning in rundir.truncate_metrics(run_dir, saved["step"]):
             log.warning(warning)
@@ -304,43 +314,22 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "wandb_group": cfg.tracking.group or group,
         "adapter_report": variants.adapter_report(model),
         "initialization": state.initialization,  # the variant's data-driven init, if any (LoRA-GA, EVA)
-        "init_from": cfg.get("init_from"),
+        "init_from": cfg.init_from,
     }
     summary["stopped"] = {"reason": state.stop_reason, "step": state.step, "planned_steps": plan.steps,
                           "epochs": state.step / plan.steps_per_epoch, "patience": plan.selection.patience,
                           "min_delta": plan.selection.min_delta, "min_steps": plan.selection.min_steps}
     summary["best"] = {**plan.selection.best(state),
                        "adapter": rundir.ADAPTER_BEST if plan.selection.keep_best else None}
-    summary["val_fraction"] = cfg.task.get("val_fraction")
+    summary["val_fraction"] = cfg.task.val_fraction
     if "val" in state.extra_eval_history:  # model selection on the held-out split, main reported as test
-        summary["eval_at_best_val"] = at_best_val(state, cfg.task.main_metric)
+        summary["eval_at_best_val"] = at_best_val(state.extra_eval_history["val"], state.eval_history,
+                                                  cfg.task.main_metric)
     best_step = summary["eval_best"]["step"]
     summary["eval_extra_best"] = {name: dict(history)[best_step] for name, history in state.extra_eval_history.items()}
     if replica_difference is not None:
         summary["replica_max_abs_diff"] = replica_difference  # 0.0: every process holds rank 0's weights
     return summary
-
-
-def best_eval(history: list[tuple[int, dict[str, float]]], main_metric: str) -> dict[str, Any]:
-    """The evaluation with the best main metric (the highest; the lowest for a loss or
-    perplexity; the LoRA paper reports the best epoch) and its step; ``eval`` in the summary
-    stays the last one."""
-    step, metrics = best_of(history, main_metric)
-    return {"step": step, **metrics}
-
-
-def at_best_val(state: TrainState, main_metric: str) -> dict[str, Any]:
-    """The step whose ``val`` main metric is highest, with the ``val`` and ``main`` (test)
-    metrics there: the honest counterpart of ``eval_best``, which picks on the reported set."""
-    step, val = best_of(state.extra_eval_history["val"], main_metric)
-    return {"step": step, "val": val, "test": dict(state.eval_history)[step]}
-
-
-def weights_mb(model: nn.Module) -> float:
-    """Memory of the model's parameters and buffers as stored (a 4-bit weight at its packed size;
-    quantization constants kept outside parameters are not included)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

@@ -221,6 +221,13 @@ def keep_first_layers(model: nn.Module, count: int) -> None:
         model.config.layer_types = model.config.layer_types[:count]
 
 
+def weights_mb(model: nn.Module) -> float:
+    """Memory of the model's parameters and buffers as stored (a 4-bit weight at its packed size;
+    quantization constants kept outside parameters are not included)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def load_trained(adapter_path: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The base model an adapter file was trained on (as its metadata names it), with the
     adapter loaded: the trained model, rebuilt from a run dir's ``adapter.safetensors``."""

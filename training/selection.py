@@ -38,6 +38,21 @@ def best_of(history: History, metric: str) -> tuple[int, dict[str, float]]:
     return max(history, key=lambda item: sign * item[1][metric])  # max keeps the first of equals
 
 
+def best_eval(history: History, main_metric: str) -> dict[str, Any]:
+    """The evaluation with the best main metric (the highest; the lowest for a loss or
+    perplexity; the LoRA paper reports the best epoch) and its step; ``eval`` in the summary
+    stays the last one."""
+    step, metrics = best_of(history, main_metric)
+    return {"step": step, **metrics}
+
+
+def at_best_val(val_history: History, main_history: History, main_metric: str) -> dict[str, Any]:
+    """The step whose ``val`` main metric is highest, with the ``val`` and ``main`` (test)
+    metrics there: the honest counterpart of ``best_eval``, which picks on the reported set."""
+    step, val = best_of(val_history, main_metric)
+    return {"step": step, "val": val, "test": dict(main_history)[step]}
+
+
 @dataclass(frozen=True)
 class Selection:
     """What picks the best evaluation and stops the run; built once by ``selection_for``."""

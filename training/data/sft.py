@@ -34,27 +34,12 @@ from schema import ConfigError
 
 from ..distributed import Context
 from .examples import Example, Splits, batch_loader, hub_dataset
-from .synthetic import generate_sft_smoke, sft_smoke_max_train_size
+from .synthetic import generate_sft_smoke
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # the label the loss skips
 # An example here: {"prompt": str, "response": str, "where": "train.jsonl line 3"}
-
-
-def check_sft_task(task: DictConfig) -> None:
-    """What a causal-LM task's source needs beyond the values the schema checks
-    (``schema.groups.InstructionTask``), before anything loads: one ``ConfigError`` naming the key."""
-    if task.source == "sft_smoke" and task.train_size > sft_smoke_max_train_size(task.eval_size):
-        raise ConfigError(f"task.train_size={task.train_size} with task.eval_size={task.eval_size} asks for more "
-                          f"distinct prompts than sft_smoke has; allowed: train_size <= "
-                          f"{sft_smoke_max_train_size(task.eval_size)} at this eval_size")
-    if task.source == "jsonl" and "main" not in task.eval_files:
-        raise ConfigError(f"task.eval_files={dict(task.eval_files)!r} must map set names to JSONL files, "
-                          "with main, e.g. task.eval_files.main=dev.jsonl")
-    if task.source == "hub" and (not task.hf_path or not {"train", "main"} <= set(task.splits)):
-        raise ConfigError(f"task.source=hub needs task.hf_path (got {task.hf_path!r}) and task.splits with "
-                          f"train and main (got {dict(task.splits)!r})")
 
 
 def load(task: DictConfig) -> Splits:

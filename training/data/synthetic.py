@@ -45,6 +45,8 @@ import math
 import random
 from collections.abc import Callable
 
+from schema import ConfigError
+
 from .examples import Example
 
 # ---------------------------------------------------------------- smoke: movie-review sentiment
@@ -203,5 +205,9 @@ def _draw_instructions(n: int, seed: int, exclude: set[str]) -> list[Example]:
 def generate_sft_smoke(train_size: int, eval_size: int) -> tuple[list[Example], list[Example]]:
     """(train, eval): ``{"prompt", "response"}`` dicts, the same on every call; no eval prompt
     occurs in training."""
+    if train_size > sft_smoke_max_train_size(eval_size):
+        raise ConfigError(f"task.train_size={train_size} with task.eval_size={eval_size} asks for more distinct "
+                          f"prompts than sft_smoke has; allowed: train_size <= {sft_smoke_max_train_size(eval_size)} "
+                          "at this eval_size")
     train = _draw_instructions(train_size, TRAIN_SEED, set())
     return train, _draw_instructions(eval_size, EVAL_SEED, {ex["prompt"] for ex in train})
