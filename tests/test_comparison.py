@@ -25,7 +25,7 @@ from schema import ConfigError
 from schema.door import check_overrides
 from training.data import load_task, split_validation
 from training.models import load_model
-from variants.budget import rank_for_budget
+from variants.inject import rank_for_budget  # was variants/budget.py
 
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", ROOT.parent / "shared" / "glue"))
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"no GLUE data at {GLUE_DIR} (set GLUE_DIR)")

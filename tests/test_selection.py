@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from training import rundir
 from training.checkpoint import TrainState
 from training.data import load_task, make_loader
-from training.data.batching import LengthGroupedBatches, training_batches
+from training.data.examples import LengthGroupedBatches, training_batches  # was data/batching.py
 from training.device import runtime_for
 from training.evaluation import ClassifierEvaluator
 from training.experiment import _checked, _setup_data

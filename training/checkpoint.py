@@ -20,6 +20,13 @@ A checkpoint (``checkpoint.pt`` in the run dir) holds, under named keys:
 It is written to a temporary file and renamed, so a kill during the write leaves the previous
 checkpoint intact. Loading uses ``torch.load(weights_only=True)``: tensors and plain
 containers only, no code.
+
+A resumed run must train under the config its checkpoint was trained with (``run_record``): the
+config composed again from the command line is compared key by key (``check_resume``); a key that
+differs, other than the few that cannot change what trains (``RESUME_IGNORED``), refuses the
+resume in one line naming the keys, unless the user lists it in ``resume_changes`` (a deliberate
+change: a longer schedule, say). Accepted changes are recorded, with the step they took effect at,
+in the checkpoint and in summary.json (``resumes``), so the run dir keeps saying what trained it.
 """
 
 from __future__ import annotations
@@ -150,7 +157,7 @@ def save(path: Path, model: nn.Module, optimization: Any, state: TrainState, wan
          rng_states: list[dict[str, Any]], run_record: dict[str, Any] | None = None) -> None:
     """Write a checkpoint (``optimization``: anything with ``optimizer`` and ``scheduler``;
     ``rng_states``: every process's ``rng_state``, in rank order; ``run_record``: the resolved
-    config and the resumes' accepted changes, ``training/resuming.py``)."""
+    config and the resumes' accepted changes, ``check_resume``)."""
     write(path, {
         "step": state.step,
         "train_state": state.state_dict(),
@@ -265,3 +272,43 @@ def load_latest(path: Path) -> tuple[dict[str, Any], list[str]]:
 
 def load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---- what a resume may change ----
+
+# Keys that never change what trains: how the run was started and where it is tracked.
+RESUME_IGNORED = ("resume", "resume_changes", "skip_completed", "tracking")
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"trainer.lr": 1e-4, ...}``: every leaf of a nested dict under its dotted key (lists and
+    empty dicts are leaves)."""
+    if not isinstance(config, dict) or not config:
+        return {prefix: config} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{key: [old value, new value]}`` for every leaf that differs (a missing leaf is None)."""
+    before, after = flatten(old), flatten(new)
+    keys = sorted(set(before) | set(after))
+    return {k: [before.get(k), after.get(k)] for k in keys
+            if before.get(k) != after.get(k) and k.split(".")[0] not in RESUME_IGNORED}
+
+
+def check_resume(old: dict[str, Any], new: dict[str, Any], allowed: list[str], step: int) -> dict[str, Any] | None:
+    """The record of an accepted resume's changes (None when nothing changed); ``ConfigError``
+    naming every key that changed without being listed in ``allowed`` (``resume_changes``)."""
+    changed = config_changes(old, new)
+    refused = [k for k in changed if not any(k == a or k.startswith(f"{a}.") for a in allowed)]
+    if refused:
+        shown = ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in refused[:6])
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        raise ConfigError(
+            f"resume: the config differs from the one the checkpoint was trained with in {shown}{more}; "
+            f"resume with the run's own settings (python run.py resume=<run dir>), or allow the change "
+            f"deliberately with resume_changes=[{','.join(refused)}]")
+    return {"step": step, "changed": changed} if changed else None

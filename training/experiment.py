@@ -24,9 +24,8 @@ from transformers import PreTrainedTokenizerBase, set_seed
 import variants
 from schema import ConfigError
 from schema.door import typed
-from variants.budget import rank_for_budget
 
-from . import checkpoint, distributed, resuming, rundir
+from . import checkpoint, distributed, rundir
 from .checkpoint import TrainState
 from .data import load_task, make_loader, sft
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
@@ -162,7 +161,7 @@ def _setup_model(cfg: DictConfig, runtime: Runtime
     settings = {"rank": cfg.rank, **variant_kwargs(cfg.variant)}
     budget = None
     if cfg.budget is not None:
-        choice = rank_for_budget(model, cfg.variant.name, targets, cfg.budget, head)
+        choice = variants.rank_for_budget(model, cfg.variant.name, targets, cfg.budget, head)
         settings.update(choice.settings if choice else {})
         budget = {"requested": cfg.budget, "rank": choice.rank if choice else None,
                   "method_params": choice.method_params if choice else None}  # AdaLoRA: at its final rank
@@ -221,7 +220,7 @@ def adapter_file(path: str) -> Path:
 
 def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """With ``resume=true``, the run dir's checkpoint (its metrics.jsonl is cut back to it), once
-    the config is checked against the checkpoint's (``training/resuming.py``); and the run record
+    the config is checked against the checkpoint's (``checkpoint.check_resume``); and the run record
     the next checkpoints carry: the resolved config and every resume's accepted changes."""
     config = OmegaConf.to_container(cfg, resolve=True)
     if not cfg.resume:
@@ -231,7 +230,7 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> tuple[
         log.warning(warning)
     checkpoint.check_format(saved, runtime.context.world_size)
     trained = saved.get("run") or {"config": _config_yaml(run_dir), "resumes": []}  # older checkpoints: config.yaml
-    accepted = resuming.check(trained["config"], config, list(cfg.resume_changes or []), saved["step"])
+    accepted = checkpoint.check_resume(trained["config"], config, list(cfg.resume_changes or []), saved["step"])
     if runtime.context.is_main:
         for warning in rundir.truncate_metrics(run_dir, saved["step"]):
             log.warning(warning)

@@ -12,8 +12,8 @@
     variants.save_adapter(model, "adapter.safetensors")   # what trained, and how to rebuild it
 
 The layers: ``base`` (the contract: ``Variant``, ``AdapterVariant``, ``ParameterSubset``,
-``AdapterLayer``, the registry), ``targets`` and ``budget`` (which layers, at which rank),
-``inject`` (apply a variant, choose what trains, merge), ``adapter_file`` (save and load what
+``AdapterLayer``, the registry), ``targets`` (which layers),
+``inject`` (apply a variant at a rank or a parameter budget, choose what trains, merge), ``adapter_file`` (save and load what
 trained), ``methods/`` (LoRA and its kin), ``baselines/`` (full, head, BitFit) and ``interop/``
 (peft's file format, bitsandbytes' layers).
 """
@@ -55,6 +55,7 @@ from .inject import (
     mark_trainable,
     merge_adapters,
     merge_and_unwrap,
+    rank_for_budget,
     unmerge_adapters,
 )
 from .methods import (
@@ -122,6 +123,7 @@ __all__ = [
     "mark_trainable",
     "merge_adapters",
     "merge_and_unwrap",
+    "rank_for_budget",
     "read_adapter_config",
     "register_variant",
     "save_adapter",

@@ -16,8 +16,7 @@ from omegaconf import DictConfig
 from schema.groups import SFT_SOURCES
 
 from . import glue, sft
-from .batching import LengthGroupedBatches, training_batches
-from .examples import Example, Splits, hold_out_and_cap
+from .examples import Example, LengthGroupedBatches, Splits, hold_out_and_cap, training_batches
 from .glue import make_loader, split_validation
 from .synthetic import generate_smoke
 
