@@ -15,7 +15,7 @@ from .fields import knob
 
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_32bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt")  # transformers' schedules that need no arguments beyond warm-up and length
+              "inverse_sqrt")  # training/optim.py MULTIPLIERS: transformers' schedules at get_scheduler's defaults
 WEIGHT_DECAY_ON = ("matrices", "all")
 SELECT_ON = ("auto", "val", "main")
 EVAL_OTHERS = ("always", "when_best")
@@ -223,8 +223,7 @@ class InstructionTask:
         if self.source == "jsonl" and self.eval_files.get("main") is None:
             return [(f"{prefix}.eval_files={dict(self.eval_files)!r} must map set names to JSONL files, "
                     f"with main, e.g. {prefix}.eval_files.main=dev.jsonl")]
-        if self.source == "hub" and (not self.hf_path or not {"train", "main"} <= set(self.splits)):  # (the
-            # schema's default splits are merged under the user's: a key removed comes back at its default)
+        if self.source == "hub" and not (self.hf_path and self.splits.get("train") and self.splits.get("main")):
             return [(f"{prefix}.source=hub needs {prefix}.hf_path (got {self.hf_path!r}) and {prefix}.splits with "
                     f"train and main (got {dict(self.splits)!r})")]
         return []

@@ -23,8 +23,8 @@ STEPS = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2"]
 TINY = [*STEPS, "task.train_size=64", "task.eval_size=32"]
 
 
-def run_py(*args, cwd=ROOT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true"}
+def run_py(*args, cwd=ROOT, **env_values):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true", **env_values}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
 
@@ -55,9 +55,16 @@ def wandb_offline_runs(run_dir: Path) -> list[Path]:
 
 
 def test_single_run(tmp_path):
+    """The default experiment, with peft and bitsandbytes made to fail on import: a LoRA run needs
+    neither, and importing them costs seconds per run (``training/optim.py``'s schedules)."""
+    for package in ("peft", "bitsandbytes"):
+        (tmp_path / "blocked" / package).mkdir(parents=True)
+        (tmp_path / "blocked" / package / "__init__.py").write_text(f"raise ImportError('{package} imported')\n")
     run_dir = tmp_path / "single"
-    result = run_py(*TINY, f"hydra.run.dir={run_dir}")
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path / "blocked"), os.environ.get("PYTHONPATH")]))
+    result = run_py(*TINY, f"hydra.run.dir={run_dir}", PYTHONPATH=pythonpath)
     assert result.returncode == 0, result.stderr
+    assert "imported" not in result.stderr
     summary = assert_run_dir(run_dir)
     assert summary["variant"] == "lora" and summary["rank"] == 8 and len(summary["adapted_modules"]) == 12
     assert len(wandb_offline_runs(run_dir)) == 1

@@ -9,10 +9,12 @@ import torch
 from helpers.loop import train_in_process
 from omegaconf import OmegaConf
 from torch import nn
+from transformers import get_scheduler
 
 import variants
 from schema import ConfigError
 from schema.door import check_overrides
+from schema.groups import SCHEDULERS
 from training import optim
 from training.data import make_loader
 from training.data.synthetic import generate_smoke as generate
@@ -224,3 +226,26 @@ def test_auto_optimizer_is_the_variants_papers_on_cuda(minilm):
     variants.mark_trainable(qlora, train_modules=["classifier"])
     assert type(optim.build(cfg, qlora, 10, cuda).optimizer).__name__ == "PagedAdamW32bit"
     assert type(optim.build(cfg, qlora, 10, cpu).optimizer) is torch.optim.AdamW
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.parametrize("warmup,total", [(0, 10), (3, 10), (6, 100), (10, 10)])
+def test_schedules_are_transformers_step_for_step(warmup, total):
+    """Every schedule the config offers is transformers' ``get_scheduler(name)`` at its defaults
+    (the oracle), at every step and past the end, and a restart at ``done_steps`` continues it."""
+    assert set(optim.MULTIPLIERS) == set(SCHEDULERS)
+    for name in SCHEDULERS:
+        if name == "polynomial" and total == warmup:
+            continue  # transformers divides by zero there
+        ours, theirs = (torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=3e-4) for _ in range(2))
+        schedule = optim.continuous_schedule(name, ours, warmup, total)
+        reference = get_scheduler(name, theirs, num_warmup_steps=warmup, num_training_steps=total)
+        restarted = optim.continuous_schedule(name, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=3e-4),
+                                              warmup, total, done_steps=4)
+        for step in range(total + 3):
+            assert schedule.get_last_lr() == pytest.approx(reference.get_last_lr(), rel=1e-12, abs=0), (name, step)
+            if step >= 4:
+                assert restarted.get_last_lr() == schedule.get_last_lr(), (name, step)
+                restarted.step()
+            schedule.step()
+            reference.step()

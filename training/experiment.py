@@ -9,17 +9,19 @@ The run directory's files are listed in ``training/rundir.py``.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase
 
 import variants
 from schema import ConfigError
@@ -119,7 +121,11 @@ def _setup_runtime(cfg: DictConfig) -> Runtime:
     peak-memory counting started and every generator seeded."""
     runtime = runtime_for(cfg.trainer.device, cfg.trainer.precision)
     reset_peak_memory(runtime.device)
-    set_seed(cfg.seed)
+    # transformers.set_seed does the same, but importing it imports peft (and bitsandbytes) when
+    # they are installed: seconds per run, and bitsandbytes' CPU notice on every run.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # every CUDA device too
     return runtime
 
 

@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import get_scheduler
 
 import variants
 
@@ -130,13 +131,78 @@ def make_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Opti
 
 def continuous_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                         done_steps: int = 0) -> LambdaLR:
-    """``name``'s warm-up/decay multiplier over ``total_steps``, from ``done_steps`` on.
+    """``name``'s warm-up/decay multiplier over ``total_steps`` (``MULTIPLIERS``), from ``done_steps`` on:
+    a phase switch continues the curve where it is instead of warming up again."""
+    multiplier = partial(MULTIPLIERS[name], warmup=warmup_steps, total=total_steps,
+                         lr_init=optimizer.defaults["lr"])
+    for group in optimizer.param_groups:  # what LambdaLR scales (it sets it itself only at step 0)
+        group.setdefault("initial_lr", group["lr"])
+    return LambdaLR(optimizer, multiplier, last_epoch=done_steps - 1)
 
-    transformers' schedules (``schema.groups.SCHEDULERS``: those that need no arguments beyond
-    warm-up and length) are ``LambdaLR``s, but ``get_scheduler`` drops ``last_epoch`` for
-    ``constant`` and ``constant_with_warmup`` (they would warm up again at a phase switch);
-    so the multiplier functions are taken from its schedule and restarted here at ``done_steps``."""
-    schedule = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-    if done_steps == 0:
-        return schedule
-    return LambdaLR(optimizer, schedule.lr_lambdas, last_epoch=done_steps - 1)
+
+# transformers' schedules (``schema.groups.SCHEDULERS``) at get_scheduler's defaults, step for step
+# (tests/test_optim.py compares them): written here because ``from transformers import
+# get_scheduler`` imports its Trainer's modules and, through them, peft and bitsandbytes when
+# installed, which cost seconds per run (BENCHMARKS.md). Each maps a step to the peak-rate factor.
+def _warmup(step: int, warmup: int) -> float:
+    return step / max(1, warmup)
+
+
+def _constant(step: int, **_) -> float:
+    return 1.0
+
+
+def _constant_with_warmup(step: int, warmup: int, **_) -> float:
+    return _warmup(step, warmup) if step < warmup else 1.0
+
+
+def _linear(step: int, warmup: int, total: int, **_) -> float:
+    if step < warmup:
+        return _warmup(step, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _progress(step: int, warmup: int, total: int) -> float:
+    """The fraction of the decay done after warm-up."""
+    return (step - warmup) / max(1, total - warmup)
+
+
+def _cosine(step: int, warmup: int, total: int, **_) -> float:
+    """Half a cosine from 1 to 0 (num_cycles=0.5)."""
+    if step < warmup:
+        return _warmup(step, warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * _progress(step, warmup, total))))
+
+
+def _cosine_with_restarts(step: int, warmup: int, total: int, **_) -> float:
+    """One hard-restart cycle (num_cycles=1): the cosine from 1 to 0, then 0."""
+    if step < warmup:
+        return _warmup(step, warmup)
+    progress = _progress(step, warmup, total)
+    return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0))))
+
+
+def _polynomial(step: int, warmup: int, total: int, lr_init: float, lr_end: float = 1e-7,
+                power: float = 1.0) -> float:
+    """From the peak rate down to ``lr_end`` (an absolute rate) as ``power``, then ``lr_end``."""
+    if step < warmup:
+        return _warmup(step, warmup)
+    if step > total:
+        return lr_end / lr_init
+    remaining = 1 - (step - warmup) / max(1, total - warmup)
+    return ((lr_init - lr_end) * remaining ** power + lr_end) / lr_init
+
+
+def _inverse_sqrt(step: int, warmup: int, **_) -> float:
+    """1/sqrt(step / timescale) after warm-up, the timescale being the warm-up (10,000 without one)."""
+    if step < warmup:
+        return _warmup(step, warmup)
+    timescale = warmup or 10_000
+    return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
+
+
+MULTIPLIERS: dict[str, Callable[..., float]] = {
+    "linear": _linear, "cosine": _cosine, "cosine_with_restarts": _cosine_with_restarts,
+    "polynomial": _polynomial, "constant": _constant, "constant_with_warmup": _constant_with_warmup,
+    "inverse_sqrt": _inverse_sqrt,
+}
