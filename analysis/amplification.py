@@ -39,6 +39,7 @@ from torch import nn
 
 import variants
 from analysis.collect_runs import caveats
+from analysis.weights import run_labels
 from schema import ConfigError
 from training import rundir
 
@@ -88,13 +89,6 @@ def load_run(run_dir: Path):
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {rundir.ADAPTER} (is it a finished run dir?)")
     return load_trained(path)[0]
-
-
-def run_labels(run_dirs: list[Path]) -> list[str]:
-    """Each run's dir name, or parent/name where two runs share a name (r8_s0 of two sweeps)."""
-    names = [run_dir.name for run_dir in run_dirs]
-    return [f"{run_dir.parent.name}/{name}" if names.count(name) > 1 else name
-            for run_dir, name in zip(run_dirs, names)]
 
 
 def analyse(run_dirs: list[Path], modules: str | None = None, seed: int = 0) -> list[dict]:

@@ -30,9 +30,9 @@ TINY = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2", "t
 TRAINER_MODULES = "import transformers.trainer_utils, transformers.optimization"
 WAYS = {
     "run.py as it is": [],
-    "with transformers' Trainer modules imported first": ["-c", f"{TRAINER_MODULES}; import runpy, sys; "
-                                                         "sys.argv = sys.argv[1:]; "
-                                                         "runpy.run_path(sys.argv[0], run_name='__main__')"],
+    "with transformers' Trainer modules imported first": [
+        "-c", (f"{TRAINER_MODULES}; import runpy, sys; sys.argv = sys.argv[1:]; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")],
 }
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 import variants
 from analysis import amplification, subspace_overlap
 from analysis.subspace_overlap import Incompatible, compare, phi, singular_basis
+from analysis.weights import run_labels
 
 
 def basis(rows: torch.Tensor) -> torch.Tensor:
@@ -265,4 +266,4 @@ def test_started_variants_compare_the_update_not_the_shared_start(tmp_path):
 
 def test_amplification_labels_runs_of_one_name_by_their_sweep(tmp_path):
     runs = [tmp_path / "lora_stsb" / "r8_s0", tmp_path / "pissa_stsb" / "r8_s0", tmp_path / "pissa_stsb" / "r64_s0"]
-    assert amplification.run_labels(runs) == ["lora_stsb/r8_s0", "pissa_stsb/r8_s0", "r64_s0"]
+    assert run_labels(runs) == ["lora_stsb/r8_s0", "pissa_stsb/r8_s0", "r64_s0"]

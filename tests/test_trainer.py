@@ -228,7 +228,7 @@ def test_auto_optimizer_is_the_variants_papers_on_cuda(minilm):
     assert type(optim.build(cfg, qlora, 10, cpu).optimizer) is torch.optim.AdamW
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 @pytest.mark.parametrize("warmup,total", [(0, 10), (3, 10), (6, 100), (10, 10)])
 def test_schedules_are_transformers_step_for_step(warmup, total):
     """Every schedule the config offers is transformers' ``get_scheduler(name)`` at its defaults

@@ -231,15 +231,21 @@ def weights_mb(model: nn.Module) -> float:
 def load_trained(adapter_path: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The base model an adapter file was trained on (as its metadata names it), with the
     adapter loaded: the trained model, rebuilt from a run dir's ``adapter.safetensors``."""
+    model, tokenizer = load_base(adapter_path)
+    variants.load_adapter(model, adapter_path)
+    return model, tokenizer
+
+
+def load_base(adapter_path: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The base model an adapter file was trained on, as it was before training (a
+    classification head is new: its weights are not the run's)."""
     config = variants.read_adapter_config(adapter_path)
     if "model" not in config:
         raise ConfigError(f"{adapter_path} does not name its base model in its metadata")
     model_type = config.get("model_type", "classification")
     num_labels = config.get("num_labels") or (_num_labels(adapter_path) if model_type == "classification" else None)
-    model, tokenizer = load_model(config["model"], num_labels, config.get("model_dtype", "float32"), model_type,
-                                  config.get("gguf_file"), config.get("keep_layers"))
-    variants.load_adapter(model, adapter_path)
-    return model, tokenizer
+    return load_model(config["model"], num_labels, config.get("model_dtype", "float32"), model_type,
+                      config.get("gguf_file"), config.get("keep_layers"))
 
 
 def _num_labels(path: str | Path) -> int:

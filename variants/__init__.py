@@ -76,7 +76,7 @@ from .methods import (
     QLoRALinear,
     Staged,
 )
-from .targets import ALL_LINEAR, find_target_modules
+from .targets import ALL_LINEAR, find_target_modules, task_head, within
 
 __all__ = [
     "ALL_LINEAR",
@@ -127,7 +127,9 @@ __all__ = [
     "read_adapter_config",
     "register_variant",
     "save_adapter",
+    "task_head",
     "training_state",
     "unmerge_adapters",
     "variant_of",
+    "within",
 ]
