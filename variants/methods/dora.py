@@ -138,6 +138,10 @@ class DoRA(LoRA):
             "are not comparable with LoRA's rank-r dW; the direction update's A and B are compared by "
             "subspace_overlap."
         ),
+        "spectrum": (
+            "DoRA's dW includes the magnitude rescaling (m/||V||_c - 1)*W0, which is full rank, so its effective "
+            "and 90%-energy ranks are not bounded by r as a LoRA's are."
+        ),
     }
 
     def __init__(self, rank: int, alpha: float, *, detach_norm: bool, **lora_settings: Any) -> None:
