@@ -14,7 +14,6 @@ an adapter stay quantized and unchanged.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -43,13 +42,18 @@ def backbone_linears(model: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(module, nn.Linear) and not variants.within(name, head)}
 
 
-@lru_cache(maxsize=4)
+_BASES: dict[str, dict[str, torch.Tensor]] = {}  # W0 per base model, loaded once per process
+
+
 def _base_weights(model_key: str, adapter_path: str) -> dict[str, torch.Tensor]:
-    """W0 of every backbone linear layer, fp64, once per base model (``model_key``)."""
+    """W0 of every backbone linear layer, fp64, once per base model (``model_key``: the file's
+    model, type, dtype, GGUF file and kept layers; runs of one model share it)."""
     from training.models import load_base
 
-    model, _ = load_base(adapter_path)
-    return {name: layer.weight.detach().double() for name, layer in backbone_linears(model).items()}
+    if model_key not in _BASES:
+        model, _ = load_base(adapter_path)
+        _BASES[model_key] = {name: layer.weight.detach().double() for name, layer in backbone_linears(model).items()}
+    return _BASES[model_key]
 
 
 def weight_changes(run_dir: Path, modules: str | None = None, which: str = "last"

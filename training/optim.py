@@ -141,7 +141,7 @@ def continuous_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_step
 
 
 # transformers' schedules (``schema.groups.SCHEDULERS``) at get_scheduler's defaults, step for step
-# (tests/test_optim.py compares them): written here because ``from transformers import
+# (tests/test_trainer.py compares them): written here because ``from transformers import
 # get_scheduler`` imports its Trainer's modules and, through them, peft and bitsandbytes when
 # installed, which cost seconds per run (BENCHMARKS.md). Each maps a step to the peak-rate factor.
 def _warmup(step: int, warmup: int) -> float:
