@@ -61,7 +61,7 @@ from training.metrics import Predictions, higher_is_better
 # budget...) and the summary's number of steps must be equal within a task.
 MAY_DIFFER = ("variant.", "seed", "trainer.lr", "rank", "alpha", "adapter_dropout", "lr_point", "lr_grid.", "lr_grid_of",
               "init_from", "resume", "tracking.", "glue_dir", "trainer.log_every", "trainer.checkpoint_every",
-              "trainer.eval_batch_size", "skip_completed")
+              "trainer.eval_batch_size", "trainer.forgetting.", "skip_completed")
 AT = ("final", "best_val")
 
 
@@ -82,6 +82,7 @@ class Run:
     step: int               # the evaluation reported (last, or best on val)
     summary: dict[str, Any]
     config: dict[str, Any]
+    forgetting: float | None = None  # the probe's headline metric at that evaluation (training/forgetting.py)
 
     def predictions(self, eval_set: str = "main") -> tuple[np.ndarray, np.ndarray] | None:
         """(labels, predicted) on ``eval_set`` (``main``: the test set) at ``step``; None without them."""
@@ -186,8 +187,10 @@ def _run(summary: dict, config: dict, at: str, run_dir: Path | None) -> tuple[Ru
                   "config": {k: v for k, v in config.items() if k != "variant.lr"}})  # the lr is what is selected
     lr = config.get("trainer.lr") or summary["peak_lr"]  # the rate the run was configured with (with_variant_lr wrote variant.lr there); staged's peak_lr is its first phase's
     planned = (summary.get("stopped") or {}).get("planned_steps", summary["steps"])  # early stopping is the protocol
+    probe = summary.get("forgetting") or {}
+    measured = probe.get("final" if at == "final" else "at_best_val") or {}
     run = Run(run_dir, summary["task"], key, float(lr), summary["seed"], metric, val, test, step,
-              summary, {**config, "steps": planned})
+              summary, {**config, "steps": planned}, measured.get(probe.get("headline")))
     return run, ""
 
 
@@ -400,8 +403,16 @@ def record(row: Row) -> dict[str, Any]:
             "lr_grid_n": {f"{lr:g}": n for lr, n in row.grid_n.items()}, "seeds_run": row.seeds,
             "lr_grid_se": {f"{lr:g}": se for lr, se in row.grid_se.items()},
             "lr_at_grid_edge": len(row.grid) > 1 and row.lr in (min(row.grid), max(row.grid)),
-            "runs": [str(r.run_dir) for r in row.runs if r.run_dir is not None],
+            "runs": [str(r.run_dir) for r in row.runs if r.run_dir is not None], **forgetting(row),
             **costs(row), "vs_reference": row.delta, "convergence": row.speed}
+
+
+def forgetting(row: Row) -> dict[str, Any]:
+    """The forgetting probe's headline metric, median over the row's runs that measured it."""
+    values = [r.forgetting for r in row.runs if r.forgetting is not None]
+    headline = next((r.summary["forgetting"]["headline"] for r in row.runs if r.forgetting is not None), None)
+    return {"forgetting": statistics.median(values) if values else None, "forgetting_metric": headline,
+            "forgetting_n": len(values)}
 
 
 def _delta_text(delta: dict[str, Any]) -> str:
@@ -443,16 +454,18 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
         lines += ["Learning rate chosen on validation, per method and task:", ""] + chosen_rates(records, tasks) + [""]
     for task in tasks:
         rows = [r for r in records if r["task"] == task]
+        probe = next((r["forgetting_metric"] for r in rows if r["forgetting_metric"]), None)
         lines += [f"## {task} ({rows[0]['metric']})", "",
                   "| method | lr | val | test median (min–max) | mean ± std | n | Δ vs " + args.reference
-                  + " | params (%) | adapter MB | step s | peak MB |", "|" + "---|" * 11]
+                  + " | params (%) | adapter MB | step s | peak MB |" + (f" forgetting ({probe}) |" if probe else ""),
+                  "|" + "---|" * (12 if probe else 11)]
         for r in rows:
             lines.append(
                 f"| {r['method']} | {r['lr']:g} | {100 * r['val_median']:.1f} | {100 * r['test_median']:.1f} "
                 f"({100 * r['test_min']:.1f}–{100 * r['test_max']:.1f}) | {100 * r['test_mean']:.1f} ± "
                 f"{100 * r['test_std']:.1f} | {r['n']} | {_delta_text(r['vs_reference'])} | "
                 f"{_params(r)} | {_number(r['adapter_mb'], '.2f')} | {_number(r['step_time_s'], '.3f')} | "
-                f"{_number(r['peak_memory_mb'], '.0f')} |")
+                f"{_number(r['peak_memory_mb'], '.0f')} |" + (f" {_number(r['forgetting'], '.4f')} |" if probe else ""))
         lines += ["", ("Validation median per learning rate" if args.select_seed is None else
                        f"Validation metric of seed {args.select_seed} per learning rate")
                   + " (the selection; chosen in bold):", "",
@@ -538,7 +551,7 @@ def _params(r: dict) -> str:
 def write_csv(path: Path, records: list[dict]) -> None:
     columns = ["task", "method", "metric", "lr", "val_median", "test_median", "test_min", "test_max", "test_mean",
                "test_std", "n", "delta", "delta_low", "delta_high", "delta_per_seed", "lr_at_grid_edge", "method_params",
-               "method_percent", "adapter_mb", "step_time_s", "peak_memory_mb"]
+               "method_percent", "adapter_mb", "step_time_s", "peak_memory_mb", "forgetting", "forgetting_metric"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

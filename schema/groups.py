@@ -55,6 +55,19 @@ class EarlyStopping:
 
 
 @dataclass
+class Forgetting:
+    measure: bool = knob(True, "measure at every evaluation how far the model moved from where it started, on "
+                         "inputs it does not train on (training/forgetting.py): encoders, 1 - CKA of their "
+                         "representations; causal LMs, the change in loss on prompts outside the task")
+    examples: int = knob(256, "inputs (encoders) or prompts (causal LMs) measured, at most", within=">= 2")
+    file: str | None = knob(None, "null: the task's main eval inputs (encoders), built-in generic prompts answered by "
+                            "the starting model (causal LMs) | a text file, one input per line (encoders) | a JSONL "
+                            "file with the task's prompt and response fields (causal LMs)")
+    max_new_tokens: int = knob(32, "causal LMs: greedy generation's length for the starting model's answers and "
+                               "exact match", within=">= 1")
+
+
+@dataclass
 class Trainer:
     max_steps: int | None = knob(300, "optimizer steps, used when epochs is null", within=">= 1")
     epochs: float | None = knob(None, "when set, the run lasts this many passes over the training set", within="> 0")
@@ -80,6 +93,7 @@ class Trainer:
     early_stopping: EarlyStopping = knob(EarlyStopping(), "early stopping on trainer.select_on")
     eval_others: str = knob("always", "always: every eval set at each evaluation | when_best: the sets other than "
                             "select_on only at a new best and at the last evaluation", choices=EVAL_OTHERS)
+    forgetting: Forgetting = knob(Forgetting(), "the forgetting probe (forget/* metrics, summary.json forgetting)")
     keep_best: bool = knob(False, "write adapter_best.safetensors at each new best select_on evaluation")
     group_by_length: bool = knob(False, "batches of examples of similar length, their order shuffled (as Hugging "
                                  "Face's group_by_length): less padding")

@@ -11,11 +11,16 @@
 # Result files go to docs/results/glue_converged/runs/<sweep>/ as in stage 1; rerun to complete a
 # chain cut off by a time limit (skip_completed=true, fixed sweep dirs).
 #
-#   bash sweeps/glue_converged_ablations.sh      # from the checkout that trained stages 1 and 2
+#   bash sweeps/glue_converged_ablations.sh                  # all three, one after another
+#   bash sweeps/glue_converged_ablations.sh stsb_x30_full    # only the named sweeps (two one-thread
+#                                                            # streams on 2 cores: split the names)
+# Run from the checkout that trained stages 1 and 2.
 set -u
 source "$(dirname "$0")/glue_converged_lib.sh"
+only=("$@")
 sweep() {  # task, sweep name, overrides...
   local task=$1 name=$2; shift 2
+  [ ${#only[@]} -gt 0 ] && [[ ! " ${only[*]} " == *" $name "* ]] && return
   [ -d "$docs/$name" ] && restore "$name"
   echo "$(date -Is) start $name"
   python run.py +experiment=glue_minilm_converged task="$task" "$@" skip_completed=true \

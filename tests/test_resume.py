@@ -65,7 +65,8 @@ VARIANT_SETTINGS = {
     # A causal LM (its first 2 blocks): response-only loss, generation at each evaluation, and the
     # step-0 evaluation, which the resumed run must not repeat.
     "smollm2_lora": ["model=smollm2", "task=sft_smoke", "model.keep_layers=2", "trainer.batch_size=4",
-                     "task.train_size=28", "task.eval_size=8", "task.max_new_tokens=4", "trainer.eval_at_start=true"],
+                     "task.train_size=28", "task.eval_size=8", "task.max_new_tokens=4", "trainer.eval_at_start=true",
+                     "trainer.forgetting.examples=3", "trainer.forgetting.max_new_tokens=4"],
 }
 
 
@@ -93,6 +94,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     assert got["eval"] == expected["eval"]  # bit-identical on CPU
     assert got["adapter_report"] == expected["adapter_report"] and got["phases"] == expected["phases"]
     assert got["initialization"] == expected["initialization"]
+    assert got["forgetting"] == expected["forgetting"] and got["forgetting"]  # measured against the same start
     assert records(broken) == records(whole)  # every loss, lr and eval record, rewritten after the kill
     assert got["stopped"] == expected["stopped"] and got["best"] == expected["best"]
     if expected["best"]["adapter"]:

@@ -16,7 +16,7 @@ from training.data import load_task, make_loader
 from training.data.examples import LengthGroupedBatches, training_batches  # was data/batching.py
 from training.device import runtime_for
 from training.evaluation import ClassifierEvaluator
-from training.experiment import _checked, _setup_data
+from training.experiment import _setup_data, completed
 from training.models import load_trained, resolve_model_path
 from training.selection import Selection
 from variants import read_adapter_config
@@ -158,7 +158,7 @@ def test_group_by_length_reaches_the_trainer():
     """The training loader of a run groups by length when asked (the padding it trains on drops)."""
     from helpers.config import composed
 
-    cfg = _checked(composed("task=smoke", "task.train_size=160", "trainer.batch_size=8", "trainer.group_by_length=true"))
+    cfg = completed(composed("task=smoke", "task.train_size=160", "trainer.batch_size=8", "trainer.group_by_length=true"))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     grouped = _setup_data(cfg, tokenizer, runtime_for("cpu", "fp32")).train_loader
     cfg.trainer.group_by_length = False

@@ -26,7 +26,8 @@ pytestmark = needs_smollm2
 
 SHORT = ["model=smollm2", "task=sft_smoke", "model.keep_layers=2", "trainer.max_steps=4", "trainer.eval_every=4",
          "trainer.log_every=1", "task.max_eval_examples=4", "task.max_new_tokens=4", "trainer.batch_size=2",
-         "task.train_size=16", "trainer.eval_at_start=false", "trainer.checkpoint_every=null"]
+         "task.train_size=16", "trainer.eval_at_start=false", "trainer.checkpoint_every=null",
+         "trainer.forgetting.examples=2", "trainer.forgetting.max_new_tokens=4"]  # the probe, cheaply, on every family
 FAMILIES = ["lora", "dora", "adalora", "qlora", "staged", "full", "head", "lora_ga", "lora_pro", "pissa", "milora", "eva",
             "lora variant.lr_ratio=16", "lora variant.scaling=rslora"]
 PROMPTS = ["Which is larger, 58 or 85? Answer with the number only.", "Sort these numbers in ascending order: 42 17 93",
@@ -133,6 +134,7 @@ def test_lora_learns_the_smoke_task_through_run_py(tmp_path):
     run_dir = tmp_path / "learn"
     result = run_py("model=smollm2", "task=sft_smoke", "trainer.max_steps=24", "trainer.eval_every=24",
                     "trainer.lr=3e-3", "task.max_eval_examples=20", "task.max_new_tokens=8", "tracking.mode=disabled",
+                    "trainer.forgetting.examples=4", "trainer.forgetting.max_new_tokens=8",
                     "trainer.checkpoint_every=null", f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in line]

@@ -83,6 +83,8 @@ class TrainState:
     stop_reason: str = "schedule_end"  # or "early_stopping" (training/selection.py)
     logged_losses: list[float] = field(default_factory=list)  # every train/loss record, for trainer.divergence
     first_loss: float = math.inf  # the first step's loss (the model as it started), for trainer.divergence
+    forgetting_reference: dict[str, Any] = field(default_factory=dict)  # the probe's start (training/forgetting.py)
+    forgetting_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, forget metrics)
 
     @classmethod
     def start(cls, device: torch.device) -> TrainState:
@@ -134,6 +136,8 @@ class TrainState:
                                    for name, history in self.extra_eval_history.items()},
             "train_time_s": self.train_time_s, "initialization": self.initialization,
             "logged_losses": list(self.logged_losses), "first_loss": self.first_loss,
+            "forgetting_reference": self.forgetting_reference,
+            "forgetting_history": [[step, metrics] for step, metrics in self.forgetting_history],
         }
 
     @classmethod
@@ -150,6 +154,8 @@ class TrainState:
                                 for name, history in saved["extra_eval_history"].items()},
             train_time_s=saved["train_time_s"], initialization=saved["initialization"],
             logged_losses=list(saved.get("logged_losses", [])), first_loss=saved.get("first_loss", math.inf),
+            forgetting_reference=saved.get("forgetting_reference", {}),
+            forgetting_history=[(step, metrics) for step, metrics in saved.get("forgetting_history", [])],
         )
 
 

@@ -32,6 +32,7 @@ from .checkpoint import TrainState
 from .data import load_task, make_loader, sft
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
+from .forgetting import Probe, build_probe, summarize
 from .models import load_model, weights_mb
 from .selection import at_best_val, best_eval
 from .tracking import NullTracker, Tracker
@@ -45,23 +46,25 @@ VARIANT_RUNNER_KEYS = ("name", "targets", "bias", "lr")
 
 class Data(NamedTuple):
     """What ``_setup_data`` builds: this process's training batches, the eval sets' loaders, what
-    evaluates on them, and the example counts (training, ``main``) the summary records."""
+    evaluates on them, the example counts (training, ``main``) the summary records, and the
+    forgetting probe (None: ``trainer.forgetting.measure=false``)."""
 
     train_loader: DataLoader
     eval_loaders: dict[str, DataLoader]
     evaluator: Evaluator
     examples: tuple[int, int]
+    forgetting: Probe | None
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run_name: str | None = None) -> dict[str, Any]:
     """Validate, build, train, evaluate and save one run; returns the summary (on every rank;
     only rank 0's is written)."""
     started = time.perf_counter()
-    cfg = _checked(cfg)
+    cfg = completed(cfg)
     runtime = _setup_runtime(cfg)
     model, tokenizer, adapted, runtime, budget = _setup_model(cfg, runtime)
-    train_loader, eval_loaders, evaluator, examples = _setup_data(cfg, tokenizer, runtime)
-    plan = plan_run(cfg.trainer, len(train_loader), evaluator, list(eval_loaders), cfg.task.main_metric)
+    train_loader, eval_loaders, evaluator, examples, probe = _setup_data(cfg, tokenizer, runtime)
+    plan = plan_run(cfg.trainer, len(train_loader), evaluator, list(eval_loaders), cfg.task.main_metric, probe)
     variants.variant_of(model).check_total_steps(plan.steps)  # a schedule longer than the run fails here, before writing
     resume, run_record = _load_checkpoint(cfg, run_dir, runtime)
 
@@ -106,7 +109,7 @@ def base_model_metadata(cfg: DictConfig) -> dict[str, Any]:
             "num_labels": cfg.task.get("num_labels"), "keep_layers": cfg.model.keep_layers}  # (a causal LM has no labels)
 
 
-def _checked(cfg: DictConfig) -> DictConfig:
+def completed(cfg: DictConfig) -> DictConfig:
     """Every value against the schema (``schema.door.typed``: one ``ConfigError`` listing what it
     refuses), on every process alike (under torchrun each fails the same way) and before anything
     is written; the config completed with the schema's defaults (every key present from here on),
@@ -190,8 +193,9 @@ def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, runtime: Ru
     batch), the eval loaders, and what evaluates on them."""
     train_examples, eval_sets = load_task(cfg.task, cfg.seed)
     examples = (len(train_examples), len(eval_sets["main"]))
+    probe = build_probe(cfg, tokenizer, eval_sets)
     if cfg.task.type == "causal_lm":
-        return Data(*_causal_lm_loaders(cfg, tokenizer, train_examples, eval_sets, runtime), examples)
+        return Data(*_causal_lm_loaders(cfg, tokenizer, train_examples, eval_sets, runtime), examples, probe)
     fields, max_length = list(cfg.task.text_fields), cfg.model.max_length
     train_loader = make_loader(train_examples, tokenizer, fields, max_length, cfg.trainer.batch_size, shuffle=True,
                                seed=cfg.seed, shard=runtime.context, group_by_length=cfg.trainer.group_by_length)
@@ -199,7 +203,7 @@ def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, runtime: Ru
         name: make_loader(examples, tokenizer, fields, max_length, cfg.trainer.eval_batch_size, shuffle=False)
         for name, examples in eval_sets.items()
     }
-    return Data(train_loader, eval_loaders, ClassifierEvaluator(list(cfg.task.metrics)), examples)
+    return Data(train_loader, eval_loaders, ClassifierEvaluator(list(cfg.task.metrics)), examples, probe)
 
 
 def _causal_lm_loaders(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,
@@ -332,6 +336,8 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
                                                   cfg.task.main_metric)
     best_step = summary["eval_best"]["step"]
     summary["eval_extra_best"] = {name: dict(history)[best_step] for name, history in state.extra_eval_history.items()}
+    summary["forgetting"] = summarize(plan.forgetting, state.forgetting_history,
+                                      {"best": best_step, "best_val": (summary.get("eval_at_best_val") or {}).get("step")})
     if replica_difference is not None:
         summary["replica_max_abs_diff"] = replica_difference  # 0.0: every process holds rank 0's weights
     return summary

@@ -32,6 +32,7 @@ from . import checkpoint, distributed, optim, selection
 from .checkpoint import DataPosition, TrainState
 from .device import Runtime
 from .evaluation import ClassifierEvaluator, Evaluator
+from .forgetting import Probe
 from .selection import Selection
 from .tracking import Tracker
 
@@ -73,14 +74,17 @@ class Plan:
     evaluator: Evaluator = field(default_factory=ClassifierEvaluator)
     selection: Selection = field(default_factory=lambda: Selection("main", "accuracy"))
     eval_others: str = "always"  # or "when_best": the non-selection sets only at new bests and at the end
+    forgetting: Probe | None = None  # measured at every evaluation (training/forgetting.py); None: off
 
 
 def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None = None,
-             eval_sets: Sequence[str] = ("main",), main_metric: str = "accuracy") -> Plan:
+             eval_sets: Sequence[str] = ("main",), main_metric: str = "accuracy", forgetting: Probe | None = None
+             ) -> Plan:
     """``trainer.epochs`` (when set) or ``trainer.max_steps``, and ``trainer.eval_every`` (steps,
     ``epoch`` or ``epoch/N``), for a loader of ``steps_per_epoch`` batches; ``evaluator``: the task's
     (``training/evaluation.py``; default: a classifier's accuracy); ``eval_sets`` and
-    ``main_metric``: what ``trainer.select_on`` and early stopping compare. ``cfg``'s values are
+    ``main_metric``: what ``trainer.select_on`` and early stopping compare; ``forgetting``: the
+    probe measured at each evaluation (``training/forgetting.py``). ``cfg``'s values are
     the schema's (``schema.groups.Trainer``, checked by ``schema.door.typed``)."""
     steps = math.ceil(cfg.epochs * steps_per_epoch) if cfg.get("epochs") else cfg.max_steps
     if cfg.eval_every == "epoch":
@@ -92,7 +96,7 @@ def plan_run(cfg: DictConfig, steps_per_epoch: int, evaluator: Evaluator | None 
     return Plan(steps=steps, steps_per_epoch=steps_per_epoch, eval_every=eval_every,
                 evaluator=evaluator or ClassifierEvaluator(),
                 selection=selection.selection_for(cfg, list(eval_sets), main_metric, steps_per_epoch),
-                eval_others=cfg.get("eval_others", "always"))
+                eval_others=cfg.get("eval_others", "always"), forgetting=forgetting)
 
 
 def train(
@@ -131,9 +135,14 @@ def train(
     if resume is None:
         state, opt = TrainState.start(runtime.device), new_optimization(0)
         state.initialization = initialization
+        if plan.forgetting is not None:  # the model as it starts: what forgetting is measured against
+            state.forgetting_reference = plan.forgetting.reference(raw_model, runtime)
         state.begin_phase(opt.peak_lr, opt.optimizer_name)
     else:
         state, opt = checkpoint.restore(resume, raw_model, new_optimization, runtime.device, runtime.context.rank)
+        if plan.forgetting is not None and not state.forgetting_reference:
+            log.warning("trainer.forgetting: the checkpoint holds no reference from the start of the run (it was "
+                        "trained without the probe); this run records no forgetting")
     model = distributed.wrap(raw_model, runtime.context)
     raw_model.train()
     clock = time.perf_counter() - state.train_time_s
@@ -295,6 +304,10 @@ def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoade
         prefix = "eval" if name == "main" else f"eval_{name}"
         record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         state.record_eval(name, metrics)
+    if plan.forgetting is not None and state.forgetting_reference:
+        forgetting = plan.forgetting.measure(raw_model, runtime, state.forgetting_reference)
+        record.update({f"forget/{k}": v for k, v in forgetting.items()})
+        state.forgetting_history.append((state.step, forgetting))
     tracker.log(record)
     if runtime.context.is_main:  # tqdm.write prints whatever the bar's disable says
         progress.write(f"step {state.step}: " + ", ".join(
