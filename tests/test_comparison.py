@@ -390,6 +390,9 @@ def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path, monkeypatch, cap
     per_seed = [summaries["dora", s]["eval"]["accuracy"] - summaries["lora", s]["eval"]["accuracy"] for s in (0, 1)]
     assert dora["vs_reference"]["per_seed"] == pytest.approx(per_seed)  # paired by seed, at the reported step
     assert dora["vs_reference"]["difference"] == pytest.approx(np.mean(per_seed))
+    drifts = [summaries["dora", s]["forgetting"]["final"]["drift"] for s in (0, 1)]
+    assert dora["forgetting_metric"] == "drift" and dora["forgetting"] == pytest.approx(np.median(drifts))
+    assert "forgetting (drift)" in (out / "report.md").read_text()
 
     # --at best_val: each run at its step with the best validation metric, predictions of that step
     assert compare_py(str(sweep), "--out", str(tmp_path / "best"), "--at", "best_val").returncode == 0
