@@ -408,11 +408,21 @@ def record(row: Row) -> dict[str, Any]:
 
 
 def forgetting(row: Row) -> dict[str, Any]:
-    """The forgetting probe's headline metric, median over the row's runs that measured it."""
-    values = [r.forgetting for r in row.runs if r.forgetting is not None]
-    headline = next((r.summary["forgetting"]["headline"] for r in row.runs if r.forgetting is not None), None)
-    return {"forgetting": statistics.median(values) if values else None, "forgetting_metric": headline,
-            "forgetting_n": len(values)}
+    """The forgetting probe's headline metric, median over the row's runs that measured it; none
+    where they measured it on different inputs (the probe's settings differ between them)."""
+    measured = [r for r in row.runs if r.forgetting is not None]
+    if len({r.summary["forgetting"]["measure"] for r in measured}) > 1:
+        return {"forgetting": None, "forgetting_metric": "mixed (different probe inputs)", "forgetting_n": 0}
+    return {"forgetting": statistics.median(r.forgetting for r in measured) if measured else None,
+            "forgetting_metric": measured[0].summary["forgetting"]["headline"] if measured else None,
+            "forgetting_n": len(measured)}
+
+
+def _forgetting_text(r: dict) -> str:
+    """The median, with how many of the row's runs measured it where not all did."""
+    if r["forgetting"] is None:
+        return "–"
+    return f"{r['forgetting']:.4f}" + ("" if r["forgetting_n"] == r["n"] else f" ({r['forgetting_n']}/{r['n']})")
 
 
 def _delta_text(delta: dict[str, Any]) -> str:
@@ -465,7 +475,7 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
                 f"({100 * r['test_min']:.1f}–{100 * r['test_max']:.1f}) | {100 * r['test_mean']:.1f} ± "
                 f"{100 * r['test_std']:.1f} | {r['n']} | {_delta_text(r['vs_reference'])} | "
                 f"{_params(r)} | {_number(r['adapter_mb'], '.2f')} | {_number(r['step_time_s'], '.3f')} | "
-                f"{_number(r['peak_memory_mb'], '.0f')} |" + (f" {_number(r['forgetting'], '.4f')} |" if probe else ""))
+                f"{_number(r['peak_memory_mb'], '.0f')} |" + (f" {_forgetting_text(r)} |" if probe else ""))
         lines += ["", ("Validation median per learning rate" if args.select_seed is None else
                        f"Validation metric of seed {args.select_seed} per learning rate")
                   + " (the selection; chosen in bold):", "",
@@ -551,7 +561,7 @@ def _params(r: dict) -> str:
 def write_csv(path: Path, records: list[dict]) -> None:
     columns = ["task", "method", "metric", "lr", "val_median", "test_median", "test_min", "test_max", "test_mean",
                "test_std", "n", "delta", "delta_low", "delta_high", "delta_per_seed", "lr_at_grid_edge", "method_params",
-               "method_percent", "adapter_mb", "step_time_s", "peak_memory_mb", "forgetting", "forgetting_metric"]
+               "method_percent", "adapter_mb", "step_time_s", "peak_memory_mb", "forgetting", "forgetting_metric", "forgetting_n"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()

@@ -15,9 +15,13 @@ task's main metric on its reported set at that same evaluation.
 the probe existed, or with trainer.forgetting.measure=false): the base model as the adapter
 file's metadata names it against the trained model (``adapter.safetensors`` for ``final``,
 ``adapter_best.safetensors`` for ``best_val``), on the probe's inputs rebuilt from the run's
-config.yaml (its data must be where that config says). The one difference from the probe during
-training: the reference is the pretrained model itself, so QLoRA's is the unquantized base and
-its 4-bit rounding counts as drift.
+config.yaml (its data must be where that config says), on the CPU at the run's precision. Where
+it differs from the probe during training: the reference is the pretrained model itself, so
+QLoRA's is the unquantized base (its 4-bit rounding counts as drift) and a run started from
+another's adapters (``init_from``) is measured from the pretrained model, not from that start;
+a run trained on a GPU, or in bf16, can differ in the last digits (and a causal LM's starting
+answers, greedy, in a token here and there). ``best_val`` needs ``adapter_best.safetensors``
+saved on the validation set (trainer.keep_best with select_on val or auto).
 
 Outputs in --out (default: forgetting/):
   forgetting.csv         run, task, method, seed, lr, metric, test, forgetting metric and value, source
@@ -56,7 +60,7 @@ def read_runs(roots: list[Path], at: str, measure: bool) -> tuple[list[dict], li
             run_dir = path.parent
             try:
                 record, why = _record(run_dir, rundir.read_summary(run_dir), at, measure)
-            except rundir.UnreadableSummary as err:
+            except (rundir.UnreadableSummary, ConfigError) as err:  # one run's problem: skip it, say why
                 record, why = None, str(err)
             if record is None:
                 skipped.append((str(run_dir), why))
@@ -75,6 +79,8 @@ def _record(run_dir: Path, summary: dict, at: str, measure: bool) -> tuple[dict 
     if at == "best_val":
         if not summary.get("eval_at_best_val"):
             return None, "no eval_at_best_val (the run held out no val split)"
+        if measure and (summary.get("best") or {}).get("set") != "val":
+            return None, "its adapter_best.safetensors was not chosen on the val set (trainer.select_on)"
         test = summary["eval_at_best_val"]["test"][metric]
     else:
         test = summary["eval"][metric]
@@ -109,7 +115,7 @@ def measure_from_weights(run_dir: Path, config, which: str) -> tuple[str, dict[s
     trained, _ = load_trained(path)
     _, eval_sets = load_task(cfg.task, cfg.seed)
     probe = build_probe(cfg, tokenizer, eval_sets)
-    runtime = runtime_for("cpu", "fp32")
+    runtime = runtime_for("cpu", cfg.trainer.precision if cfg.trainer.precision != "auto" else "fp32")
     metrics = probe.measure(trained, runtime, probe.reference(base, runtime))
     return probe.headline, metrics, f"measured from {path.name}"
 

@@ -95,3 +95,41 @@ def test_causal_lm_probe_starts_at_no_change_and_moves_with_training(tmp_path):
     # (2 of 30 blocks: its own answers are noise, so only that they moved is checked, not which way)
     assert abs(end["forget/loss_change"]) > 1e-3 and end["forget/exact_match"] < 1.0
     assert summary["forgetting"]["headline"] == "loss_change" and "3 generic prompts" in summary["forgetting"]["measure"]
+
+
+@pytest.mark.parametrize("task", ["task=smoke", pytest.param("task=sft_smoke", marks=needs_smollm2)])
+def test_the_probe_leaves_training_exactly_as_it_was(tmp_path, task):
+    """Adapter dropout on the CPU draws from the global generator; the probe's passes must not."""
+    if task == "task=sft_smoke":
+        overrides = ["model=smollm2", task, "model.keep_layers=2", "task.train_size=12", "task.max_eval_examples=2",
+                     "task.max_new_tokens=2", "trainer.batch_size=4", "trainer.max_steps=6", "trainer.eval_every=2",
+                     "trainer.forgetting.examples=2", "trainer.forgetting.max_new_tokens=2"]
+    else:
+        overrides = [*ENCODER, "trainer.max_steps=6", "trainer.eval_every=2"]
+    overrides += ["variant=lora", "adapter_dropout=0.3", "trainer.checkpoint_every=null",
+                  "tracking.mode=disabled"]
+    with_probe = run_experiment(composed(*overrides), tmp_path / "on")
+    without = run_experiment(composed(*overrides, "trainer.forgetting.measure=false"), tmp_path / "off")
+    assert with_probe["forgetting"] and without["forgetting"] is None
+    losses = [[r.get("train/loss") for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())]
+              for d in ("on", "off")]
+    assert losses[0] == losses[1] and with_probe["eval"] == without["eval"]
+
+
+def test_a_checkpoint_from_before_the_probe_resumes_and_records_no_forgetting(tmp_path):
+    """Its config has no trainer.forgetting (a knob added since is taken at its default, not as a
+    change that refuses the resume) and its state no reference: the run finishes without one."""
+    from test_resume import RUN, kill_after_checkpoint, start
+
+    run_dir = tmp_path / "run"
+    kill_after_checkpoint(start(*RUN, "model.keep_layers=2", f"hydra.run.dir={run_dir}"), run_dir / "checkpoint.pt", 10)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    del saved["run"]["config"]["trainer"]["forgetting"]
+    del saved["train_state"]["forgetting_reference"], saved["train_state"]["forgetting_history"]
+    torch.save(saved, run_dir / "checkpoint.pt")
+    result = run_py(f"resume={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "holds no reference from the start of the run" in result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["forgetting"] is None
+    assert all(r["step"] <= saved["step"] for r in forget_records(run_dir))  # none after the resume

@@ -240,13 +240,24 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> tuple[
         log.warning(warning)
     checkpoint.check_format(saved, runtime.context.world_size)
     trained = saved.get("run") or {"config": _config_yaml(run_dir), "resumes": []}  # older checkpoints: config.yaml
-    accepted = checkpoint.check_resume(trained["config"], config, list(cfg.resume_changes or []), saved["step"])
+    accepted = checkpoint.check_resume(_with_defaults(trained["config"]), config, list(cfg.resume_changes or []),
+                                       saved["step"])
     if runtime.context.is_main:
         for warning in rundir.truncate_metrics(run_dir, saved["step"]):
             log.warning(warning)
         rundir.truncate_predictions(run_dir, saved["step"])
     log.info("resuming %s from step %d", run_dir, saved["step"])
     return saved, {"config": config, "resumes": [*trained["resumes"], *([accepted] if accepted else [])]}
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the keys added since it was written at their defaults (a run
+    from before a knob existed ran at its default), so that they do not count as changes; as
+    written where it no longer validates (the comparison then names what differs)."""
+    try:
+        return OmegaConf.to_container(completed(OmegaConf.create(config)), resolve=True)
+    except Exception:  # noqa: BLE001  (an old config the schema refuses now: compared as it is)
+        return config
 
 
 def _config_yaml(run_dir: Path) -> dict[str, Any]:

@@ -5,9 +5,13 @@ and ``analysis/forgetting.py`` plots one against the other (Biderman et al. 2024
 
 A probe takes its reference from the model as training starts, after the variant's
 initialisation and before the first step. For every variant here that is the pretrained model's
-function (PiSSA, LoRA-GA and EVA move weights but keep W0 + ΔW = W0; a zero-initialised factor
-keeps ΔW = 0); for QLoRA it is its quantized base. The reference goes into every checkpoint, so
-a resumed run compares against the same one.
+function (PiSSA and LoRA-GA move W0 but start at W0 + ΔW = W0; LoRA, DoRA, AdaLoRA and EVA
+start with a zero factor, ΔW = 0); for QLoRA it is its quantized base; with ``init_from``, the
+adapters it started from. The reference goes into every checkpoint, so a resumed run compares
+against the same one. The probe draws no random numbers (the trainer forks the generators
+around it), so turning it on or off leaves training exactly as it was; it costs a forward pass
+over its inputs at each evaluation (encoders), or greedy generation on its prompts (causal LMs),
+counted in the run's time.
 
 * Encoders (classification tasks), ``RepresentationDrift``: 1 − linear CKA (Kornblith et al.
   2019, "Similarity of Neural Network Representations Revisited", Eq. 5 with a linear kernel)
@@ -20,17 +24,21 @@ a resumed run compares against the same one.
 * Causal LMs, ``ContinuationShift``: the change in loss (mean NLL per response token, given the
   prompt) and in exact match on prompts outside the task: ``trainer.forgetting.file`` (JSONL
   with the task's prompt and response fields: a held-out skill with its references), or by
-  default ``GENERIC_PROMPTS`` below, which the starting model answers itself (greedy, ``max_new_tokens``). Its own answers are what it did
-  before, so ``loss_change`` is how much less likely it now finds them (nats per token, > 0:
-  forgotten) and ``exact_match`` (1 at the start) the share it still gives word for word.
-  An answer cut at ``max_new_tokens`` is scored as written, with the turn's end appended, both
-  before and after: the change is unaffected.
+  default ``GENERIC_PROMPTS`` below, which the starting model answers itself (greedy,
+  ``max_new_tokens``). Its own answers are what it did before, so ``loss_change`` is how much
+  less likely it now finds them (nats per token, > 0: forgotten) and ``exact_match`` (1 at the
+  start) the share it still gives word for word (to the same length). They are scored as
+  written, without the end of the turn: many are cut at ``max_new_tokens``, and whether the
+  model now ends its turn sooner (as fine-tuning on short answers teaches) is not what is
+  measured.
 
 Each probe names its headline metric (``headline``): what compare.py's column and the plot use.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,11 +113,12 @@ class Probe(Protocol):
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two representations of the same ``n`` inputs, ``x`` (n, d1) and ``y`` (n, d2):
     ||yᵀx||²_F / (||xᵀx||_F ||yᵀy||_F) after centring each feature over the inputs (Kornblith et
-    al. 2019, Eq. 5 with k(a, b) = aᵀb). 1 when ``y`` is ``x`` rotated, scaled or shifted."""
+    al. 2019, Eq. 5 with k(a, b) = aᵀb). 1 when ``y`` is ``x`` rotated, scaled or shifted; NaN
+    (undefined) when either does not vary over the inputs."""
     x = x.double() - x.double().mean(0)
     y = y.double() - y.double().mean(0)
-    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
-    return float(cross / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)))
+    scale = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    return float(torch.linalg.matrix_norm(y.T @ x) ** 2 / scale) if scale > 0 else math.nan
 
 
 class RepresentationDrift:
@@ -138,7 +147,11 @@ class RepresentationDrift:
         return {"features": self.features(model, runtime)}
 
     def measure(self, model: nn.Module, runtime: Runtime, reference: dict[str, Any]) -> dict[str, float]:
-        cka = linear_cka(reference["features"], self.features(model, runtime))
+        now = self.features(model, runtime)
+        if now.shape[0] != reference["features"].shape[0]:
+            raise ConfigError(f"trainer.forgetting: {now.shape[0]} probe inputs now, {reference['features'].shape[0]} "
+                              "when the run started; resume with the probe settings the run started with")
+        cka = linear_cka(reference["features"], now)
         return {"drift": 1.0 - cka, "cka": cka}
 
 
@@ -147,19 +160,21 @@ class ContinuationShift:
 
     def __init__(self, examples: list[dict[str, Any]], fmt: sft.PromptFormat, max_length: int, batch_size: int,
                  max_new_tokens: int, source: str):
-        self.examples, self.fmt, self.max_length, self.batch_size = examples, fmt, max_length, batch_size
+        """``examples``: {prompt, response}, the response None where the starting model answers."""
+        self.examples, self.max_length, self.batch_size = examples, max_length, batch_size
+        self.fmt = fmt if all(ex["response"] is not None for ex in examples) else replace(fmt, open_response=True)
         self.evaluate = GenerationEvaluator(["exact_match"], fmt.tokenizer, max_new_tokens)
         self.description = f"change in NLL per response token and in exact match, start vs now, on {source}"
         self._loader = None  # built once the references are known
 
     def reference(self, model: nn.Module, runtime: Runtime) -> dict[str, Any]:
         examples = [dict(ex) for ex in self.examples]
-        unanswered = [i for i, ex in enumerate(examples) if ex.get("response") is None]
-        if unanswered:  # the starting model's own greedy answers
+        unanswered = [i for i, ex in enumerate(examples) if ex["response"] is None]
+        if unanswered:  # the starting model's own greedy answers, as written
             asked = [{"prompt": examples[i]["prompt"], "response": ""} for i in unanswered]
             _, generations = self.evaluate(model, self._make_loader(asked), runtime)
             for i, answer in zip(unanswered, generations.generated):
-                examples[i]["response"] = str(answer).strip()
+                examples[i]["response"] = str(answer)
         examples = [{"prompt": ex["prompt"], "response": ex["response"]} for ex in examples]
         self._loader = self._make_loader(examples)
         start, _ = self.evaluate(model, self._loader, runtime)
@@ -174,7 +189,8 @@ class ContinuationShift:
                 "exact_match_change": now["exact_match"] - start["exact_match"], "exact_match": now["exact_match"]}
 
     def _make_loader(self, examples: list[dict[str, Any]]) -> Any:
-        return sft.make_eval_loader(examples, self.fmt, self.max_length, self.batch_size)
+        named = [{**ex, "where": f"trainer.forgetting prompt {i + 1}"} for i, ex in enumerate(examples)]
+        return sft.make_eval_loader(named, self.fmt, self.max_length, self.batch_size)
 
 
 def build_probe(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, eval_sets: dict[str, list]) -> Probe | None:

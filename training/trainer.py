@@ -136,7 +136,8 @@ def train(
         state, opt = TrainState.start(runtime.device), new_optimization(0)
         state.initialization = initialization
         if plan.forgetting is not None:  # the model as it starts: what forgetting is measured against
-            state.forgetting_reference = plan.forgetting.reference(raw_model, runtime)
+            with _own_random_numbers(runtime):
+                state.forgetting_reference = plan.forgetting.reference(raw_model, runtime)
         state.begin_phase(opt.peak_lr, opt.optimizer_name)
     else:
         state, opt = checkpoint.restore(resume, raw_model, new_optimization, runtime.device, runtime.context.rank)
@@ -221,13 +222,19 @@ def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime
 
     batches = (runtime.to_device(batch) for batch in _batches(train_loader, DataPosition()))
     data = variants.InitData(batches, task_loss, lambda t: distributed.mean_over_ranks(t, runtime.context))
-    with torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else []):
+    with _own_random_numbers(runtime):
         method = variants.variant_of(raw_model)
         report = {} if method.started_from_file else method.initialize(raw_model, data)
     train_loader.generator.set_state(shuffling)
     if report:
         log.info("initialised from training data: %s", {k: v for k, v in report.items() if not isinstance(v, dict)})
     return report
+
+
+def _own_random_numbers(runtime: Runtime) -> Any:
+    """Generators forked for the block and restored after it: what runs inside (a data-driven
+    init, the forgetting probe) leaves the run's dropout masks and shuffling as they were."""
+    return torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else [])
 
 
 def _batches(loader: DataLoader, position: DataPosition) -> Iterator[dict[str, torch.Tensor]]:
@@ -305,7 +312,8 @@ def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoade
         record.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         state.record_eval(name, metrics)
     if plan.forgetting is not None and state.forgetting_reference:
-        forgetting = plan.forgetting.measure(raw_model, runtime, state.forgetting_reference)
+        with _own_random_numbers(runtime):
+            forgetting = plan.forgetting.measure(raw_model, runtime, state.forgetting_reference)
         record.update({f"forget/{k}": v for k, v in forgetting.items()})
         state.forgetting_history.append((state.step, forgetting))
     tracker.log(record)

@@ -130,6 +130,7 @@ class PromptFormat:
     tokenizer: PreTrainedTokenizerBase
     chat: bool
     system_prompt: str | None = None
+    open_response: bool = False  # the response as written, without what ends the turn (a model's own answer, maybe cut)
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -142,7 +143,10 @@ class PromptFormat:
         return self.tokenizer.apply_chat_template(self._messages(prompt), add_generation_prompt=True, tokenize=False)
 
     def response_text(self, prompt: str, response: str) -> str:
-        """What the model learns to write after ``prompt_text``: the response and what ends it."""
+        """What the model learns to write after ``prompt_text``: the response and what ends it
+        (with ``open_response``, the response alone)."""
+        if self.open_response:
+            return response
         if not self.chat:
             return response + (self.tokenizer.eos_token or "")
         head = self.prompt_text(prompt)
