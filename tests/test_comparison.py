@@ -197,6 +197,26 @@ def test_learning_rate_is_chosen_by_median_validation_never_by_test(tmp_path):
     assert row.grid == {1e-3: 0.80, 3e-3: 0.75}
 
 
+def with_forgetting(run_dir: Path, drift: float, measure: str = "1 - CKA on the main eval set") -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["forgetting"] = {"measure": measure, "headline": "drift", "final": {"drift": drift}, "at_best_val": None}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_forgetting_column_is_the_median_of_the_runs_that_measured_it_on_the_same_inputs(tmp_path):
+    for seed, drift in enumerate([0.2, 0.4, None]):
+        run_dir = fake_run(tmp_path / "a", f"a{seed}", "lora", 1e-3, seed, 0.8, 0.7)
+        if drift is not None:
+            with_forgetting(run_dir, drift)
+    (row,) = compare.select(compare.load_runs([tmp_path / "a"], "final")[0])
+    assert compare.forgetting(row) == {"forgetting": pytest.approx(0.3), "forgetting_metric": "drift", "forgetting_n": 2}
+    assert compare._forgetting_text(compare.record(row)) == "0.3000 (2/3)"
+    for seed, measure in enumerate(["1 - CKA on the main eval set", "1 - CKA on probe.txt"]):
+        with_forgetting(fake_run(tmp_path / "b", f"b{seed}", "lora", 1e-3, seed, 0.8, 0.7), 0.1, measure)
+    (row,) = compare.select(compare.load_runs([tmp_path / "b"], "final")[0])
+    assert compare.forgetting(row)["forgetting"] is None and "mixed" in compare.forgetting(row)["forgetting_metric"]
+
+
 def test_a_rate_is_not_chosen_on_its_surviving_seeds_nor_on_an_undefined_metric(tmp_path):
     # 3e-3 diverged in seeds 1 and 2 (no completed run): its one survivor's 0.95 must not win;
     # 1e-4's metric is undefined (constant predictions) in every seed.
