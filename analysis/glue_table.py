@@ -78,14 +78,17 @@ def _text(value: Any) -> str:
 
 
 def _setting_defaults(variant: str) -> dict:
-    """The variant's setting defaults ({} for a variant this checkout does not know)."""
+    """The variant's setting defaults, and ``bias`` (a runner key that configs written before the
+    schema completed them leave out for the variants that do not set it); ({} but ``bias`` for a
+    variant this checkout does not know)."""
     import variants
     from schema import ConfigError
+    from schema.variant import VariantKeys
 
     try:
-        return variants.get_variant(variant).setting_defaults()
+        return {"bias": VariantKeys().bias, **variants.get_variant(variant).setting_defaults()}
     except ConfigError:
-        return {}
+        return {"bias": VariantKeys().bias}
 
 
 def labels(methods: set[tuple[str, tuple[tuple[str, str], ...]]]) -> dict:

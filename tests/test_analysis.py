@@ -157,11 +157,11 @@ def test_warm_and_cold_starts_are_different_methods(tmp_path):
 
 
 def test_a_knob_at_its_default_does_not_split_a_method(tmp_path):
-    """Runs written before a knob existed (no variant.scaling, variant.lr_ratio) and runs that
-    carry it at its default are seeds of one method (n = 2); a knob away from its default is another."""
+    """Runs written before a knob existed (no variant.scaling, variant.lr_ratio; no variant.bias,
+    a runner key) and runs that carry it at its default are seeds of one method (n = 2); a knob away from its default is another."""
     from analysis import glue_table
 
-    knobs = {"old": "", "new": "  lr_ratio: null\n  scaling: standard\n", "plus": "  lr_ratio: 16\n"}
+    knobs = {"old": "", "new": "  lr_ratio: null\n  scaling: standard\n  bias: none\n", "plus": "  lr_ratio: 16\n"}
     for seed, (name, extra) in enumerate(knobs.items()):
         folder = tmp_path / name
         folder.mkdir()
