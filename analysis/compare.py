@@ -52,7 +52,7 @@ from scipy import stats
 
 from analysis import convergence
 from analysis.collect_runs import flatten
-from analysis.glue_table import PAPER_ORDER, labels, method
+from analysis.glue_table import PAPER_ORDER, labels, run_method
 from training import metrics, rundir
 from training.metrics import Predictions, higher_is_better
 
@@ -183,8 +183,7 @@ def _run(summary: dict, config: dict, at: str, run_dir: Path | None) -> tuple[Ru
         val, test, step = chosen["val"][metric], chosen["test"][metric], chosen["step"]
     else:
         val, test, step = summary["eval_extra"]["val"][metric], summary["eval"][metric], summary["steps"]
-    key = method({"variant": summary["variant"], "rank": summary["rank"], "alpha": summary["alpha"],
-                  "config": {k: v for k, v in config.items() if k != "variant.lr"}})  # the lr is what is selected
+    key = run_method(summary, config)
     lr = config.get("trainer.lr") or summary["peak_lr"]  # the rate the run was configured with (with_variant_lr wrote variant.lr there); staged's peak_lr is its first phase's
     planned = (summary.get("stopped") or {}).get("planned_steps", summary["steps"])  # early stopping is the protocol
     probe = summary.get("forgetting") or {}

@@ -44,7 +44,7 @@ import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
 from analysis.collect_runs import flatten
-from analysis.glue_table import labels, method
+from analysis.glue_table import labels, run_method
 from analysis.weights import adapter_file
 from schema import ConfigError
 from training import rundir
@@ -93,8 +93,7 @@ def _record(run_dir: Path, summary: dict, at: str, measure: bool) -> tuple[dict 
         if not metrics:
             return None, "no forgetting in its summary.json (trained without the probe: use --measure)"
         headline, source = probe["headline"], "recorded"
-    key = method({"variant": summary["variant"], "rank": summary["rank"], "alpha": summary["alpha"],
-                  "config": {k: v for k, v in flatten(OmegaConf.to_container(config)).items() if k != "variant.lr"}})
+    key = run_method(summary, flatten(OmegaConf.to_container(config)))
     return {"run": str(run_dir), "task": summary["task"], "key": key, "seed": summary["seed"],
             "lr": summary["peak_lr"], "metric": metric, "test": test, "forgetting_metric": headline,
             "forgetting": metrics[headline], "source": source}, ""
@@ -115,7 +114,7 @@ def measure_from_weights(run_dir: Path, config, which: str) -> tuple[str, dict[s
     trained, _ = load_trained(path)
     _, eval_sets = load_task(cfg.task, cfg.seed)
     probe = build_probe(cfg, tokenizer, eval_sets)
-    runtime = runtime_for("cpu", cfg.trainer.precision if cfg.trainer.precision != "auto" else "fp32")
+    runtime = runtime_for("cpu", cfg.trainer.precision)  # auto: fp32 on the CPU
     metrics = probe.measure(trained, runtime, probe.reference(base, runtime))
     return probe.headline, metrics, f"measured from {path.name}"
 

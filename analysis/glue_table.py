@@ -70,6 +70,13 @@ def method(row: dict, by: Sequence[str] = ()) -> tuple[str, tuple[tuple[str, str
     return row["variant"], tuple((k, _text(v)) for k, v in parts)
 
 
+def run_method(summary: dict, config: dict) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``method`` of one run from its summary and flattened config; the learning rate
+    (``variant.lr``) is left out: it is what a comparison selects, not what makes the method."""
+    return method({"variant": summary["variant"], "rank": summary["rank"], "alpha": summary["alpha"],
+                   "config": {k: v for k, v in config.items() if k != "variant.lr"}})
+
+
 def _text(value: Any) -> str:
     """A setting as text, numbers by value: alpha 16 and 16.0 (a float field of the schema) are one."""
     if isinstance(value, float) and value.is_integer():
