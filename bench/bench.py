@@ -93,18 +93,27 @@ class Config:
     step: int = 0
 
 
-def ours(base: nn.Module, variant: str, targets, rank: int, dropout: float, head: str | None, **kw) -> nn.Module:
-    model = copy.deepcopy(base)
+def copy_of(base: nn.Module, share_frozen: bool = False) -> nn.Module:
+    """A copy of ``base`` to wrap; with ``share_frozen`` (``--share-base``) its parameters are
+    ``base``'s own, so adapter configurations of a 1B model fit in memory together. Only for
+    methods that never write the base weights (not full fine-tuning, staged, QLoRA's quantizing)."""
+    return copy.deepcopy(base, {id(p): p for p in base.parameters()} if share_frozen else None)
+
+
+def ours(base: nn.Module, variant: str, targets, rank: int, dropout: float, head: str | None,
+         share_frozen: bool = False, **kw) -> nn.Module:
+    model = copy_of(base, share_frozen)
     heads = [head] if head else []
     variants.inject_adapters(model, variant, targets, rank=rank, alpha=2 * rank, exclude=heads, dropout=dropout, **kw)
     variants.mark_trainable(model, train_modules=heads)
     return model
 
 
-def theirs(base: nn.Module, variant: str, targets, rank: int, dropout: float, total_steps: int) -> nn.Module:
+def theirs(base: nn.Module, variant: str, targets, rank: int, dropout: float, total_steps: int,
+           share_frozen: bool = False) -> nn.Module:
     import peft
 
-    model = copy.deepcopy(base)
+    model = copy_of(base, share_frozen)
     task_type = "CAUSAL_LM" if model.config.architectures and "CausalLM" in model.config.architectures[0] else "SEQ_CLS"
     if variant == "adalora":
         config = peft.AdaLoraConfig(init_r=rank, target_r=max(1, 2 * rank // 3), lora_alpha=2 * rank,
@@ -119,7 +128,7 @@ def theirs(base: nn.Module, variant: str, targets, rank: int, dropout: float, to
 def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps: int,
                    batch: dict[str, torch.Tensor]) -> dict[str, Callable[[], Config]]:
     """Builders, so only the selected configurations are built."""
-    r, p = args.rank, args.dropout
+    r, p, share = args.rank, args.dropout, args.share_base
 
     def hooked(name: str, model: nn.Module) -> Config:
         model.to(batch["input_ids"].device)
@@ -149,10 +158,17 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
         "full": full,
         "lora-qv": lambda: hooked("lora-qv", ours(base, "lora", qv, r, p, head)),
         "peft-lora-qv": lambda: Config("peft-lora-qv", theirs(base, "lora", qv, r, p, total_steps)),
-        "lora-all": lambda: hooked("lora-all", ours(base, "lora", "all-linear", r, p, head)),
-        "peft-lora-all": lambda: Config("peft-lora-all", theirs(base, "lora", "all-linear", r, p, total_steps)),
+        "lora-all": lambda: hooked("lora-all", ours(base, "lora", "all-linear", r, p, head, share)),
+        "peft-lora-all": lambda: Config("peft-lora-all", theirs(base, "lora", "all-linear", r, p, total_steps, share)),
         "dora-qv": lambda: hooked("dora-qv", ours(base, "dora", qv, r, p, head)),
         "peft-dora-qv": lambda: Config("peft-dora-qv", theirs(base, "dora", qv, r, p, total_steps)),
+        "dora-all": lambda: hooked("dora-all", ours(base, "dora", "all-linear", r, p, head, share)),
+        "peft-dora-all": lambda: Config("peft-dora-all", theirs(base, "dora", "all-linear", r, p, total_steps, share)),
+        # The paths before issue 35, for before/after in one run: dropout's plain backward, V formed.
+        "lora-all-plain": lambda: hooked("lora-all-plain", ours(base, "lora", "all-linear", r, p, head, share,
+                                                                lean_backward=False)),
+        "dora-all-plain": lambda: hooked("dora-all-plain", ours(base, "dora", "all-linear", r, p, head, share,
+                                                                lean_backward=False, column_norm="direct")),
         "adalora-qv": lambda: hooked("adalora-qv", ours(base, "adalora", qv, r, p, head, t_init=0, t_final=0)),
         "peft-adalora-qv": lambda: Config(
             "peft-adalora-qv", theirs(base, "adalora", qv, r, p, total_steps),
@@ -188,34 +204,51 @@ def train_step(config: Config, batch: dict[str, torch.Tensor], sync: Callable[[]
     return CLOCK() - start
 
 
-def memory_bytes(config: Config, batch: dict[str, torch.Tensor], device: torch.device) -> int:
-    """Peak CUDA memory of one step, or on CPU: weights + grads + optimizer state + saved activations."""
-    model = config.model
+def memory_bytes(config: Config, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, int]:
+    """What one step holds. On CUDA ``peak``, ``torch.cuda.max_memory_allocated``, and ``saved``;
+    on CPU (no per-configuration peak inside one process) ``weights``, ``grads``, ``optimizer``
+    state and ``saved``, whose sum is ``total``. ``saved``: the bytes autograd saves for backward,
+    each storage once, parameters left out."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         train_step(config, batch, lambda: torch.cuda.synchronize(device))
-        return torch.cuda.max_memory_allocated(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"total": peak, "peak": peak, "saved": saved_bytes(config, batch)}
+    return memory_parts(config, batch)
+
+
+def saved_bytes(config: Config, batch: dict[str, torch.Tensor]) -> int:
+    """The bytes autograd saves for backward in one forward pass (then freed without a backward)."""
+    return memory_parts(config, batch, backward=False)["saved"]
+
+
+def memory_parts(config: Config, batch: dict[str, torch.Tensor], backward: bool = True) -> dict[str, int]:
+    model = config.model
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type == "cpu" and tensor.numel():
+        if tensor.numel():
             saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(**batch).loss
         extra = config.extra_loss(model)
-    (loss if extra is None else loss + extra).backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    config.optimizer.zero_grad(set_to_none=True)
+    grads = 0
+    if backward:
+        (loss if extra is None else loss + extra).backward()
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        config.optimizer.zero_grad(set_to_none=True)
+    del loss, extra
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     state = sum(v.numel() * v.element_size() for s in config.optimizer.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor))
     state += tensor_bytes(variants.training_state(model))  # what the variant carries itself (LoRA-Pro's moments)
     weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     activations = sum(n for ptr, n in saved.items() if ptr not in weight_ptrs)
-    return weights + grads + state + activations
+    parts = {"weights": weights, "grads": grads, "optimizer": state, "saved": activations}
+    return {**parts, "total": sum(parts.values())}
 
 
 def tensor_bytes(tree) -> int:
@@ -295,9 +328,11 @@ def run(args) -> dict:
     for config in configs:
         step = statistics.median(config.times)
         trainable, total = variants.count_parameters(config.model)
+        memory = memory_bytes(config, batch, device)
         results[config.name] = {
             "step_s": step, "tokens_per_s": tokens / step, "trainable_params": trainable, "total_params": total,
-            "memory_mb": memory_bytes(config, batch, device) / 2**20, "timed_steps": len(config.times),
+            "memory_mb": memory["total"] / 2**20, "saved_mb": memory["saved"] / 2**20,
+            "memory_parts_mb": {k: v / 2**20 for k, v in memory.items()}, "timed_steps": len(config.times),
         }
         if config.init_s is not None:
             results[config.name]["init_s"] = config.init_s
@@ -307,7 +342,7 @@ def run(args) -> dict:
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
         "settings": {k: getattr(args, k) for k in ("arch", "batch", "seq", "rank", "dropout", "rounds", "steps", "warmup",
-                                                   "clock")},
+                                                   "clock", "share_base")},
         "train": results,
         "ratios": ratios(results),
     }
@@ -338,25 +373,43 @@ RATIOS = {
     "pissa-qv / lora-qv": ("pissa-qv", "lora-qv"),
     "milora-qv / lora-qv": ("milora-qv", "lora-qv"),
     "eva-qv / lora-qv": ("eva-qv", "lora-qv"),
+    "dora-all / lora-all": ("dora-all", "lora-all"),
+    "dora-all / peft-dora-all": ("dora-all", "peft-dora-all"),
+    "peft-dora-all / peft-lora-all": ("peft-dora-all", "peft-lora-all"),
+    "dora-all / dora-all-plain": ("dora-all", "dora-all-plain"),
+    "lora-all / lora-all-plain": ("lora-all", "lora-all-plain"),
+}
+# The same pairs' memory (CPU: weights + grads + optimizer state + saved) and saved activations.
+MEMORY_RATIOS = {
+    "memory: dora-all / lora-all": ("memory_mb", "dora-all", "lora-all"),
+    "memory: dora-all / peft-dora-all": ("memory_mb", "dora-all", "peft-dora-all"),
+    "memory: dora-all-plain / lora-all-plain": ("memory_mb", "dora-all-plain", "lora-all-plain"),
+    "saved: lora-all / peft-lora-all": ("saved_mb", "lora-all", "peft-lora-all"),
+    "saved: lora-all-plain / peft-lora-all": ("saved_mb", "lora-all-plain", "peft-lora-all"),
+    "saved: dora-all / peft-dora-all": ("saved_mb", "dora-all", "peft-dora-all"),
+    "saved: dora-all / lora-all": ("saved_mb", "dora-all", "lora-all"),
 }
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
-    """Step-time ratios for the pairs that were both measured."""
-    return {label: results[a]["step_s"] / results[b]["step_s"]
-            for label, (a, b) in RATIOS.items() if a in results and b in results}
+    """Step-time ratios, then memory ratios, for the pairs that were both measured."""
+    steps = {label: results[a]["step_s"] / results[b]["step_s"]
+             for label, (a, b) in RATIOS.items() if a in results and b in results}
+    return steps | {label: results[a][key] / results[b][key]
+                    for label, (key, a, b) in MEMORY_RATIOS.items() if a in results and b in results}
 
 
 def markdown(report: dict) -> str:
-    lines = ["| configuration | step (ms) | tokens/s | trainable params | memory (MB) |", "|---|---|---|---|---|"]
+    lines = ["| configuration | step (ms) | tokens/s | trainable params | memory (MB) | saved for backward (MB) |",
+             "|---|---|---|---|---|---|"]
     for name, r in report["train"].items():
         lines.append(f"| {name} | {1000 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['trainable_params']:,} | "
-                     f"{r['memory_mb']:.0f} |")
+                     f"{r['memory_mb']:.0f} | {r['saved_mb']:.0f} |")
     inits = {name: r["init_s"] for name, r in report["train"].items() if "init_s" in r}
     if inits:
         lines += ["", "| data-driven start (once, before step 1) | s |", "|---|---|"]
         lines += [f"| {name} | {t:.2f} |" for name, t in inits.items()]
-    lines += ["", "| ratio (step time, or latency) | value |", "|---|---|"]
+    lines += ["", "| ratio (step time unless named; latency) | value |", "|---|---|"]
     lines += [f"| {label} | {value:.3f} |" for label, value in report["ratios"].items()]
     if "inference_s" in report:
         lines += ["", "| inference (batch forward) | ms |", "|---|---|"]
@@ -382,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="wall: elapsed time; cpu: this process's CPU time (on a machine other jobs share, "
                              "with --threads 1, what the step itself costs)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--share-base", action="store_true",
+                        help="the all-linear LoRA and DoRA configurations (ours and peft's) wrap one shared copy "
+                             "of the frozen base instead of one each (memory counts it in each): how a 1B "
+                             "model's configurations fit in one process")
     args = parser.parse_args(argv)
     global CLOCK
     CLOCK = CLOCKS[args.clock]

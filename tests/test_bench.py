@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -78,3 +79,23 @@ def test_process_memory_stages(tmp_path, capsys):
     assert growth(report["qlora-qv"]) > growth(report["lora-qv"]) + 10
     assert "| variant applied |" in capsys.readouterr().out
     assert process_memory.main(["--only", "lora-qv,nope"]) == 2
+
+
+def test_saved_activation_bytes_before_and_after_the_lean_paths(tmp_path):
+    """With adapter dropout, LoRA's lean backward saves less than the plain path, which saves what
+    peft's does; DoRA's factored norm and lean backward save less than V formed. ``--share-base``
+    shares the frozen weights between configurations but counts them in each."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--batch", "2", "--seq", "16", "--rounds", "1", "--steps", "1", "--warmup", "1",
+                       "--dropout", "0.1", "--only", "lora-all,lora-all-plain,peft-lora-all,dora-all,dora-all-plain",
+                       "--skip-inference", "--share-base", "--json", str(out)]) == 0
+    train = json.loads(out.read_text())["train"]
+    assert train["lora-all"]["saved_mb"] < train["lora-all-plain"]["saved_mb"] == train["peft-lora-all"]["saved_mb"]
+    assert train["dora-all"]["saved_mb"] < train["dora-all-plain"]["saved_mb"]
+    for result in train.values():
+        parts = result["memory_parts_mb"]
+        assert parts["total"] == pytest.approx(parts["weights"] + parts["grads"] + parts["optimizer"] + parts["saved"])
+        assert parts["weights"] > 80  # MiniLM's 22.7M fp32 parameters, shared or not
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    shared, own = bench.copy_of(base, True), bench.copy_of(base, False)
+    assert shared[0].weight is base[0].weight and own[0].weight is not base[0].weight

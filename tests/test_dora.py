@@ -185,3 +185,92 @@ def test_matches_peft_dora(minilm, batch, bf16):
     merged_theirs = theirs.merge_and_unload().state_dict()
     for name, layer in variants.layers_of(model).items():
         torch.testing.assert_close(layer.base.weight, merged_theirs[f"{name}.weight"], atol=1e-6, rtol=1e-5)
+
+
+# The factored column norm (module docstring): ‖W0‖²_c + 2s·rowsum(B ∘ W0·Aᵀ) + s²·rowsum(B·A·Aᵀ ∘ B).
+
+def norm_in_float64(layer: DoRALinear) -> torch.Tensor:
+    v = layer.base.weight.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    return v.norm(dim=1)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (384, 1536)])
+@pytest.mark.parametrize("size", [1e-4, 1e-2, 1.0, 10.0])
+def test_the_factored_norm_is_the_norm_of_v_for_tiny_and_large_updates(shape, size):
+    """``size``: ‖s·B·A‖_F / ‖W0‖_F. At 1e-4 the update changes each norm in the 5th digit or later,
+    so ‖W0‖²_c dominates the sum and what could cancel is the update's share: both ways must stay
+    within fp32's rounding of the float64 truth, and the factored one must move with the update."""
+    d_in, d_out = shape
+    layer = make_dora(d_in=d_in, d_out=d_out, rank=8, alpha=16.0, trained=False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        update = layer.scaling * layer.lora_B @ layer.lora_A
+        layer.lora_B.mul_(size * layer.base.weight.norm() / update.norm())
+    truth = norm_in_float64(layer)
+    factored = layer.factored_norm()
+    direct = layer.direction().norm(dim=1)
+    assert factored.dtype == torch.float32 and factored.shape == (d_out,)
+    torch.testing.assert_close(factored.double(), truth, atol=0, rtol=2e-6)
+    torch.testing.assert_close(direct.double(), truth, atol=0, rtol=2e-6)
+    change, truth_change = factored.double() - layer.base.weight.double().norm(dim=1), truth - layer.base.weight.double().norm(dim=1)
+    assert (change - truth_change).abs().max() <= 1e-6 * truth.max() + 1e-3 * truth_change.abs().max()
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_the_factored_and_direct_norms_give_the_same_outputs_and_gradients(detach_norm):
+    factored, direct = make_dora(detach_norm=detach_norm), make_dora(detach_norm=detach_norm, column_norm="direct")
+    x = torch.randn(6, 64)
+    for layer in (factored, direct):
+        layer(x).pow(2).sum().backward()
+    torch.testing.assert_close(factored(x), direct(x), atol=1e-6, rtol=1e-6)
+    for mine, theirs in zip(factored.adapter_parameters(), direct.adapter_parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5)
+
+
+def saved_tensor_sizes(run, module: nn.Module) -> list[tuple[int, ...]]:
+    """The shapes of what autograd saves for backward while ``run()`` runs, ``module``'s
+    parameters (saved without new memory) left out."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    shapes = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return shapes
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_the_factored_norm_saves_nothing_of_the_weights_size(detach_norm):
+    """Nothing W-sized is saved for backward but W0 itself; ``direct`` saves V, also when the norm
+    is detached afterwards (the graph is built, then dropped)."""
+    x = torch.randn(5, 64)
+    for column_norm in ("factored", "direct"):
+        layer = make_dora(detach_norm=detach_norm, column_norm=column_norm)
+        shapes = saved_tensor_sizes(lambda layer=layer: layer(x), layer)
+        assert ((48, 64) in shapes) == (column_norm == "direct"), (column_norm, shapes)
+
+
+def test_the_cached_frozen_norm_follows_the_base_weight():
+    """‖W0‖²_c is cached; writing the base weight in place (a merge, a load) or replacing it renews it."""
+    layer = make_dora()
+    before = layer.factored_norm()
+    with torch.no_grad():
+        layer.base.weight.mul_(2)
+    torch.testing.assert_close(layer.factored_norm(), norm_in_float64(layer).float(), atol=0, rtol=2e-6)
+    layer.base.weight = nn.Parameter(layer.base.weight.detach() / 2, requires_grad=False)
+    torch.testing.assert_close(layer.factored_norm(), before, atol=0, rtol=2e-6)
+    layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.factored_norm(), norm_in_float64(layer).float(), atol=0, rtol=2e-6)
+
+
+def test_the_factored_norm_is_fp32_under_bf16_autocast():
+    layer = make_dora()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = layer.factored_norm()
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, layer.factored_norm(), atol=0, rtol=0)

@@ -8,6 +8,16 @@ m = ‖W0‖_c and B = 0 at the start, W' = W0 and the wrapped model is exactly 
 
 By default ‖V‖_c is treated as a constant in the backward pass (§4.3): the gradient then does
 not flow through the norm, which saves the memory of its graph at a small cost in accuracy.
+
+The norm is computed without forming V (``column_norm="factored"``, the default). With s = α/r,
+
+    ‖V‖²_c = ‖W0‖²_c + 2s·rowsum(B ∘ (W0·Aᵀ)) + s²·rowsum((B·(A·Aᵀ)) ∘ B)
+
+where ‖W0‖²_c is cached (W0 is frozen) and W0·Aᵀ, d_out × r, is the only product with W0's
+size: no d_out × d_in tensor is written in the forward pass, and with ``detach_norm`` nothing
+for the norm is saved for backward. It is exact algebra; in fp32 the two ways agree to the
+rounding of ‖W0‖²_c (tests/test_dora.py). ``column_norm="direct"`` forms V and takes its norm
+(the paper's code and peft; kept for one release). Merging forms V once either way.
 """
 
 from __future__ import annotations
@@ -24,12 +34,15 @@ from schema import knob
 from ..base import register_variant
 from .lora import LoRA, LoRALinear, LoRASettings
 
+COLUMN_NORMS = ("factored", "direct")
+
 
 class DoRALinear(LoRALinear):
     """DoRA around a frozen ``nn.Linear``; A, B, dropout and init as in ``LoRALinear``.
 
     Extra args:
         detach_norm: treat ‖V‖_c as a constant in backward (the paper's §4.3 choice).
+        column_norm: ``factored`` (‖V‖_c from W0·Aᵀ and A·Aᵀ, V never formed) or ``direct``.
 
     Adds ``magnitude``: ``(d_out,)``.
     """
@@ -40,13 +53,19 @@ class DoRALinear(LoRALinear):
         rank: int,
         alpha: float,
         detach_norm: bool = True,
+        column_norm: str = "factored",
         **lora_settings: Any,
     ) -> None:
         super().__init__(base, rank, alpha, **lora_settings)
         self.detach_norm = detach_norm
+        self.column_norm = column_norm
         self.magnitude = nn.Parameter(self.base.weight.detach().to(self.lora_A.dtype).norm(dim=1))
         # ‖V‖_c at merge time: what unmerge needs to recover W0 from the merged weight.
         self.register_buffer("_merged_norm", None, persistent=False)
+        # ‖W0‖²_c for the factored norm, and the (storage, version, dtype) of the weight it is of:
+        # recomputed when the base weight is replaced, moved or written in place.
+        self._frozen_norm_sq: torch.Tensor | None = None
+        self._frozen_norm_of: tuple | None = None
 
     def frozen_weight(self) -> torch.Tensor:
         """W0, also while merged (then recovered as W'·‖V‖_c/m − (α/r)·B·A). Not detached: the
@@ -63,8 +82,31 @@ class DoRALinear(LoRALinear):
 
     def direction_norm(self) -> torch.Tensor:
         """‖V‖_c, one norm per output feature: ``(d_out,)``; detached if ``detach_norm``."""
-        norm = self.direction().norm(dim=1)
-        return norm.detach() if self.detach_norm else norm
+        if self.column_norm == "direct" or self.merged:
+            norm = self.direction().norm(dim=1)
+            return norm.detach() if self.detach_norm else norm
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_norm):
+            return self.factored_norm()
+
+    def factored_norm(self) -> torch.Tensor:
+        """‖W0 + s·B·A‖_c without forming it: ``(d_out,)``, fp32 also under autocast (module docstring)."""
+        a, b, s = self.lora_A, self.lora_B, self.scaling
+        with torch.autocast(a.device.type, enabled=False):
+            frozen_a = F.linear(self.base.weight.to(a.dtype), a)  # W0·Aᵀ: (d_out, r)
+            cross = (b * frozen_a).sum(dim=1)  # (d_out,)
+            quadratic = ((b @ (a @ a.t())) * b).sum(dim=1)  # ‖s·B·A‖²_c / s²: (d_out,)
+            squared = self.frozen_norm_squared() + (2 * s) * cross + (s * s) * quadratic
+        return squared.clamp_min(0).sqrt()
+
+    def frozen_norm_squared(self) -> torch.Tensor:
+        """‖W0‖²_c ``(d_out,)`` in the adapter's dtype, computed once per base weight."""
+        weight = self.base.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._frozen_norm_of != key:
+            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+                self._frozen_norm_sq = weight.to(self.lora_A.dtype).pow(2).sum(dim=1)
+            self._frozen_norm_of = key
+        return self._frozen_norm_sq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
@@ -76,17 +118,15 @@ class DoRALinear(LoRALinear):
         # (peft keeps s in fp32 too). Under autocast the layer therefore returns fp32 (the next
         # matmul casts it as autocast does); without autocast, the base layer's dtype.
         scale = self.magnitude.float() / self.direction_norm().float()
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        adapter_input, down = self.dropped_down_projection(x)
+        if adapter_input is not x:
             # Dropout on both adapter terms (as the paper's code): W0·x' needs its own GEMM.
-            adapter_input = self.dropout(x)
             rescaled = torch.addcmul(result.float(), F.linear(adapter_input, self.base.weight).float(), scale - 1)
         else:
             # x' = x: reuse W0·x from the base output, s·(W0·x) + b = s·result + (1 − s)·b.
-            adapter_input = x
             bias = self.base.bias
             rescaled = result.float() * scale if bias is None else torch.addcmul((1 - scale) * bias.float(),
                                                                                   result.float(), scale)
-        down = self.down_projection(adapter_input)
         if torch.is_autocast_enabled(x.device.type):  # s stays out of the bf16 GEMM's operands
             return torch.addcmul(rescaled, down @ self.lora_B.t(), scale)
         # Folding s into B (d_out × r) lets the last term accumulate into the rest in one GEMM.
@@ -114,7 +154,7 @@ class DoRALinear(LoRALinear):
         self._merged_norm = None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, detach_norm={self.detach_norm}"
+        return f"{super().extra_repr()}, detach_norm={self.detach_norm}, column_norm={self.column_norm}"
 
 
 @dataclass
@@ -123,6 +163,9 @@ class DoRASettings(LoRASettings):
 
     detach_norm: bool = knob(True, "treat ‖V‖_c as a constant in backward (the paper's §4.3: saves the norm's graph "
                              "memory at a small cost in accuracy); false: the exact gradient")
+    column_norm: str = knob("factored", "how ‖V‖_c is computed: factored (from W0·Aᵀ and A·Aᵀ with ‖W0‖_c cached, "
+                            "V = W0 + (α/r)·B·A never formed) | direct (V formed, as the paper's code and peft; "
+                            "kept for one release)", choices=COLUMN_NORMS)
 
 
 @register_variant("dora")
@@ -144,12 +187,13 @@ class DoRA(LoRA):
         ),
     }
 
-    def __init__(self, rank: int, alpha: float, *, detach_norm: bool, **lora_settings: Any) -> None:
+    def __init__(self, rank: int, alpha: float, *, detach_norm: bool, column_norm: str, **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
-        self.detach_norm = detach_norm
+        self.detach_norm, self.column_norm = detach_norm, column_norm
 
     def new_layer(self, base: nn.Linear) -> DoRALinear:
-        return DoRALinear(base, self.rank, self.alpha, detach_norm=self.detach_norm, **self.layer_settings())
+        return DoRALinear(base, self.rank, self.alpha, detach_norm=self.detach_norm, column_norm=self.column_norm,
+                          **self.layer_settings())
 
     @classmethod
     def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:

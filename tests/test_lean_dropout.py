@@ -1,0 +1,119 @@
+"""The LoRA family's lean backward with adapter dropout (variants/methods/lean_dropout.py): the same
+outputs and gradients as the plain formulation, bit for bit, and less saved for backward."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import variants
+from variants import DoRALinear, LoRALinear
+
+
+def pair(kind, dropout=0.3, d_in=64, d_out=48):
+    """The same trained layer twice: lean (the default) and plain."""
+    torch.manual_seed(0)
+    lean = kind(nn.Linear(d_in, d_out), rank=4, alpha=8.0, dropout=dropout).train()
+    with torch.no_grad():
+        lean.lora_B.normal_(std=0.1)
+    plain = copy.deepcopy(lean)
+    plain.lean_backward = False
+    return lean, plain
+
+
+def step(layer, x, seed, bf16=False):
+    """Output and the gradients of x, A, B (and m) after one backward, the dropout drawn from ``seed``."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = layer(x)
+    out.float().pow(2).sum().backward()
+    grads = [x.grad] + [p.grad for p in layer.adapter_parameters()]
+    for p in layer.adapter_parameters():
+        p.grad = None
+    return out, grads
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("kind", [LoRALinear, DoRALinear])
+def test_lean_and_plain_give_identical_outputs_and_gradients(kind, bf16):
+    lean, plain = pair(kind)
+    x = torch.randn(3, 10, 64)
+    for seed in (1, 2):
+        (out, grads), (expected, expected_grads) = step(lean, x, seed, bf16), step(plain, x, seed, bf16)
+        assert out.dtype == expected.dtype
+        assert torch.equal(out, expected)
+        for got, want in zip(grads, expected_grads, strict=True):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_an_input_that_needs_no_gradient_and_a_frozen_a():
+    """The first adapted layer's input needs no gradient; LoRA-FA-like setups freeze A."""
+    lean, plain = pair(LoRALinear)
+    x = torch.randn(7, 64)
+    for layer in (lean, plain):
+        layer.lora_A.requires_grad_(False)
+        torch.manual_seed(3)
+        layer(x).pow(2).sum().backward()
+    assert lean.lora_A.grad is None and torch.equal(lean.lora_B.grad, plain.lora_B.grad)
+
+
+def test_eval_mode_and_zero_dropout_take_the_plain_path():
+    lean, plain = pair(LoRALinear)
+    x = torch.randn(5, 64)
+    lean.eval()
+    plain.eval()
+    assert torch.equal(lean(x), plain(x))
+    lean, _ = pair(LoRALinear, dropout=0.0)
+    assert lean.dropped_down_projection(x)[0] is x
+
+
+def saved_bytes(model, run):
+    """Bytes autograd saves for backward during ``run()``, each storage once, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(saved.values())
+
+
+class ThreeReaders(nn.Module):
+    """q, k and v reading one input, as in attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.q(x) + self.k(x) * self.v(x)
+
+
+def test_layers_reading_one_input_save_it_once_and_a_bool_mask_each():
+    """Per element of x: plain keeps x' (4 bytes) and a float mask (4) per layer; lean keeps x once
+    (4, shared) and a bool mask (1) per layer. The output's own saves are the same in both."""
+    torch.manual_seed(0)
+    model = ThreeReaders()
+    variants.inject_adapters(model, "lora", ["q", "k", "v"], rank=4, alpha=8, dropout=0.1)
+    model.train()
+    plain = copy.deepcopy(model)
+    for layer in variants.layers_of(plain).values():
+        layer.lean_backward = False
+    x = torch.randn(256, 64, requires_grad=True)
+    lean_bytes, plain_bytes = saved_bytes(model, lambda: model(x)), saved_bytes(plain, lambda: plain(x))
+    elements = x.numel()
+    assert plain_bytes - lean_bytes == 3 * 8 * elements - (4 + 3 * 1) * elements
+
+
+def test_the_setting_reaches_every_layer_of_the_lora_family():
+    for variant in ("lora", "dora", "qlora", "staged"):
+        model = ThreeReaders()
+        variants.inject_adapters(model, variant, ["q", "v"], rank=4, alpha=8, lean_backward=False)
+        assert all(layer.lean_backward is False for layer in variants.layers_of(model).values()), variant
