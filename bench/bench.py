@@ -18,9 +18,11 @@ come from the variant's ``learning_rate_scale`` (LoRA+), and the variant's
 ``transform_gradients`` runs between clipping and the step (LoRA-Pro); a start of the
 variant's own (``initialize``: LoRA-GA's gradients and EVA's activations, on copies of the one
 batch) is timed once, apart; PiSSA's and MiLoRA's SVD happen when the layers are built, untimed.
-Reported: median step time, tokens/s, trainable parameters, memory, and the ratios the project tracks. Memory is ``torch.cuda.max_memory_allocated`` on
-CUDA; on CPU (where no per-configuration peak exists inside one process) it is the bytes of
-weights + gradients + optimizer state + the activations autograd saves for backward.
+Reported: median step time, tokens/s, trainable parameters, memory, and the ratios the project
+tracks. Memory (``memory_bytes``) is the bytes of weights + gradients + optimizer state + the
+activations autograd saves for backward (counted with ``saved_tensors_hooks``: on CPU no
+per-configuration peak exists inside one process); on CUDA the step's measured peak over what
+was allocated before it replaces gradients and saved activations in the total.
 Inference: median forward latency (eval, no grad) of the base model, our merged LoRA model
 and our unmerged one, alternating likewise.
 
@@ -38,6 +40,7 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,16 +96,20 @@ class Config:
     step: int = 0
 
 
-def copy_of(base: nn.Module, share_frozen: bool = False) -> nn.Module:
-    """A copy of ``base`` to wrap; with ``share_frozen`` (``--share-base``) its parameters are
-    ``base``'s own, so adapter configurations of a 1B model fit in memory together. Only for
-    methods that never write the base weights (not full fine-tuning, staged, QLoRA's quantizing)."""
-    return copy.deepcopy(base, {id(p): p for p in base.parameters()} if share_frozen else None)
+def copy_of(base: nn.Module, share_frozen: bool = False, head: str | None = None) -> nn.Module:
+    """A copy of ``base`` to wrap; with ``share_frozen`` (``--share-base``) its parameters but the
+    task head's (which trains) are ``base``'s own, so adapter configurations of a 1B model fit in
+    memory together. Only for methods that never write the base weights (not full fine-tuning,
+    staged, QLoRA's quantizing)."""
+    if not share_frozen:
+        return copy.deepcopy(base)
+    own = {id(p) for name, p in base.named_parameters() if head and name.split(".")[0] == head}
+    return copy.deepcopy(base, {id(p): p for p in base.parameters() if id(p) not in own})
 
 
 def ours(base: nn.Module, variant: str, targets, rank: int, dropout: float, head: str | None,
          share_frozen: bool = False, **kw) -> nn.Module:
-    model = copy_of(base, share_frozen)
+    model = copy_of(base, share_frozen, head)
     heads = [head] if head else []
     variants.inject_adapters(model, variant, targets, rank=rank, alpha=2 * rank, exclude=heads, dropout=dropout, **kw)
     variants.mark_trainable(model, train_modules=heads)
@@ -110,10 +117,10 @@ def ours(base: nn.Module, variant: str, targets, rank: int, dropout: float, head
 
 
 def theirs(base: nn.Module, variant: str, targets, rank: int, dropout: float, total_steps: int,
-           share_frozen: bool = False) -> nn.Module:
+           share_frozen: bool = False, head: str | None = None) -> nn.Module:
     import peft
 
-    model = copy_of(base, share_frozen)
+    model = copy_of(base, share_frozen, head)
     task_type = "CAUSAL_LM" if model.config.architectures and "CausalLM" in model.config.architectures[0] else "SEQ_CLS"
     if variant == "adalora":
         config = peft.AdaLoraConfig(init_r=rank, target_r=max(1, 2 * rank // 3), lora_alpha=2 * rank,
@@ -159,11 +166,11 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
         "lora-qv": lambda: hooked("lora-qv", ours(base, "lora", qv, r, p, head)),
         "peft-lora-qv": lambda: Config("peft-lora-qv", theirs(base, "lora", qv, r, p, total_steps)),
         "lora-all": lambda: hooked("lora-all", ours(base, "lora", "all-linear", r, p, head, share)),
-        "peft-lora-all": lambda: Config("peft-lora-all", theirs(base, "lora", "all-linear", r, p, total_steps, share)),
+        "peft-lora-all": lambda: Config("peft-lora-all", theirs(base, "lora", "all-linear", r, p, total_steps, share, head)),
         "dora-qv": lambda: hooked("dora-qv", ours(base, "dora", qv, r, p, head)),
         "peft-dora-qv": lambda: Config("peft-dora-qv", theirs(base, "dora", qv, r, p, total_steps)),
         "dora-all": lambda: hooked("dora-all", ours(base, "dora", "all-linear", r, p, head, share)),
-        "peft-dora-all": lambda: Config("peft-dora-all", theirs(base, "dora", "all-linear", r, p, total_steps, share)),
+        "peft-dora-all": lambda: Config("peft-dora-all", theirs(base, "dora", "all-linear", r, p, total_steps, share, head)),
         # The paths before issue 35, for before/after in one run: dropout's plain backward, V formed.
         "lora-all-plain": lambda: hooked("lora-all-plain", ours(base, "lora", "all-linear", r, p, head, share,
                                                                 lean_backward=False)),
@@ -205,36 +212,39 @@ def train_step(config: Config, batch: dict[str, torch.Tensor], sync: Callable[[]
 
 
 def memory_bytes(config: Config, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, int]:
-    """What one step holds. On CUDA ``peak``, ``torch.cuda.max_memory_allocated``, and ``saved``;
-    on CPU (no per-configuration peak inside one process) ``weights``, ``grads``, ``optimizer``
-    state and ``saved``, whose sum is ``total``. ``saved``: the bytes autograd saves for backward,
-    each storage once, parameters left out."""
+    """What one step holds: ``weights``, ``grads``, ``optimizer`` state and ``saved`` (the bytes
+    autograd saves for backward, each storage once, parameters left out), ``total`` their sum. On
+    CUDA ``step_peak`` is also measured: ``torch.cuda.max_memory_allocated`` over one step less
+    what was allocated before it (every configuration's weights stay on the device, so the raw
+    peak would count the others'), and ``total`` is weights + optimizer state + that peak."""
+    parts = memory_parts(config, batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         train_step(config, batch, lambda: torch.cuda.synchronize(device))
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"total": peak, "peak": peak, "saved": saved_bytes(config, batch)}
-    return memory_parts(config, batch)
-
-
-def saved_bytes(config: Config, batch: dict[str, torch.Tensor]) -> int:
-    """The bytes autograd saves for backward in one forward pass (then freed without a backward)."""
-    return memory_parts(config, batch, backward=False)["saved"]
+        parts["step_peak"] = torch.cuda.max_memory_allocated(device) - before
+        parts["total"] = parts["weights"] + parts["optimizer"] + parts["step_peak"]
+    return parts
 
 
 def memory_parts(config: Config, batch: dict[str, torch.Tensor], backward: bool = True) -> dict[str, int]:
     model = config.model
-    saved: dict[int, int] = {}
+    saved: list[weakref.ref] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
+        # A detached view, weakly referenced: returning the tensor itself would tie a saved output
+        # to its own graph in a cycle, so a graph dropped unused (a detached norm's) would stay alive
+        # and count; this way only what the finished forward pass still holds counts.
+        tensor = tensor.detach()
         if tensor.numel():
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            saved.append(weakref.ref(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = model(**batch).loss
         extra = config.extra_loss(model)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for ref in saved if (t := ref()) is not None}
     grads = 0
     if backward:
         (loss if extra is None else loss + extra).backward()
@@ -246,7 +256,7 @@ def memory_parts(config: Config, batch: dict[str, torch.Tensor], backward: bool 
                 if isinstance(v, torch.Tensor))
     state += tensor_bytes(variants.training_state(model))  # what the variant carries itself (LoRA-Pro's moments)
     weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    activations = sum(n for ptr, n in saved.items() if ptr not in weight_ptrs)
+    activations = sum(n for ptr, n in held.items() if ptr not in weight_ptrs)
     parts = {"weights": weights, "grads": grads, "optimizer": state, "saved": activations}
     return {**parts, "total": sum(parts.values())}
 

@@ -99,3 +99,12 @@ def test_saved_activation_bytes_before_and_after_the_lean_paths(tmp_path):
     base = torch.nn.Sequential(torch.nn.Linear(4, 4))
     shared, own = bench.copy_of(base, True), bench.copy_of(base, False)
     assert shared[0].weight is base[0].weight and own[0].weight is not base[0].weight
+
+
+def test_layer_profile_smoke(capsys):
+    import layer_profile
+
+    assert layer_profile.main(["--d-in", "16", "--d-out", "8", "--tokens", "4", "--rank", "2", "--rounds", "1",
+                               "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| dora | " in out and "| peft-dora | " in out

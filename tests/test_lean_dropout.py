@@ -48,15 +48,67 @@ def test_lean_and_plain_give_identical_outputs_and_gradients(kind, bf16):
             assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-def test_an_input_that_needs_no_gradient_and_a_frozen_a():
-    """The first adapted layer's input needs no gradient; LoRA-FA-like setups freeze A."""
-    lean, plain = pair(LoRALinear)
+def graph_names(tensor) -> set[str]:
+    """The names of every backward node ``tensor`` was computed through."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize("kind", [LoRALinear, DoRALinear])
+def test_the_lean_path_is_the_one_taken(kind):
+    lean, plain = pair(kind)
+    x = torch.randn(4, 64, requires_grad=True)
+    assert "DroppedDownProjectionBackward" in graph_names(lean(x))
+    assert "DroppedDownProjectionBackward" not in graph_names(plain(x))
+
+
+@pytest.mark.parametrize("kind", [LoRALinear, DoRALinear])
+@pytest.mark.parametrize("x_grad, a_grad", [(False, True), (True, False), (False, False)])
+def test_inputs_and_a_with_and_without_gradients(kind, x_grad, a_grad):
+    """The first adapted layer's input needs no gradient; LoRA-FA freezes A."""
+    lean, plain = pair(kind)
     x = torch.randn(7, 64)
+    grads = []
     for layer in (lean, plain):
-        layer.lora_A.requires_grad_(False)
+        layer.lora_A.requires_grad_(a_grad)
+        x_ = x.clone().requires_grad_(x_grad)
         torch.manual_seed(3)
-        layer(x).pow(2).sum().backward()
-    assert lean.lora_A.grad is None and torch.equal(lean.lora_B.grad, plain.lora_B.grad)
+        layer(x_).pow(2).sum().backward()
+        grads.append([x_.grad, layer.lora_A.grad, layer.lora_B.grad])
+    for got, want in zip(*grads, strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+    assert (grads[0][0] is not None) == x_grad and (grads[0][1] is not None) == a_grad
+
+
+def test_a_second_order_gradient_is_refused_not_wrong():
+    lean, _ = pair(LoRALinear)
+    x = torch.randn(5, 64, requires_grad=True)
+    (grad_a,) = torch.autograd.grad(lean(x).pow(2).sum(), lean.lora_A, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_a.sum().backward()
+
+
+def test_the_offset_layer_takes_it_too():
+    """PiSSA, MiLoRA and LoRA-GA's layer: A·x' through the lean path, A₀·x undropped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48))
+    variants.inject_adapters(model, "pissa", ["0"], rank=4, alpha=8, dropout=0.3)
+    lean = variants.layers_of(model)["0"].train()
+    with torch.no_grad():
+        lean.lora_A.add_(0.01 * torch.randn_like(lean.lora_A))
+    plain = copy.deepcopy(lean)
+    plain.lean_backward = False
+    x = torch.randn(3, 10, 64)
+    assert "DroppedDownProjectionBackward" in graph_names(lean(x.clone().requires_grad_()))
+    (out, grads), (expected, expected_grads) = step(lean, x, 4), step(plain, x, 4)
+    assert torch.equal(out, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_eval_mode_and_zero_dropout_take_the_plain_path():
@@ -70,19 +122,25 @@ def test_eval_mode_and_zero_dropout_take_the_plain_path():
 
 
 def saved_bytes(model, run):
-    """Bytes autograd saves for backward during ``run()``, each storage once, parameters left out."""
+    """Bytes autograd holds for backward once ``run()`` has returned, each storage once,
+    parameters left out (a detached view and a weak reference each: what a dropped graph saved is
+    freed and not counted)."""
+    import weakref
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
+    saved = []
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
+        tensor = tensor.detach()
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved.append(weakref.ref(tensor))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(saved.values())
+        out = run()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for ref in saved if (t := ref()) is not None}
+    del out
+    return sum(storages.values())
 
 
 class ThreeReaders(nn.Module):
@@ -113,7 +171,7 @@ def test_layers_reading_one_input_save_it_once_and_a_bool_mask_each():
 
 
 def test_the_setting_reaches_every_layer_of_the_lora_family():
-    for variant in ("lora", "dora", "qlora", "staged"):
+    for variant in ("lora", "dora", "qlora", "staged", "pissa", "milora", "lora_ga", "lora_pro", "eva"):
         model = ThreeReaders()
         variants.inject_adapters(model, variant, ["q", "v"], rank=4, alpha=8, lean_backward=False)
         assert all(layer.lean_backward is False for layer in variants.layers_of(model).values()), variant

@@ -13,11 +13,12 @@ The norm is computed without forming V (``column_norm="factored"``, the default)
 
     ‖V‖²_c = ‖W0‖²_c + 2s·rowsum(B ∘ (W0·Aᵀ)) + s²·rowsum((B·(A·Aᵀ)) ∘ B)
 
-where ‖W0‖²_c is cached (W0 is frozen) and W0·Aᵀ, d_out × r, is the only product with W0's
-size: no d_out × d_in tensor is written in the forward pass, and with ``detach_norm`` nothing
-for the norm is saved for backward. It is exact algebra; in fp32 the two ways agree to the
-rounding of ‖W0‖²_c (tests/test_dora.py). ``column_norm="direct"`` forms V and takes its norm
-(the paper's code and peft; kept for one release). Merging forms V once either way.
+Its products are W0·Aᵀ (d_out × r) and A·Aᵀ (r × r): over an fp32 base no d_out × d_in tensor
+is written in the forward pass (a bf16 or fp16 base is copied to fp32 for W0·Aᵀ, as the direct
+way copies it for V), and with ``detach_norm`` nothing for the norm is saved for backward. It is
+exact algebra; in fp32 the two ways agree to rounding (tests/test_dora.py).
+``column_norm="direct"`` forms V in every forward and takes its norm (the paper's code and peft;
+kept for one release). Merging forms V once either way.
 """
 
 from __future__ import annotations
@@ -62,10 +63,6 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(self.base.weight.detach().to(self.lora_A.dtype).norm(dim=1))
         # ‖V‖_c at merge time: what unmerge needs to recover W0 from the merged weight.
         self.register_buffer("_merged_norm", None, persistent=False)
-        # ‖W0‖²_c for the factored norm, and the (storage, version, dtype) of the weight it is of:
-        # recomputed when the base weight is replaced, moved or written in place.
-        self._frozen_norm_sq: torch.Tensor | None = None
-        self._frozen_norm_of: tuple | None = None
 
     def frozen_weight(self) -> torch.Tensor:
         """W0, also while merged (then recovered as W'·‖V‖_c/m − (α/r)·B·A). Not detached: the
@@ -91,22 +88,14 @@ class DoRALinear(LoRALinear):
     def factored_norm(self) -> torch.Tensor:
         """‖W0 + s·B·A‖_c without forming it: ``(d_out,)``, fp32 also under autocast (module docstring)."""
         a, b, s = self.lora_A, self.lora_B, self.scaling
+        weight = self.base.weight
         with torch.autocast(a.device.type, enabled=False):
-            frozen_a = F.linear(self.base.weight.to(a.dtype), a)  # W0·Aᵀ: (d_out, r)
+            frozen = torch.linalg.vector_norm(weight.detach(), dim=1, dtype=a.dtype).square()  # ‖W0‖²_c: (d_out,)
+            frozen_a = F.linear(weight.to(a.dtype), a)  # W0·Aᵀ: (d_out, r)
             cross = (b * frozen_a).sum(dim=1)  # (d_out,)
             quadratic = ((b @ (a @ a.t())) * b).sum(dim=1)  # ‖s·B·A‖²_c / s²: (d_out,)
-            squared = self.frozen_norm_squared() + (2 * s) * cross + (s * s) * quadratic
+            squared = frozen + (2 * s) * cross + (s * s) * quadratic
         return squared.clamp_min(0).sqrt()
-
-    def frozen_norm_squared(self) -> torch.Tensor:
-        """‖W0‖²_c ``(d_out,)`` in the adapter's dtype, computed once per base weight."""
-        weight = self.base.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if self._frozen_norm_of != key:
-            with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
-                self._frozen_norm_sq = weight.to(self.lora_A.dtype).pow(2).sum(dim=1)
-            self._frozen_norm_of = key
-        return self._frozen_norm_sq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
@@ -119,7 +108,7 @@ class DoRALinear(LoRALinear):
         # matmul casts it as autocast does); without autocast, the base layer's dtype.
         scale = self.magnitude.float() / self.direction_norm().float()
         adapter_input, down = self.dropped_down_projection(x)
-        if adapter_input is not x:
+        if self.dropout_active():
             # Dropout on both adapter terms (as the paper's code): W0·x' needs its own GEMM.
             rescaled = torch.addcmul(result.float(), F.linear(adapter_input, self.base.weight).float(), scale - 1)
         else:

@@ -6,41 +6,55 @@ matmul) and the float mask (for dropout's backward), 8 bytes per element in fp32
 read the same x (W_q, W_k, W_v; gate and up) each keep their own pair. ``DroppedDownProjection``
 keeps x (one storage, shared with every other layer that reads it) and a bool mask, 1 byte per
 element of its own; backward rebuilds x' from them and re-runs the small product (r·d_in per
-token) under autograd, so its gradients are the plain formulation's, bit for bit.
+token) under autograd, so its gradients are the plain formulation's.
 
-The mask is drawn as ``nn.Dropout`` draws it on the CPU (``bernoulli_`` on an empty tensor, then
-scaled by 1/(1 − p)), so on the CPU the forward pass is the plain one's too, and a run keeps its
-random stream. On CUDA ``nn.Dropout`` uses a fused kernel with a stream of its own, so there the
-masks differ from the plain path's (the same distribution).
+The mask is drawn as ``nn.Dropout`` draws it. On the CPU that is ``bernoulli_`` on an empty
+tensor scaled by 1/(1 − p), and x' is rebuilt with the scaled value the mask held, so outputs,
+gradients and the random stream are the plain path's bit for bit (tests/test_lean_dropout.py). On
+CUDA it is ``torch.native_dropout``, the fused kernel ``nn.Dropout`` runs, and x' is rebuilt with
+its backward, ``native_dropout_backward``: not checked on a GPU here.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def down_projection(x: torch.Tensor, weight: torch.Tensor, scaling: float) -> torch.Tensor:
-    """(α/r)·A·x: ``(..., d_in) -> (..., r)``, in A's dtype (autocast may run it in bf16); the
+    """scaling·A·x: ``(..., d_in) -> (..., r)``, in A's dtype (autocast may run it in bf16); the
     scaling goes on the r features, the cheapest place for it."""
     return (x.to(weight.dtype) @ weight.t()) * scaling
 
 
-def _kept_value(p: float, like: torch.Tensor) -> torch.Tensor:
-    """1/(1 − p) as the dropout mask holds it: 1 divided in ``like``'s dtype, as ``nn.Dropout`` does."""
-    return torch.ones((), dtype=like.dtype, device=like.device).div_(1 - p)
+def dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x', keep, kept): x' as ``nn.Dropout`` computes it, the bool mask, and on the CPU the value
+    kept elements were multiplied by (1/(1 − p) as the dtype's division rounds it; None on CUDA)."""
+    if x.device.type != "cpu":
+        dropped, keep = torch.native_dropout(x, p, True)
+        return dropped, keep, None
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)  # nn.Dropout's draw on the CPU
+    return x * noise, noise != 0, noise.max() if noise.numel() else None
+
+
+def rebuild(x: torch.Tensor, keep: torch.Tensor, kept: torch.Tensor | None, p: float) -> torch.Tensor:
+    """x' from x and the mask, as the forward pass computed it."""
+    if kept is None:
+        return torch.ops.aten.native_dropout_backward(x, keep, 1 / (1 - p))
+    return x * (keep.to(x.dtype) * kept)
 
 
 class DroppedDownProjection(torch.autograd.Function):
-    """``(dropout(x), (α/r)·A·dropout(x))`` from x ``(..., d_in)`` and A ``(r, d_in)``, saving x and
+    """``(dropout(x), scaling·A·dropout(x))`` from x ``(..., d_in)`` and A ``(r, d_in)``, saving x and
     a bool mask instead of dropout(x) and a float mask. The first output feeds DoRA's W0·x' term;
-    its gradient joins x's like any other."""
+    its gradient joins x's like any other. Once differentiable: a second-order gradient raises."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, scaling: float):
         ctx.set_materialize_grads(False)  # an output no one used gets None, not zeros, in backward
-        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)  # nn.Dropout's draw on the CPU
-        dropped = x * noise
-        keep = noise != 0
+        dropped, keep, ctx.kept = dropout_with_mask(x, p)
+        if not ctx.needs_input_grad[0]:  # x' then leads back to nothing: no gradient computed for it
+            ctx.mark_non_differentiable(dropped)
         ctx.save_for_backward(x, keep, weight)
         ctx.p, ctx.scaling = p, scaling
         device = x.device.type
@@ -48,6 +62,7 @@ class DroppedDownProjection(torch.autograd.Function):
         return dropped, down_projection(dropped, weight, scaling)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_dropped: torch.Tensor | None, grad_down: torch.Tensor | None):
         x, keep, weight = ctx.saved_tensors
         needs_x, needs_weight = ctx.needs_input_grad[:2]
@@ -55,7 +70,7 @@ class DroppedDownProjection(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
             x_ = x.detach().requires_grad_(needs_x)
             weight_ = weight.detach().requires_grad_(needs_weight)
-            dropped = x_ * (keep.to(x.dtype) * _kept_value(ctx.p, x))  # the forward's x', bit for bit
+            dropped = rebuild(x_, keep, ctx.kept, ctx.p)
             down = down_projection(dropped, weight_, ctx.scaling)
         outputs, grads = [], []
         for output, grad in ((down, grad_down), (dropped, grad_dropped)):
@@ -64,4 +79,4 @@ class DroppedDownProjection(torch.autograd.Function):
                 grads.append(grad)
         inputs = [t for t, needed in ((x_, needs_x), (weight_, needs_weight)) if needed]
         found = iter(torch.autograd.grad(outputs, inputs, grads, allow_unused=True) if outputs and inputs else ())
-        return (next(found) if needs_x else None), (next(found) if needs_weight else None), None, None
+        return (next(found, None) if needs_x else None), (next(found, None) if needs_weight else None), None, None

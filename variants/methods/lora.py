@@ -84,14 +84,20 @@ class LoRALinear(AdapterLayer):
         already applied. The scaling goes on these r features, the cheapest place for it."""
         return lean_dropout.down_projection(x, self.lora_A, self.scaling)
 
-    def dropped_down_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dropout_active(self) -> bool:
+        """Whether the adapter's dropout changes its input now (training, p > 0)."""
+        return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
+
+    def dropped_down_projection(self, x: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(x', (α/r)·A·x') with x' = dropout(x), the adapter path's input: ``(..., d_in)`` and
-        ``(..., r)``. While dropout is active, through ``DroppedDownProjection`` unless
-        ``lean_backward`` is off: it saves x and a bool mask, not x' and a float mask."""
-        if self.lean_backward and self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0:
-            return lean_dropout.DroppedDownProjection.apply(x, self.lora_A, self.dropout.p, self.scaling)
+        ``(..., r)`` (A·x' alone if not ``scaled``). While dropout is active, through
+        ``DroppedDownProjection`` unless ``lean_backward`` is off: it saves x and a bool mask, not
+        x' and a float mask."""
+        scaling = self.scaling if scaled else 1.0
+        if self.lean_backward and self.dropout_active():
+            return lean_dropout.DroppedDownProjection.apply(x, self.lora_A, self.dropout.p, scaling)
         dropped = self.dropout(x)
-        return dropped, self.down_projection(dropped)
+        return dropped, lean_dropout.down_projection(dropped, self.lora_A, scaling)
 
     @staticmethod
     def add_up_projection(result: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -47,11 +47,10 @@ class OffsetLoRALinear(LoRALinear):
         # s·(B·d − B₀·d₀) = s·[d − d₀, d₀]·[B, B − B₀]ᵀ with d = A·drop(x), d₀ = A₀·x: one GEMM over
         # 2r into the base output (as LoRA's), exactly 0 while A = A₀ and B = B₀ (without dropout).
         # The start term takes x undropped: in the papers it is part of the frozen weight W_res.
-        dropped = self.dropout(x)
-        if dropped is x:  # no dropout: one projection on [A; A₀]
+        if not self.dropout_active():  # one projection on [A; A₀]
             down, down0 = (x.to(self.lora_A.dtype) @ torch.cat([self.lora_A, self.lora_A0]).t()).split(self.rank, -1)
         else:
-            down = dropped.to(self.lora_A.dtype) @ self.lora_A.t()
+            down = self.dropped_down_projection(x, scaled=False)[1]
             down0 = x.to(self.lora_A.dtype) @ self.lora_A0.t()
         inner = torch.cat([down - down0, down0], dim=-1) * self.scaling
         return self.add_up_projection(result, inner, torch.cat([self.lora_B, self.lora_B - self.lora_B0], dim=1))
