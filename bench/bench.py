@@ -343,6 +343,7 @@ def run(args) -> dict:
             "step_s": step, "tokens_per_s": tokens / step, "trainable_params": trainable, "total_params": total,
             "memory_mb": memory["total"] / 2**20, "saved_mb": memory["saved"] / 2**20,
             "memory_parts_mb": {k: v / 2**20 for k, v in memory.items()}, "timed_steps": len(config.times),
+            "step_times_s": config.times,
         }
         if config.init_s is not None:
             results[config.name]["init_s"] = config.init_s

@@ -141,9 +141,9 @@ class LoRASettings:
                             "trainable vector too) | b_only (the paper's text)", choices=LR_RATIO_ON)
     scaling: str = knob("standard", "the factor on B·A: standard (α/r) | rslora (α/√r, rank-stable)",
                         choices=SCALINGS)
-    lean_backward: bool = knob(True, "with adapter dropout, save the layer's input and a bool mask for backward "
-                               "instead of the dropped copy and a float mask (same gradients, 1 byte per input "
-                               "element instead of 8); false: the plain formulation, as peft (kept for one release)")
+    lean_backward: bool = knob(True, "with adapter dropout, keep for backward the layer's input (shared by the layers "
+                               "that read it) and a bool mask instead of the dropped copy and a float mask (the same "
+                               "gradients); false: the plain formulation, as peft (kept for one release)")
 
 
 @register_variant("lora")
