@@ -175,3 +175,15 @@ def test_the_setting_reaches_every_layer_of_the_lora_family():
         model = ThreeReaders()
         variants.inject_adapters(model, variant, ["q", "v"], rank=4, alpha=8, lean_backward=False)
         assert all(layer.lean_backward is False for layer in variants.layers_of(model).values()), variant
+
+
+@pytest.mark.parametrize("dropout", [0.123, 0.999])
+def test_transposed_inputs_odd_rates_and_rows_dropped_whole(dropout):
+    """A non-contiguous input, a rate whose 1/(1 − p) rounds differently by path, and at p = 0.999
+    whole rows dropped (the scaled value is then looked up elsewhere)."""
+    lean, plain = pair(LoRALinear, dropout=dropout)
+    x = torch.randn(64, 2, 9).transpose(0, 2)  # (9, 2, 64), non-contiguous
+    (out, grads), (expected, expected_grads) = step(lean, x, 5), step(plain, x, 5)
+    assert torch.equal(out, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.equal(got, want)

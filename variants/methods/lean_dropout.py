@@ -34,14 +34,19 @@ def dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
         dropped, keep = torch.native_dropout(x, p, True)
         return dropped, keep, None
     noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)  # nn.Dropout's draw on the CPU
-    return x * noise, noise != 0, noise.max() if noise.numel() else None
+    if not noise.numel():
+        return x * noise, noise != 0, None
+    kept = noise[(0,) * (noise.dim() - 1)].max()  # a kept element's value (as the division rounded it), from one row
+    if kept == 0:  # the whole row dropped: look at every element
+        kept = noise.max()
+    return x * noise, noise != 0, kept
 
 
 def rebuild(x: torch.Tensor, keep: torch.Tensor, kept: torch.Tensor | None, p: float) -> torch.Tensor:
     """x' from x and the mask, as the forward pass computed it."""
     if kept is None:
         return torch.ops.aten.native_dropout_backward(x, keep, 1 / (1 - p))
-    return x * (keep.to(x.dtype) * kept)
+    return torch.where(keep, x, 0) * kept  # x·kept where kept, else 0: the forward's values
 
 
 class DroppedDownProjection(torch.autograd.Function):
