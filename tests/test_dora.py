@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from helpers.close import assert_close_or_bf16
+from helpers.saved import held_for_backward
 from torch import nn
 
 import variants
@@ -227,28 +228,6 @@ def test_the_factored_and_direct_norms_give_the_same_outputs_and_gradients(detac
         torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5)
 
 
-def saved_tensor_sizes(run, module: nn.Module) -> list[tuple[int, ...]]:
-    """The shapes of what autograd holds for backward once ``run()`` has returned, ``module``'s
-    parameters (saved without new memory) left out. The hook keeps a detached view and a weak
-    reference, so a graph that is dropped (a detached norm's) frees what it saved and is not counted."""
-    import weakref
-
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    saved = []
-
-    def pack(tensor):
-        tensor = tensor.detach()
-        if tensor.untyped_storage().data_ptr() not in params:
-            saved.append(weakref.ref(tensor))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = run()
-    shapes = [tuple(t.shape) for ref in saved if (t := ref()) is not None]
-    del out
-    return shapes
-
-
 @pytest.mark.parametrize("detach_norm", [True, False])
 def test_the_factored_norm_saves_nothing_of_the_weights_size(detach_norm):
     """Nothing W-sized is held for backward but W0 itself; ``direct`` holds V when the norm's
@@ -256,7 +235,7 @@ def test_the_factored_norm_saves_nothing_of_the_weights_size(detach_norm):
     x = torch.randn(5, 64)
     for column_norm in ("factored", "direct"):
         layer = make_dora(detach_norm=detach_norm, column_norm=column_norm)
-        shapes = saved_tensor_sizes(lambda layer=layer: layer(x), layer)
+        shapes = [tuple(t.shape) for t in held_for_backward(lambda layer=layer: layer(x), layer)]
         assert ((48, 64) in shapes) == (column_norm == "direct" and not detach_norm), (column_norm, shapes)
 
 

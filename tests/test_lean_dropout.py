@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers.saved import held_for_backward
 from torch import nn
 
 import variants
@@ -122,24 +123,8 @@ def test_eval_mode_and_zero_dropout_take_the_plain_path():
 
 
 def saved_bytes(model, run):
-    """Bytes autograd holds for backward once ``run()`` has returned, each storage once,
-    parameters left out (a detached view and a weak reference each: what a dropped graph saved is
-    freed and not counted)."""
-    import weakref
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = []
-
-    def pack(tensor):
-        tensor = tensor.detach()
-        if tensor.untyped_storage().data_ptr() not in params:
-            saved.append(weakref.ref(tensor))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = run()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for ref in saved if (t := ref()) is not None}
-    del out
+    """Bytes autograd holds for backward after ``run()``, each storage once, parameters left out."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held_for_backward(run, model)}
     return sum(storages.values())
 
 
