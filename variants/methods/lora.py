@@ -79,11 +79,6 @@ class LoRALinear(AdapterLayer):
         else:
             nn.init.normal_(self.lora_A, std=1.0 / rank)
 
-    def down_projection(self, x: torch.Tensor) -> torch.Tensor:
-        """(α/r)·A·x: ``(..., d_in) -> (..., r)``. ``x`` is the adapter path's input, dropout
-        already applied. The scaling goes on these r features, the cheapest place for it."""
-        return lean_dropout.down_projection(x, self.lora_A, self.scaling)
-
     def dropout_active(self) -> bool:
         """Whether the adapter's dropout changes its input now (training, p > 0)."""
         return self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0
