@@ -152,7 +152,7 @@ class DoRASettings(LoRASettings):
 
     detach_norm: bool = knob(True, "treat ‖V‖_c as a constant in backward (the paper's §4.3: saves the norm's graph "
                              "memory at a small cost in accuracy); false: the exact gradient")
-    column_norm: str = knob("factored", "how ‖V‖_c is computed: factored (from W0·Aᵀ and A·Aᵀ with ‖W0‖_c cached, "
+    column_norm: str = knob("factored", "how ‖V‖_c is computed: factored (from ‖W0‖_c, W0·Aᵀ and A·Aᵀ, "
                             "V = W0 + (α/r)·B·A never formed) | direct (V formed, as the paper's code and peft; "
                             "kept for one release)", choices=COLUMN_NORMS)
 
