@@ -281,7 +281,7 @@ def test_local_glue_folder_and_model_path(tmp_path):
                          "lora_ga, lora_pro, milora, pissa, qlora, staged")),
         ("rank=0", "rank=0 must be an integer >= 1"),
         ("+variant.foo=1", ("variant.foo is not a config key; allowed: variant.bias, variant.dropout, variant.init, "
-                            "variant.lr, variant.lr_ratio, variant.lr_ratio_on, variant.name, variant.scaling, "
+                            "variant.lean_backward, variant.lr, variant.lr_ratio, variant.lr_ratio_on, variant.name, variant.scaling, "
                             "variant.targets")),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
         ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
