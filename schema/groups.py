@@ -20,6 +20,7 @@ WEIGHT_DECAY_ON = ("matrices", "all")
 SELECT_ON = ("auto", "val", "main")
 EVAL_OTHERS = ("always", "when_best")
 PRECISIONS = ("auto", "fp32", "bf16")
+STRATEGIES = ("ddp", "fsdp")
 MODEL_TYPES = ("classification", "causal_lm")
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -98,6 +99,10 @@ class Trainer:
     group_by_length: bool = knob(False, "batches of examples of similar length, their order shuffled (as Hugging "
                                  "Face's group_by_length): less padding")
     device: str = knob("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
+    strategy: str = knob("ddp", "how the processes of a torchrun job share the model: ddp (each holds all of it; "
+                         "gradients averaged) | fsdp (each holds 1/N of every parameter, gradient and optimizer "
+                         "state: PyTorch's fully_shard); one process trains unsharded either way",
+                         choices=STRATEGIES)
     precision: str = knob("auto", "auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 (autocast; the "
                           "trained tensors stay fp32)", choices=PRECISIONS)
     optimizer: str = knob("auto", "auto (the variant's paper's: QLoRA's paged_adamw_32bit on CUDA, else adamw) | "

@@ -40,3 +40,10 @@ def batch(_minilm):
         padding=True,
         return_tensors="pt",
     )
+
+
+@pytest.fixture(scope="session")
+def single_runs_dir(tmp_path_factory):
+    """Where the single-process runs that DDP and FSDP runs are compared with are kept, once per
+    pytest process (tests/helpers/torchrun.py)."""
+    return tmp_path_factory.mktemp("single_process_runs")

@@ -1,80 +1,146 @@
-"""Data-parallel training with torchrun on CPU (gloo, 2 processes), through run.py.
+"""Training one run over 2 processes with torchrun on CPU (gloo), through run.py, under both
+strategies (``trainer.strategy``): ``ddp`` (every process holds the model) and ``fsdp`` (every
+process holds 1/2 of each parameter and optimizer state, PyTorch's ``fully_shard``).
 
 A step of a 2-process run is the single-process step on the same global batch, so both runs
 must save the same tensors (to float-level differences: the two halves of a batch are padded
-and summed separately), and the two processes must hold bit-identical weights at the end.
+and summed separately). Under DDP the two processes must also hold bit-identical weights at the
+end; under FSDP each holds its own half, which the memory test counts.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers.torchrun import (
+    BASELINE,
+    COMMON,
+    ENV,
+    ROOT,
+    kill_processes_naming,
+    largest_difference,
+    single_process_run,
+    torchrun,
+)
 from safetensors.torch import load_file
-from test_run import ROOT, run_py
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true",
-       "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-COMMON = ["trainer.max_steps=6", "trainer.batch_size=8", "trainer.log_every=2", "trainer.eval_every=3",
-          "task.train_size=64", "task.eval_size=32", "model.dropout=0", "variant.dropout=0"]
 # torchrun's default rendezvous port is one per machine: under pytest-xdist these tests share a worker.
 pytestmark = pytest.mark.xdist_group("torchrun")
 
+# One per variant family, by what each does to the trainer's path: LoRA (its layer shared by
+# rsLoRA and LoRA+), DoRA's magnitude, AdaLoRA's model-wide rank allocation and regulariser,
+# staged's switch. Below: full fine-tuning (the memory test), the offset form with a data-driven
+# start (LoRA-GA), LoRA-Pro's gradient transform and QLoRA's 4-bit base (against DDP).
 SETTINGS = {
     "lora": ["tracking.mode=offline"],
+    "dora": ["variant=dora", "tracking.mode=disabled"],
+    "adalora": ["variant=adalora", "rank=6", "variant.target_rank=3", "variant.t_init=1", "variant.t_final=2",
+                "variant.delta_t=1", "tracking.mode=disabled"],
     # The switch at step 3 changes what trains: the data-parallel wrapper must be rebuilt there.
     # The LoRA phase's rate is pinned: AdamW turns the reduction-order noise of near-zero gradients
     # into steps of the order of the rate (1.1e-5 at 3e-3 against 1.8e-6 at 1e-3; the unwrapped
     # model's error is 2e-3), so the bound below holds for this rate, whatever the default becomes.
     "staged": ["variant=staged", "variant.full_fraction=0.5", "variant.lr=1e-3", "tracking.mode=disabled"],
 }
+CASES = [("lora", "ddp"), ("staged", "ddp"), *((variant, "fsdp") for variant in SETTINGS)]
 
 
-def torchrun(*args):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=False)
-
-
-@pytest.mark.parametrize("variant", list(SETTINGS))
-def test_two_processes_train_the_single_process_model(tmp_path, variant):
+@pytest.mark.parametrize(("variant", "strategy"), CASES)
+def test_two_processes_train_the_single_process_model(tmp_path, single_runs_dir, variant, strategy):
     args = [*COMMON, *SETTINGS[variant]]
-    single, double = tmp_path / "single", tmp_path / "double"
-    result = run_py(*args, f"hydra.run.dir={single}")
-    assert result.returncode == 0, result.stderr
-    result = torchrun("run.py", *args, f"hydra.run.dir={double}")
+    single, double = single_process_run(args, single_runs_dir), tmp_path / "double"
+    result = torchrun("run.py", *args, f"trainer.strategy={strategy}", f"hydra.run.dir={double}")
     assert result.returncode == 0, result.stderr
 
-    one, two = load_file(single / "adapter.safetensors"), load_file(double / "adapter.safetensors")
-    assert one.keys() == two.keys() and any(k.endswith("lora_B") for k in one)
-    worst = max((two[k] - one[k]).abs().max().item() for k in one)
+    one, start = load_file(single / "adapter.safetensors"), json.loads((single / "summary.json").read_text())
+    worst = largest_difference(single, double)
     assert worst < 1e-5, f"saved tensors differ from the single-process run by up to {worst:.2e}"
-    assert max(one[k].abs().max().item() for k in one if k.endswith("lora_B")) > 1e-4  # the adapters trained
+    trained = [k for k in one if "lora_B" in k or "lora_E" in k or "bias" in k]
+    assert trained and max(one[k].abs().max().item() for k in trained) > 1e-4  # it trained
 
-    summary_one = json.loads((single / "summary.json").read_text())
     summary = json.loads((double / "summary.json").read_text())
-    assert (summary_one["processes"], summary["processes"]) == (1, 2)
-    assert summary["replica_max_abs_diff"] == 0.0  # rank 1 holds exactly rank 0's weights
-    assert "replica_max_abs_diff" not in summary_one
+    assert (start["processes"], summary["processes"]) == (1, 2)
+    assert summary["strategy"] == strategy and start["strategy"] is None
+    assert summary["eval"] == pytest.approx(start["eval"], abs=1e-4)
+    held, alone = summary["memory_per_process"], start["memory_per_process"][0]
+    if strategy == "ddp":
+        assert summary["replica_max_abs_diff"] == 0.0  # rank 1 holds exactly rank 0's weights
+        assert held[0] == held[1] == alone  # every process holds the whole model
+    else:
+        assert "replica_max_abs_diff" not in summary  # no process holds a replica
+        assert sum(h["parameters_mb"] for h in held) == pytest.approx(alone["parameters_mb"], rel=1e-3)
+    assert "replica_max_abs_diff" not in start
     records = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 3, 4, 6, 6]  # one writer: no duplicated records
     if variant == "lora":
         assert len(list((double / "wandb").glob("offline-run-*"))) == 1
 
 
-def test_a_data_driven_start_is_the_same_in_every_process(tmp_path):
+def test_fsdp_holds_half_the_full_fine_tuning_state_in_each_process(tmp_path, single_runs_dir):
+    """Full fine-tuning, where the parameters and AdamW's two moments are the whole model three
+    times: each of 2 processes must hold about half of what the single process holds, counted
+    from the tensors it owns. A wrapper that replicated the model (DDP, or a shard that is not
+    one) would hold all of it in each."""
+    args = [*BASELINE, "variant=full", "tracking.mode=disabled"]
+    single, double = single_process_run(args, single_runs_dir), tmp_path / "fsdp"
+    result = torchrun("run.py", *args, "trainer.strategy=fsdp", f"hydra.run.dir={double}")
+    assert result.returncode == 0, result.stderr
+    worst = largest_difference(single, double)
+    assert worst < 1e-5, f"saved weights differ from the single-process run by up to {worst:.2e}"
+
+    alone = json.loads((single / "summary.json").read_text())["memory_per_process"][0]
+    held = json.loads((double / "summary.json").read_text())["memory_per_process"]
+    for kind in ("parameters_mb", "trainable_mb", "optimizer_mb"):
+        shares = [h[kind] / alone[kind] for h in held]
+        assert all(0.45 < share < 0.55 for share in shares), (kind, shares)
+        assert sum(shares) == pytest.approx(1.0, rel=1e-3), (kind, shares)
+
+
+AGAINST_DDP = {
+    # LoRA-Pro gathers A, B and their gradients, computes its step on the whole matrices and takes
+    # its shard of it. The step inverts BᵀB, which is ~0 for the first steps (B starts at 0), so
+    # float-level differences in the averaged gradients grow: a 2-process run differs from the
+    # single process by up to 2e-3 under either strategy.
+    "lora_pro": ["variant=lora_pro"],
+    # QLoRA's 4-bit codes are sharded as a plain uint8 tensor; bitsandbytes' forward takes the
+    # quantization state back from the layer. Its CPU kernel on half batches differs from the
+    # whole batch's by float noise that AdamW's first steps turn into 5e-5 (DDP's too).
+    "qlora": ["variant=qlora"],
+}
+
+
+@pytest.mark.parametrize("variant", list(AGAINST_DDP))
+def test_fsdp_trains_what_ddp_trains_where_the_single_process_differs_by_float_noise(tmp_path, variant):
+    """What sharding must not change is the step: FSDP's run against DDP's on the same 2
+    processes, tensor for tensor; and each process holds half the parameters."""
+    args = [*COMMON, *AGAINST_DDP[variant], "tracking.mode=disabled"]
+    runs = {strategy: tmp_path / strategy for strategy in ("ddp", "fsdp")}
+    for strategy, run_dir in runs.items():
+        result = torchrun("run.py", *args, f"trainer.strategy={strategy}", f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr
+    worst = largest_difference(runs["ddp"], runs["fsdp"])
+    assert worst < 1e-6, f"FSDP's {variant} differs from DDP's by up to {worst:.2e}"
+    replicated, sharded = (json.loads((runs[s] / "summary.json").read_text())["memory_per_process"]
+                           for s in ("ddp", "fsdp"))
+    assert all(0.45 < h["parameters_mb"] / replicated[0]["parameters_mb"] < 0.55 for h in sharded), sharded
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_data_driven_start_is_the_same_in_every_process(tmp_path, single_runs_dir, strategy):
     """LoRA-GA: each process estimates the gradient on its half of each batch; the mean over the
     processes is the whole batch's gradient (its norms match the single process's), and every
-    process starts, and ends, with the same weights. The factors themselves are not compared with
-    the single process's: where two singular values nearly tie, float-level differences between
-    the halves' padding rotate the singular vectors."""
+    process starts, and ends, with the same weights (under FSDP the start is computed before the
+    model is sharded). The factors themselves are not compared with the single process's: where
+    two singular values nearly tie, float-level differences between the halves' padding rotate
+    the singular vectors."""
     args = [*COMMON, "variant=lora_ga", "variant.init_batches=2", "tracking.mode=disabled"]
-    single, double = tmp_path / "single", tmp_path / "double"
-    assert run_py(*args, f"hydra.run.dir={single}").returncode == 0
-    result = torchrun("run.py", *args, f"hydra.run.dir={double}")
+    single, double = single_process_run(args, single_runs_dir), tmp_path / "double"
+    result = torchrun("run.py", *args, f"trainer.strategy={strategy}", f"hydra.run.dir={double}")
     assert result.returncode == 0, result.stderr
     one, two = (json.loads((d / "summary.json").read_text()) for d in (single, double))
-    assert two["replica_max_abs_diff"] == 0.0
+    if strategy == "ddp":
+        assert two["replica_max_abs_diff"] == 0.0
     norms_one, norms_two = one["initialization"]["gradient_norm"], two["initialization"]["gradient_norm"]
     assert norms_one.keys() == norms_two.keys() and len(norms_one) == 12
     assert all(abs(norms_two[k] - norms_one[k]) <= 1e-4 * norms_one[k] for k in norms_one), (norms_one, norms_two)
@@ -86,28 +152,18 @@ def test_torchrun_needs_a_run_dir(tmp_path):
     assert "error: hydra.run.dir is required under torchrun" in result.stderr
 
 
-def kill_processes_naming(text):
-    """SIGKILL every process whose command line contains ``text`` (Linux /proc)."""
-    import signal
-    from pathlib import Path
-
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass  # gone meanwhile
-
-
-def test_a_killed_torchrun_run_resumes_to_identical_results(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_killed_torchrun_run_resumes_to_identical_results(tmp_path, strategy):
     """With dropout on, each process draws its own masks: a checkpoint keeps every process's RNG
-    state, so a 2-process run killed mid-epoch and resumed ends bit-identical to one that was not."""
+    state (and under FSDP the optimizer's shards, gathered), so a 2-process run killed mid-epoch
+    and resumed ends bit-identical to one that was not."""
     import time
 
     import torch
 
     args = ["trainer.max_steps=20", "trainer.batch_size=8", "trainer.checkpoint_every=5", "trainer.log_every=1",
-            "trainer.eval_every=10", "task.train_size=72", "task.eval_size=32", "tracking.mode=disabled"]
+            "trainer.eval_every=10", "task.train_size=72", "task.eval_size=32", "tracking.mode=disabled",
+            f"trainer.strategy={strategy}"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     result = torchrun("run.py", *args, f"hydra.run.dir={whole}")
     assert result.returncode == 0, result.stderr
@@ -132,7 +188,7 @@ def test_a_killed_torchrun_run_resumes_to_identical_results(tmp_path):
 
     expected = json.loads((whole / "summary.json").read_text())
     got = json.loads((broken / "summary.json").read_text())
-    assert got["eval"] == expected["eval"] and got["replica_max_abs_diff"] == 0.0
+    assert got["eval"] == expected["eval"] and got.get("replica_max_abs_diff", 0.0) == 0.0
     records = [(broken / "metrics.jsonl"), (whole / "metrics.jsonl")]
     assert records[0].read_text() == records[1].read_text()  # every loss and lr, bit for bit
     one, two = load_file(whole / "adapter.safetensors"), load_file(broken / "adapter.safetensors")

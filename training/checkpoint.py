@@ -11,11 +11,13 @@ A checkpoint (``checkpoint.pt`` in the run dir) holds, under named keys:
     model         the trained tensors (``variants.adapter_state_dict``), which parameters
                   train, and the variant's and its layers' training state (staged training's
                   phase, AdaLoRA's importance averages)
-    optimizer     optimizer.state_dict()
+    optimizer     optimizer.state_dict(); under FSDP the shards' state gathered, keyed by
+                  parameter name (``distributed.optimizer_state``)
     scheduler     scheduler.state_dict()
     rng           per process (rank order): torch CPU, the run's CUDA device, Python and NumPy
                   generator states (each process of a torchrun job draws its own dropout masks)
     wandb_run_id  so that a resumed run continues its W&B run
+    strategy      fsdp, or None (one process, or DDP): a checkpoint resumes under the same one
 
 It is written to a temporary file and renamed, so a kill during the write leaves the previous
 checkpoint intact. Loading uses ``torch.load(weights_only=True)``: tensors and plain
@@ -48,7 +50,7 @@ from torch import nn
 import variants
 from schema import ConfigError
 
-from . import rundir
+from . import distributed, rundir
 
 WARMUP_STEPS_EXCLUDED = 3  # first steps pay for lazy initialisation; kept out of the median step time
 
@@ -85,6 +87,7 @@ class TrainState:
     first_loss: float = math.inf  # the first step's loss (the model as it started), for trainer.divergence
     forgetting_reference: dict[str, Any] = field(default_factory=dict)  # the probe's start (training/forgetting.py)
     forgetting_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (step, forget metrics)
+    memory_per_process: list[dict[str, float]] | None = None  # at the end (distributed.local_memory_mb); not saved
 
     @classmethod
     def start(cls, device: torch.device) -> TrainState:
@@ -159,42 +162,51 @@ class TrainState:
         )
 
 
-def save(path: Path, model: nn.Module, optimization: Any, state: TrainState, wandb_run_id: str | None,
-         rng_states: list[dict[str, Any]], run_record: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint (``optimization``: anything with ``optimizer`` and ``scheduler``;
+def save(path: Path, model: dict[str, Any], optimizer: dict[str, Any], scheduler: dict[str, Any],
+         state: TrainState, wandb_run_id: str | None, rng_states: list[dict[str, Any]],
+         run_record: dict[str, Any] | None = None, strategy: str | None = None) -> None:
+    """Write a checkpoint: ``model``, what ``model_state`` returned; ``optimizer`` and
+    ``scheduler``, their states (``distributed.optimizer_state``: under FSDP the shards gathered);
     ``rng_states``: every process's ``rng_state``, in rank order; ``run_record``: the resolved
-    config and the resumes' accepted changes, ``check_resume``)."""
+    config and the resumes' accepted changes (``check_resume``); ``strategy``: ``fsdp`` when the
+    optimizer state is keyed by parameter name (FSDP's gathered form), else None."""
     write(path, {
         "step": state.step,
         "train_state": state.state_dict(),
-        "model": model_state(model),
-        "optimizer": optimization.optimizer.state_dict(),
-        "scheduler": optimization.scheduler.state_dict(),
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
         "rng": rng_states,
         "wandb_run_id": wandb_run_id,
         "run": run_record,
+        "strategy": strategy,
     })
 
 
-def check_format(saved: dict[str, Any], processes: int) -> None:
-    """A checkpoint this version can continue, written by as many processes as resume it."""
+def check_format(saved: dict[str, Any], processes: int, strategy: str | None = None) -> None:
+    """A checkpoint this version can continue, written by as many processes as resume it, and
+    under the same sharding (``strategy``: ``fsdp``, or None for a process that holds the whole
+    model)."""
     if "train_state" not in saved or "training_state" not in saved["model"]:
         raise ConfigError("resume=true: this checkpoint.pt was written by an older version of the trainer and cannot "
                           "be continued; start the run again")
     if len(saved["rng"]) != processes:
         raise ConfigError(f"resume=true: the checkpoint was written by {len(saved['rng'])} process(es); resume it "
                           f"with the same number (now {processes})")
+    if saved.get("strategy") != strategy:
+        raise ConfigError(f"resume=true: the checkpoint was written with trainer.strategy="
+                          f"{saved.get('strategy') or 'ddp'}; resume it with the same (now {strategy or 'ddp'})")
 
 
 def restore(saved: dict[str, Any], model: nn.Module, build_optimization: Callable[[int], Any],
             device: torch.device, rank: int = 0) -> tuple[TrainState, Any]:
-    """Put a loaded checkpoint back: the model's tensors and trainable set, a new optimization
-    (``build_optimization(done_steps)``) with the saved optimizer and scheduler states, this
-    process's RNG states; returns the training state and the optimization."""
-    load_model_state(model, saved["model"])
+    """Put back the rest of a loaded checkpoint once its model state is (``load_model_state``,
+    before any sharding): a new optimization (``build_optimization(done_steps)``) with the saved
+    optimizer and scheduler states, this process's RNG states; returns the training state and
+    the optimization."""
     state = TrainState.from_state_dict(saved["train_state"], device)
     optimization = build_optimization(state.step)
-    optimization.optimizer.load_state_dict(saved["optimizer"])
+    distributed.load_optimizer_state(model, optimization.optimizer, saved["optimizer"])
     optimization.scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"][rank], device)
     return state, optimization
@@ -221,6 +233,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:
+    """The model's part of a checkpoint (under FSDP a collective: ``adapter_state_dict`` gathers)."""
     return {
         "tensors": variants.adapter_state_dict(model),
         "trainable": [name for name, p in model.named_parameters() if p.requires_grad],

@@ -1,12 +1,21 @@
-"""Data-parallel training of one run over several processes (``torchrun``).
+"""One run over several processes (``torchrun``), in one of two ways (``trainer.strategy``).
 
-Every process holds the whole model and sees its own slice of each global batch; the forward
-pass goes through ``DistributedDataParallel``, which averages the gradients in backward, so a
-step equals the single-process step on the same global batch and every process applies the
-same update. Only rank 0 writes the run dir and logs (metrics.jsonl, W&B); every rank
-evaluates the full dev set.
+Every process sees its own slice of each global batch, and the gradients are averaged over the
+processes in backward, so a step equals the single-process step on the same global batch.
+
+* ``ddp``: every process holds the whole model; ``DistributedDataParallel`` averages the
+  gradients, and every process applies the same update to its copy.
+* ``fsdp``: every process holds 1/N of each parameter, gradient and optimizer state (PyTorch's
+  FSDP2, ``fully_shard``): a block's weights are gathered for its forward and backward and freed
+  after; the gradients are averaged and scattered, so each process updates its own shard.
+  Whatever needs a whole tensor outside the forward pass (saving, a variant's rank allocation
+  or gradient transform) gathers it (``variants.whole``), a collective every process joins.
+
+Only rank 0 writes the run dir and logs (metrics.jsonl, W&B); every rank evaluates the full dev
+set.
 
     torchrun --nproc_per_node 2 run.py hydra.run.dir=runs/ddp_lora trainer.batch_size=32
+    torchrun --nproc_per_node 2 run.py hydra.run.dir=runs/fsdp_full variant=full trainer.strategy=fsdp
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.data import BatchSampler
 
 import variants
@@ -115,21 +127,98 @@ def mean_over_ranks(value: torch.Tensor, context: Context) -> torch.Tensor:
     return value
 
 
-def wrap(model: nn.Module, context: Context) -> nn.Module:
-    """The module the training loop calls: ``model`` itself in a single process, else a DDP
-    wrapper over the parameters that train now (build a new one when that set changes)."""
+def wrap(model: nn.Module, context: Context, strategy: str = "ddp") -> nn.Module:
+    """The module the training loop calls: ``model`` itself in a single process; under ``ddp``
+    a DDP wrapper over the parameters that train now (build a new one when that set changes);
+    under ``fsdp`` ``model`` itself, sharded in place (``shard``; once: a later call, after the
+    trainable set changed, finds it sharded and returns it)."""
     if not context.enabled:
         return model
+    if strategy == "fsdp":
+        return shard(model)
     return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """``model`` sharded with FSDP2: each transformer block (the classes a transformers model
+    lists in ``_no_split_modules``: BertLayer, LlamaDecoderLayer) is one unit, gathered for its
+    own forward and backward only; what lies outside the blocks (embeddings, head, final norm)
+    is the root unit. Parameters become DTensors sharded on their first dimension."""
+    if isinstance(model, FSDPModule):
+        return model
+    # No casting: each tensor computes in its own dtype, so what trains stays fp32 (its gradient
+    # averaged in fp32) and a frozen bf16 base stays bf16; bf16 compute comes from autocast, as
+    # in a single process.
+    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=None)
+    # on the device the model is on (the default mesh is CUDA's wherever a GPU exists, also for
+    # a run with trainer.device=cpu)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks and module is not model:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def reshard(model: nn.Module) -> None:
+    """After forward passes without a backward (evaluation): FSDP's root unit keeps its
+    parameters gathered after a forward, for the backward that usually follows; put them back to
+    shards, so that the model's parameters are again the ones the optimizer steps and the
+    checkpoint gathers. Nothing for a model that is not sharded."""
+    if is_sharded(model):
+        model.reshard()
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a checkpoint keeps of the optimizer: its ``state_dict()``; under FSDP the whole
+    state, gathered from the shards onto rank 0's CPU (keyed by parameter name; empty on the
+    other ranks). A collective under FSDP."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Put back what ``optimizer_state`` returned (every process read the whole of it from the
+    checkpoint; under FSDP each keeps its own shard of it)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(saved)
+        return
+    set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def local_memory_mb(model: nn.Module, optimizer: torch.optim.Optimizer, context: Context) -> list[dict[str, float]] | None:
+    """What each process holds of the model's parameters and of the optimizer's state, in MiB,
+    counted from the tensors it owns (a shard's local part under FSDP), in rank order, on rank
+    0 (None elsewhere); ``trainable_mb`` is also what the gradients take while they live. A
+    collective."""
+    def mb(tensors: Any) -> float:
+        return sum(_local(t).numel() * _local(t).element_size() for t in tensors) / 2**20
+
+    params = list(model.parameters())
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
+    own = {"parameters_mb": mb(params), "trainable_mb": mb(p for p in params if p.requires_grad),
+           "optimizer_mb": mb(state)}
+    return gather_to_main(own, context)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 @torch.no_grad()
 def max_replica_difference(model: nn.Module, context: Context) -> float | None:
     """The largest absolute difference, over all processes, between this process's copy of the
-    tensors a run saves and rank 0's (None in a single process). Data-parallel training applies
-    the same averaged gradients everywhere, so anything but 0.0 means the replicas drifted apart.
-    Every process must call it."""
-    if not context.enabled:
+    tensors a run saves and rank 0's (None in a single process, and under FSDP, where no process
+    holds a replica). Data-parallel training applies the same averaged gradients everywhere, so
+    anything but 0.0 means the replicas drifted apart. Every process must call it."""
+    if not context.enabled or is_sharded(model):
         return None
     own = model.state_dict(keep_vars=True)
     worst = torch.zeros((), dtype=torch.float64, device=_collective_device())

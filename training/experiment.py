@@ -73,16 +73,17 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     try:
         state = train(model, train_loader, eval_loaders, plan, cfg.trainer, tracker, runtime,
                       checkpoint_path=run_dir / rundir.CHECKPOINT if main else None, resume=resume,
-                      save_best=_best_state_writer(cfg, run_dir) if main else None, run_record=run_record)
+                      save_best=_best_state_writer(cfg, run_dir, main), run_record=run_record)
         replica_difference = distributed.max_replica_difference(model, runtime.context)
         summary = _summary(cfg, model, adapted, state, plan, runtime, tracker, group,
                            examples=examples,
                            wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
         summary["budget"] = budget
         summary["resumes"] = run_record["resumes"]
+        tensors = _adapter_tensors(model, main)
         if main:
             with rundir.atomic(run_dir / rundir.ADAPTER) as tmp:
-                variants.save_adapter(model, tmp, extra_metadata=base_model_metadata(cfg))
+                variants.save_adapter(model, tmp, extra_metadata=base_model_metadata(cfg), tensors=tensors)
             summary["adapter_mb"] = (run_dir / rundir.ADAPTER).stat().st_size / 2**20  # on disk, with metadata
             rundir.write_summary(run_dir, summary)
         tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
@@ -238,7 +239,8 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> tuple[
     saved, warnings = checkpoint.load_latest(run_dir / rundir.CHECKPOINT)
     for warning in warnings:
         log.warning(warning)
-    checkpoint.check_format(saved, runtime.context.world_size)
+    checkpoint.check_format(saved, runtime.context.world_size,
+                            "fsdp" if runtime.context.enabled and cfg.trainer.strategy == "fsdp" else None)
     trained = saved.get("run") or {"config": _config_yaml(run_dir), "resumes": []}  # older checkpoints: config.yaml
     accepted = checkpoint.check_resume(_with_defaults(trained["config"]), config, list(cfg.resume_changes or []),
                                        saved["step"])
@@ -278,13 +280,24 @@ def _open_run_dir(cfg: DictConfig, run_dir: Path, group: str | None, run_name: s
     )
 
 
-def _best_state_writer(cfg: DictConfig, run_dir: Path) -> Callable[[nn.Module, int], None]:
+def _best_state_writer(cfg: DictConfig, run_dir: Path, main: bool) -> Callable[[nn.Module, int], None]:
     """``train``'s ``save_best``: the model's adapter file, with the step in its metadata, written
-    to a temporary file and renamed, so a kill leaves the previous best intact."""
+    (by rank 0) to a temporary file and renamed, so a kill leaves the previous best intact."""
     def save(model: nn.Module, step: int) -> None:
-        with rundir.atomic(run_dir / rundir.ADAPTER_BEST) as tmp:
-            variants.save_adapter(model, tmp, extra_metadata={**base_model_metadata(cfg), "step": step})
+        tensors = _adapter_tensors(model, main)
+        if main:
+            with rundir.atomic(run_dir / rundir.ADAPTER_BEST) as tmp:
+                variants.save_adapter(model, tmp, extra_metadata={**base_model_metadata(cfg), "step": step},
+                                      tensors=tensors)
     return save
+
+
+def _adapter_tensors(model: nn.Module, main: bool) -> dict[str, torch.Tensor] | None:
+    """What an adapter file holds (``variants.adapter_state_dict``), on the process that writes
+    it; under FSDP every process must join in gathering the shards."""
+    if main or distributed.is_sharded(model):
+        return variants.adapter_state_dict(model)
+    return None
 
 
 def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: TrainState, plan: Plan,
@@ -329,6 +342,8 @@ def _summary(cfg: DictConfig, model: nn.Module, adapted: list[str], state: Train
         "weights_mb": weights_mb(model),
         "device": str(runtime.device),
         "processes": runtime.context.world_size,
+        "strategy": cfg.trainer.strategy if runtime.context.enabled else None,
+        "memory_per_process": state.memory_per_process,  # what each holds of parameters and optimizer state
         "precision": runtime.precision,
         "wandb_run_id": tracker.wandb_run.id if tracker.wandb_run is not None else None,
         "wandb_group": cfg.tracking.group or group,

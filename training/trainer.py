@@ -6,7 +6,8 @@ model without one has a ``NoVariant``, whose hooks do nothing).
 
 Under ``torchrun`` the loop calls the data-parallel wrapper (``model``), which averages the
 gradients in backward; ``raw_model`` is the unwrapped module, for the hooks, evaluation and
-checkpoints. Every process runs this same function; only rank 0 gets a real tracker and a
+checkpoints. Under ``trainer.strategy=fsdp`` the two are one module, sharded in place after the
+data-driven start and before the optimizer is built (``training/distributed.py``). Every process runs this same function; only rank 0 gets a real tracker and a
 checkpoint path.
 """
 
@@ -132,6 +133,9 @@ def train(
     def new_optimization(done_steps: int) -> optim.Optimization:
         return optim.build(cfg, raw_model, plan.steps, runtime.device, done_steps)
 
+    if resume is not None:
+        checkpoint.load_model_state(raw_model, resume["model"])  # whole tensors: before any sharding
+    model = distributed.wrap(raw_model, runtime.context, cfg.strategy)  # under fsdp: raw_model, sharded
     if resume is None:
         state, opt = TrainState.start(runtime.device), new_optimization(0)
         state.initialization = initialization
@@ -144,7 +148,6 @@ def train(
         if plan.forgetting is not None and not state.forgetting_reference:
             log.warning("trainer.forgetting: the checkpoint holds no reference from the start of the run (it was "
                         "trained without the probe); this run records no forgetting")
-    model = distributed.wrap(raw_model, runtime.context)
     raw_model.train()
     clock = time.perf_counter() - state.train_time_s
     main = runtime.context.is_main
@@ -190,22 +193,36 @@ def train(
                                        f"{plan.selection.eval_set}/{plan.selection.metric}")
             if not last and not opt.covers(raw_model):  # a variant changed what trains (staged's switch)
                 opt = new_optimization(state.step)
-                model = distributed.wrap(raw_model, runtime.context)  # DDP must know the new set
+                model = distributed.wrap(raw_model, runtime.context, cfg.strategy)  # a new DDP (FSDP: as is)
                 state.begin_phase(opt.peak_lr, opt.optimizer_name)
                 if main:
                     progress.write(f"after step {state.step}: the trainable parameters changed, phase {state.phase} starts")
             if cfg.get("checkpoint_every") and not last and state.step % cfg.checkpoint_every == 0:
                 state.train_time_s = time.perf_counter() - clock
-                rng_states = distributed.gather_to_main(checkpoint.rng_state(runtime.device), runtime.context)
-                if checkpoint_path is not None:  # rank 0
-                    wandb_id = tracker.wandb_run.id if tracker.wandb_run is not None else None
-                    checkpoint.save(checkpoint_path, raw_model, opt, state, wandb_id, rng_states, run_record)
+                _save_checkpoint(checkpoint_path, raw_model, opt, state, tracker, runtime, run_record)
             if last:
                 break
     finally:
         progress.close()  # before any error message, which must be the last line
     state.train_time_s = time.perf_counter() - clock
+    state.memory_per_process = distributed.local_memory_mb(raw_model, opt.optimizer, runtime.context)
     return state
+
+
+def _save_checkpoint(path: Path | None, raw_model: nn.Module, opt: optim.Optimization, state: TrainState,
+                     tracker: Tracker, runtime: Runtime, run_record: dict[str, Any] | None) -> None:
+    """Write ``checkpoint.pt`` (rank 0, which has a ``path``). Every process joins in gathering
+    the RNG states, and under FSDP the model's and optimizer's shards."""
+    rng_states = distributed.gather_to_main(checkpoint.rng_state(runtime.device), runtime.context)
+    sharded = distributed.is_sharded(raw_model)
+    if path is None and not sharded:
+        return
+    model_state = checkpoint.model_state(raw_model)
+    optimizer_state = distributed.optimizer_state(raw_model, opt.optimizer)
+    if path is not None:
+        wandb_id = tracker.wandb_run.id if tracker.wandb_run is not None else None
+        checkpoint.save(path, model_state, optimizer_state, opt.scheduler.state_dict(), state, wandb_id, rng_states,
+                        run_record, strategy="fsdp" if sharded else None)
 
 
 def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime) -> dict[str, Any]:
@@ -316,6 +333,7 @@ def _evaluate_and_log(raw_model: nn.Module, eval_loaders: Mapping[str, DataLoade
             forgetting = plan.forgetting.measure(raw_model, runtime, state.forgetting_reference)
         record.update({f"forget/{k}": v for k, v in forgetting.items()})
         state.forgetting_history.append((state.step, forgetting))
+    distributed.reshard(raw_model)  # (FSDP) the root's parameters, gathered by the forward passes, back to shards
     tracker.log(record)
     if runtime.context.is_main:  # tqdm.write prints whatever the bar's disable says
         progress.write(f"step {state.step}: " + ", ".join(

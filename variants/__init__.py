@@ -41,7 +41,9 @@ from .base import (
     get_variant,
     layers_of,
     register_variant,
+    shard_like,
     variant_of,
+    whole,
 )
 
 # importing a variant's module registers it
@@ -127,9 +129,11 @@ __all__ = [
     "read_adapter_config",
     "register_variant",
     "save_adapter",
+    "shard_like",
     "task_head",
     "training_state",
     "unmerge_adapters",
     "variant_of",
+    "whole",
     "within",
 ]

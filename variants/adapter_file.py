@@ -15,10 +15,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from schema import ConfigError
 
-from .base import adapter_config, layers_of, variant_of
+from .base import adapter_config, layers_of, variant_of, whole
 from .inject import inject_adapters
 
 METADATA_KEY = "adapter_config"
@@ -27,11 +28,12 @@ METADATA_KEY = "adapter_config"
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What fine-tuning changed: every trainable parameter, what the variants' ``state_to_save``
     adds, and the adapter layers' own tensors (parameters and persistent buffers outside the
-    wrapped base layer)."""
+    wrapped base layer). Under FSDP each is gathered from the processes' shards (``whole``): a
+    collective, which every process must call."""
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
     state.update(variant_of(model).state_to_save(model))
     state.update(_adapter_tensors(model))
-    return {n: t.detach().contiguous().cpu() for n, t in _without_aliases(state).items()}
+    return {n: whole(t.detach()).contiguous().cpu() for n, t in _without_aliases(state).items()}
 
 
 def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -39,7 +41,8 @@ def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     is kept under its first name; loading it there loads both."""
     kept, seen = {}, set()
     for name, tensor in state.items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        storage = id(tensor) if isinstance(tensor, DTensor) else tensor.data_ptr()  # (a shard: the object)
+        key = (storage, tuple(tensor.shape), tensor.dtype)
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
@@ -47,12 +50,15 @@ def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return kept
 
 
-def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, Any] | None = None) -> None:
-    """Write ``adapter_state_dict(model)`` as safetensors, with the adapter config as metadata."""
+def save_adapter(model: nn.Module, path: str | Path, extra_metadata: dict[str, Any] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``adapter_state_dict(model)`` (or ``tensors``, what it returned: under FSDP every
+    process gathers them, and one writes) as safetensors, with the adapter config as metadata."""
     if any(layer.merged for layer in layers_of(model).values()):
         raise RuntimeError("unmerge the adapters before saving them")
     config = {**adapter_config(model), **(extra_metadata or {})}
-    save_file(adapter_state_dict(model), str(path), metadata={METADATA_KEY: json.dumps(config)})
+    tensors = adapter_state_dict(model) if tensors is None else tensors
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(config)})
 
 
 def read_adapter_config(path: str | Path) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from schema import ConfigError, add_variant, problems
 
@@ -59,6 +60,21 @@ def variant_of(model: nn.Module) -> Variant:
     nothing) before it ran and after ``merge_and_unwrap``."""
     variant = getattr(model, VARIANT_ATTRIBUTE, None)
     return NoVariant() if variant is None else variant
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or, for a parameter or gradient sharded by FSDP (a DTensor), the whole
+    tensor gathered from every process: a collective, which every process must reach in the
+    same order. Hooks that need a whole matrix outside the forward pass go through it."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A whole ``value`` (the same on every process) laid out as ``reference``: ``value`` itself,
+    or, where ``reference`` is FSDP's shard, this process's part of it (no communication)."""
+    if isinstance(reference, DTensor):
+        return distribute_tensor(value, reference.device_mesh, reference.placements, src_data_rank=None)
+    return value
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:

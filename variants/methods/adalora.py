@@ -44,7 +44,7 @@ from torch import nn
 
 from schema import ConfigError, knob
 
-from ..base import AdapterLayer, AdapterVariant, adapter_dtype, layers_of, register_variant
+from ..base import AdapterLayer, AdapterVariant, adapter_dtype, layers_of, register_variant, shard_like, whole
 
 IMPORTANCES = ("sensitivity", "magnitude")
 ORTH_REG_FORMS = ("mean_norm", "sum_squared")
@@ -132,10 +132,10 @@ class AdaLoRALinear(AdapterLayer):
     def orthogonality_residuals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖PᵀP − I‖_F, ‖QQᵀ − I‖_F), unsquared, in the factors' fp32 also under autocast (a
         bf16 Gram matrix would be rounded by ~4e-3 near 1 before I is subtracted)."""
-        eye = torch.eye(self.rank, dtype=self.lora_P.dtype, device=self.lora_P.device)
-        with torch.autocast(self.lora_P.device.type, enabled=False):
-            return (torch.linalg.matrix_norm(self.lora_P.t() @ self.lora_P - eye),
-                    torch.linalg.matrix_norm(self.lora_Q @ self.lora_Q.t() - eye))
+        p, q = whole(self.lora_P), whole(self.lora_Q)  # (under FSDP, gathered: the gradient flows back to the shards)
+        eye = torch.eye(self.rank, dtype=p.dtype, device=p.device)
+        with torch.autocast(p.device.type, enabled=False):
+            return torch.linalg.matrix_norm(p.t() @ p - eye), torch.linalg.matrix_norm(q @ q.t() - eye)
 
     @torch.no_grad()
     def reset_importance(self) -> None:
@@ -152,7 +152,7 @@ class AdaLoRALinear(AdapterLayer):
             param = getattr(self, f"lora_{name}")
             if param.grad is None:
                 continue
-            sensitivity = (param.float() * param.grad.float()).abs()
+            sensitivity = (whole(param).float() * whole(param.grad).float()).abs()
             smoothed, uncertainty = getattr(self, f"_ipt_{name}"), getattr(self, f"_unc_{name}")
             smoothed.mul_(beta1).add_(sensitivity, alpha=1 - beta1)
             uncertainty.mul_(beta2).add_((sensitivity - smoothed).abs(), alpha=1 - beta2)
@@ -161,9 +161,9 @@ class AdaLoRALinear(AdapterLayer):
     def triplet_scores(self, importance: str) -> torch.Tensor:
         """S_i for every triplet (Pᵢ, λᵢ, Qᵢ): ``(r,)``, by ``sensitivity`` or ``magnitude``."""
         if importance == "magnitude":
-            p_norm = self.lora_P.float().pow(2).sum(0)
-            q_norm = self.lora_Q.float().pow(2).sum(1)
-            return self.lora_E.float().pow(2) * p_norm * q_norm
+            p_norm = whole(self.lora_P).float().pow(2).sum(0)
+            q_norm = whole(self.lora_Q).float().pow(2).sum(1)
+            return whole(self.lora_E).float().pow(2) * p_norm * q_norm
         score_p = self._ipt_P * self._unc_P
         score_e = self._ipt_E * self._unc_E
         score_q = self._ipt_Q * self._unc_Q
@@ -171,7 +171,7 @@ class AdaLoRALinear(AdapterLayer):
 
     @torch.no_grad()
     def apply_mask(self) -> None:
-        self.lora_E.mul_(self.rank_mask.to(self.lora_E.dtype))
+        self.lora_E.mul_(shard_like(self.rank_mask.to(self.lora_E.dtype), self.lora_E))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, kept={self.kept_rank}, alpha={self.alpha}, {super().extra_repr()}"

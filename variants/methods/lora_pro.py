@@ -38,7 +38,7 @@ from torch import nn
 
 from schema import knob
 
-from ..base import layers_of, register_variant
+from ..base import layers_of, register_variant, shard_like, whole
 from .lora import LoRA, LoRALinear, LoRASettings
 
 MODES = ("full", "efficient")
@@ -122,9 +122,9 @@ class LoRAPro(LoRA):
         layers = layers_of(model)
         if self.mode == "efficient":
             for layer in (l for l in layers.values() if l.lora_A.grad is not None and l.lora_B.grad is not None):
-                layer.lora_A.grad, layer.lora_B.grad = (g.to(p.dtype) for g, p in zip(projected_gradients(
-                    layer.lora_A, layer.lora_B, layer.lora_A.grad, layer.lora_B.grad, layer.scaling, self.x_mode),
-                    (layer.lora_A, layer.lora_B)))
+                a, b, g_a, g_b = (whole(t) for t in (layer.lora_A, layer.lora_B, layer.lora_A.grad, layer.lora_B.grad))
+                layer.lora_A.grad, layer.lora_B.grad = (shard_like(g.to(p.dtype), p) for g, p in zip(
+                    projected_gradients(a, b, g_a, g_b, layer.scaling, self.x_mode), (layer.lora_A, layer.lora_B)))
             return {}
         return self._full_adamw_step(layers, optimizer, lr)
 
@@ -137,10 +137,15 @@ class LoRAPro(LoRA):
         for name, layer in layers.items():
             group = group_of[id(layer.lora_A)]
             (beta1, beta2), eps, decay = group["betas"], group["eps"], group["weight_decay"]
-            a, b, s = layer.lora_A, layer.lora_B, layer.scaling
-            if a.grad is None or b.grad is None:  # a layer this step did not reach: no step, as the authors' code
+            s = layer.scaling
+            # a layer this step did not reach takes no step, as in the authors' code
+            if layer.lora_A.grad is None or layer.lora_B.grad is None:
                 continue
-            g_a, g_b = projected_gradients(a, b, a.grad, b.grad, s, "zero")  # X cancels in g̃
+            # under FSDP every process gathers the whole factors and gradients, computes the same
+            # step, and takes its own shard of it
+            a, b, grad_a, grad_b = (whole(t) for t in (layer.lora_A, layer.lora_B, layer.lora_A.grad,
+                                                       layer.lora_B.grad))
+            g_a, g_b = projected_gradients(a, b, grad_a, grad_b, s, "zero")  # X cancels in g̃
             full = equivalent_gradient(a, b, g_a, g_b, s)
             dtype = MOMENT_DTYPES[self.moment_dtype]
             exp_avg, exp_avg_sq = self.moments.setdefault(name, (torch.zeros_like(full, dtype=dtype),
@@ -151,13 +156,14 @@ class LoRAPro(LoRA):
                          / ((exp_avg_sq.float() / (1 - beta2 ** self.adam_step)).sqrt() + eps))
             step_a, step_b = projected_gradients(a, b, s * b.float().t() @ direction, s * direction @ a.float().t(),
                                                  s, self.x_mode)
+            a, b = layer.lora_A, layer.lora_B  # (FSDP: this process's shards)
             if decay:
                 a.mul_(math.sqrt(1 - decay * lr))
                 b.mul_(math.sqrt(1 - decay * lr))
                 layer.base.weight.mul_(1 - decay * lr)
                 self.decayed_base = True
-            a.sub_(lr * step_a.to(a.dtype))
-            b.sub_(lr * step_b.to(b.dtype))
+            a.sub_(shard_like(lr * step_a.to(a.dtype), a))
+            b.sub_(shard_like(lr * step_b.to(b.dtype), b))
             a.grad, b.grad = None, None  # stepped here: the optimizer skips a parameter without a gradient
         return {}
 

@@ -101,7 +101,12 @@ def quantize_linear(
         layer.support_avx512bf16_for_cpu = False
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
-    return layer.to(device)  # bitsandbytes quantizes on the move to a device
+    layer = layer.to(device)  # bitsandbytes quantizes on the move to a device
+    if quant_type != "int8":
+        # Kept on the layer too: under FSDP the packed codes are sharded as a plain tensor, which
+        # drops the state, and bitsandbytes' forward takes it back from here.
+        layer.quant_state = layer.weight.quant_state
+    return layer
 
 
 def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
@@ -140,9 +145,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> None
 def quantized_bytes(layer: nn.Linear) -> int:
     """Bytes of a quantized layer's weight: packed codes plus every quantization constant."""
     bnb, weight = _bnb(), layer.weight
-    size = weight.data.numel() * weight.data.element_size()
+    size = weight.numel() * weight.element_size()  # (under FSDP: of the whole, not this process's shard)
     if isinstance(layer, bnb.nn.Linear4bit):
-        state = weight.quant_state.as_dict(packed=False)
+        state = (getattr(weight, "quant_state", None) or layer.quant_state).as_dict(packed=False)
         size += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     elif isinstance(layer, bnb.nn.Linear8bitLt):
         size += weight.SCB.numel() * weight.SCB.element_size()
