@@ -62,6 +62,9 @@ def _between_groups(run: Run) -> list[str]:
         example = "model=smollm2" if task_type == "causal_lm" else "model=minilm"
         return [(f"task={run.task.name} is a {task_type} task but the model is model.type={run.model.type} "
                  f"({run.model.name_or_path}); allowed: a {task_type} model, e.g. {example}")]
+    if run.trainer.strategy == "fsdp" and getattr(run.variant, "quant_type", None) == "int8":
+        return [("variant.quant_type=int8 cannot be sharded by trainer.strategy=fsdp (bitsandbytes keeps the int8 "
+                 "scales on the weight tensor, which sharding replaces); allowed there: nf4, fp4")]
     return []
 
 

@@ -113,10 +113,14 @@ class Trainer:
                                         "completes); null: none", within=">= 1")
 
     def rules(self, prefix: str) -> list[str]:
+        found = []
         if self.max_steps is None and self.epochs is None:
-            return [(f"{prefix}.max_steps=None and {prefix}.epochs=None: the run needs a length; allowed: "
-                     f"{prefix}.max_steps an integer >= 1, or {prefix}.epochs a number > 0")]
-        return []
+            found.append(f"{prefix}.max_steps=None and {prefix}.epochs=None: the run needs a length; allowed: "
+                         f"{prefix}.max_steps an integer >= 1, or {prefix}.epochs a number > 0")
+        if self.strategy == "fsdp" and self.optimizer not in ("auto", "adamw"):
+            found.append(f"{prefix}.optimizer={self.optimizer} cannot step parameters sharded by {prefix}.strategy=fsdp "
+                         "(bitsandbytes sizes its state from the whole tensor); allowed there: auto, adamw")
+        return found
 
 
 @dataclass

@@ -169,3 +169,16 @@ def test_the_knobs_page_is_the_schemas():
     written = subprocess.run([sys.executable, "-m", "schema.docs"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout
     assert (ROOT / "docs" / "knobs.md").read_text() == written, "run: python -m schema.docs > docs/knobs.md"
+
+
+def test_what_fsdp_cannot_shard_is_refused_in_one_line():
+    """bitsandbytes' paged optimizers size their state from the whole tensor, and its int8 layer
+    keeps its scales on the weight tensor that sharding replaces."""
+    for overrides, expected in (
+        (["trainer.optimizer=paged_adamw_32bit"], "trainer.optimizer=paged_adamw_32bit cannot step parameters"),
+        (["variant=qlora", "variant.quant_type=int8"], "variant.quant_type=int8 cannot be sharded"),
+    ):
+        with pytest.raises(ConfigError, match="^" + expected) as err:
+            check_overrides([*overrides, "trainer.strategy=fsdp"], CONF)
+        assert "\n" not in str(err.value) and "allowed there" in str(err.value)
+        check_overrides([*overrides, "trainer.strategy=ddp"], CONF)

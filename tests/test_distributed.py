@@ -107,6 +107,9 @@ AGAINST_DDP = {
     # quantization state back from the layer. Its CPU kernel on half batches differs from the
     # whole batch's by float noise that AdamW's first steps turn into 5e-5 (DDP's too).
     "qlora": ["variant=qlora"],
+    # A bf16 base: the task head that trains is cast to fp32 before sharding fixes each dtype,
+    # and the frozen bf16 weights are gathered beside fp32 ones (bf16 autocast: DDP's noise too).
+    "bf16_base": ["model.dtype=bfloat16"],
 }
 
 

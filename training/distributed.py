@@ -158,6 +158,9 @@ def shard(model: nn.Module) -> nn.Module:
         if type(module).__name__ in blocks and module is not model:
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    # transformers' generate then keeps every process stepping until all have finished, so the
+    # gathers stay in step even if one process's sequences end earlier
+    model._is_fsdp_managed_module = True
     return model
 
 
@@ -174,12 +177,17 @@ def reshard(model: nn.Module) -> None:
         model.reshard()
 
 
+NO_STATE = "no_state_yet"  # an FSDP checkpoint's optimizer entry before the optimizer's first step
+
+
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """What a checkpoint keeps of the optimizer: its ``state_dict()``; under FSDP the whole
     state, gathered from the shards onto rank 0's CPU (keyed by parameter name; empty on the
     other ranks). A collective under FSDP."""
     if not is_sharded(model):
         return optimizer.state_dict()
+    if not optimizer.state:  # (torch would first take a zero step to create the state: a changed optimizer)
+        return {NO_STATE: True}
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                  cpu_offload=True))
 
@@ -189,6 +197,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sav
     checkpoint; under FSDP each keeps its own shard of it)."""
     if not is_sharded(model):
         optimizer.load_state_dict(saved)
+        return
+    if saved.get(NO_STATE):
         return
     set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
 

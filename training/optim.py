@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 import variants
@@ -67,7 +68,8 @@ def build(cfg, model: nn.Module, total_steps: int, device: torch.device, done_st
     fp32_masters([p for _, p in named])
     method = variants.variant_of(model)
     lr = method.learning_rate(cfg.lr)
-    name = resolve_optimizer(cfg.get("optimizer", "auto"), model, device)
+    name = resolve_optimizer(cfg.get("optimizer", "auto"), model, device, sharded=any(
+        isinstance(p, DTensor) for _, p in named))
     groups = param_groups(named, cfg.weight_decay, cfg.get("weight_decay_on", "matrices"),
                           method.learning_rate_scale)
     optimizer = make_optimizer(name, groups, lr)
@@ -85,6 +87,8 @@ def fp32_masters(params: Sequence[nn.Parameter]) -> None:
     A model with low-precision weights therefore trains under autocast (``device.for_weights``)."""
     for p in params:
         if p.dtype in (torch.float16, torch.bfloat16):
+            if isinstance(p, DTensor):  # FSDP fixed its dtype when it sharded it: the trainer casts before
+                raise RuntimeError("a 16-bit parameter that trains was sharded before its cast to fp32")
             p.data = p.data.float()
 
 
@@ -104,12 +108,13 @@ def param_groups(named: Sequence[tuple[str, nn.Parameter]], weight_decay: float,
     return [{**group, "weight_decay": decay, "lr_scale": scale} for (decay, scale), group in groups.items()]
 
 
-def resolve_optimizer(name: str, model: nn.Module, device: torch.device) -> str:
+def resolve_optimizer(name: str, model: nn.Module, device: torch.device, sharded: bool = False) -> str:
     """``auto``: the variant's preferred optimizer on CUDA (QLoRA's paged AdamW), AdamW
-    elsewhere. A paged optimizer needs CUDA: asked for by name elsewhere, the run says so and
-    uses plain AdamW."""
+    elsewhere and under FSDP (``sharded``: bitsandbytes' optimizers size their state from the
+    whole tensor, not the shard). A paged optimizer needs CUDA: asked for by name elsewhere, the
+    run says so and uses plain AdamW (under FSDP the schema refuses it)."""
     if name == "auto":
-        return variants.variant_of(model).paper_optimizer if device.type == "cuda" else "adamw"
+        return variants.variant_of(model).paper_optimizer if device.type == "cuda" and not sharded else "adamw"
     if name != "adamw" and device.type != "cuda":
         log.warning("trainer.optimizer=%s needs CUDA; using plain AdamW on %s", name, device)
         return "adamw"

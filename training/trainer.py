@@ -135,6 +135,7 @@ def train(
 
     if resume is not None:
         checkpoint.load_model_state(raw_model, resume["model"])  # whole tensors: before any sharding
+    optim.fp32_masters([p for p in raw_model.parameters() if p.requires_grad])  # before sharding fixes dtypes
     model = distributed.wrap(raw_model, runtime.context, cfg.strategy)  # under fsdp: raw_model, sharded
     if resume is None:
         state, opt = TrainState.start(runtime.device), new_optimization(0)
@@ -142,6 +143,7 @@ def train(
         if plan.forgetting is not None:  # the model as it starts: what forgetting is measured against
             with _own_random_numbers(runtime):
                 state.forgetting_reference = plan.forgetting.reference(raw_model, runtime)
+            distributed.reshard(raw_model)
         state.begin_phase(opt.peak_lr, opt.optimizer_name)
     else:
         state, opt = checkpoint.restore(resume, raw_model, new_optimization, runtime.device, runtime.context.rank)
@@ -215,9 +217,9 @@ def _save_checkpoint(path: Path | None, raw_model: nn.Module, opt: optim.Optimiz
     the RNG states, and under FSDP the model's and optimizer's shards."""
     rng_states = distributed.gather_to_main(checkpoint.rng_state(runtime.device), runtime.context)
     sharded = distributed.is_sharded(raw_model)
-    if path is None and not sharded:
+    if path is None and not sharded:  # a DDP process other than rank 0: nothing more to join
         return
-    model_state = checkpoint.model_state(raw_model)
+    model_state = checkpoint.model_state(raw_model)  # under FSDP both are gathers every process joins
     optimizer_state = distributed.optimizer_state(raw_model, opt.optimizer)
     if path is not None:
         wandb_id = tracker.wandb_run.id if tracker.wandb_run is not None else None

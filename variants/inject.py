@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from schema import ConfigError
@@ -92,22 +91,31 @@ def _check_full_precision(model: nn.Module, module: nn.Module, train_modules: Se
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a 4-bit weight counts its logical elements."""
-    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in model.parameters())
+    logical = _logical_sizes(model)
+    trainable = sum(logical.get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(logical.get(id(p), p.numel()) for p in model.parameters())
     return trainable, total
 
 
 def count_trainable_in(model: nn.Module, names: Sequence[str]) -> int:
     """Trainable parameters inside the modules ``names`` selects (e.g. the task head), each
     counted once."""
+    logical = _logical_sizes(model)
     params = {id(p): p for m in modules_named(model, names) for p in m.parameters() if p.requires_grad}
-    return sum(_numel(p) for p in params.values())
+    return sum(logical.get(i, p.numel()) for i, p in params.items())
 
 
-def _numel(p: torch.Tensor) -> int:
-    # bitsandbytes packs two 4-bit values per byte; the original shape is in its quant_state.
-    quant_state = getattr(p, "quant_state", None)
-    return quant_state.shape.numel() if quant_state is not None else p.numel()
+def _logical_sizes(model: nn.Module) -> dict[int, int]:
+    """``{id(weight): elements}`` of the 4-bit weights: bitsandbytes packs two values per byte, and
+    the original shape is in the quantization state (the weight's own, or, once FSDP has sharded
+    the weight, the one the layer keeps)."""
+    sizes = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+        if weight is not None and state is not None:
+            sizes[id(weight)] = state.shape.numel()
+    return sizes
 
 
 def adapter_report(model: nn.Module) -> dict[str, Any]:

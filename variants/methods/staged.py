@@ -109,8 +109,9 @@ class Staged(LoRA):
         self._set_phase(model, full=state["full_phase"])
 
     def state_to_save(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every weight of the model: the full phase changed them all."""
-        return dict(model.state_dict())
+        """Every weight of the model: the full phase changed them all (the tensors themselves, so
+        that a tied weight is recognised as one, also when FSDP has sharded it)."""
+        return dict(model.state_dict(keep_vars=True))
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         return {"switch_step": self.switch_step, "full_fraction": self.full_fraction, "full_lr": self.full_lr}
