@@ -136,7 +136,7 @@ def train(
     if resume is not None:
         checkpoint.load_model_state(raw_model, resume["model"])  # whole tensors: before any sharding
     optim.fp32_masters([p for p in raw_model.parameters() if p.requires_grad])  # before sharding fixes dtypes
-    model = distributed.wrap(raw_model, runtime.context, cfg.strategy)  # under fsdp: raw_model, sharded
+    model = distributed.wrap(raw_model, runtime.context, cfg.get("strategy", "ddp"))  # under fsdp: raw_model, sharded
     if resume is None:
         state, opt = TrainState.start(runtime.device), new_optimization(0)
         state.initialization = initialization
@@ -195,7 +195,7 @@ def train(
                                        f"{plan.selection.eval_set}/{plan.selection.metric}")
             if not last and not opt.covers(raw_model):  # a variant changed what trains (staged's switch)
                 opt = new_optimization(state.step)
-                model = distributed.wrap(raw_model, runtime.context, cfg.strategy)  # a new DDP (FSDP: as is)
+                model = distributed.wrap(raw_model, runtime.context, cfg.get("strategy", "ddp"))  # a new DDP (FSDP: as is)
                 state.begin_phase(opt.peak_lr, opt.optimizer_name)
                 if main:
                     progress.write(f"after step {state.step}: the trainable parameters changed, phase {state.phase} starts")
