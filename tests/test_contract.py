@@ -9,7 +9,7 @@ import torch
 
 import variants
 
-ADAPTERS = ["lora", "dora", "qlora", "adalora", "staged", "lora_ga", "lora_pro", "pissa", "milora", "eva"]
+ADAPTERS = ["lora", "dora", "qlora", "adalora", "staged", "lora_ga", "lora_pro", "pissa", "milora", "eva", "olora"]
 
 
 def training_stand_in(model):

@@ -9,6 +9,7 @@ from .lora_ga import LoRAGA
 from .lora_pro import LoRAPro
 from .milora import MiLoRA
 from .offset import OffsetLoRA, OffsetLoRALinear
+from .olora import OLoRA
 from .pissa import PiSSA
 from .qlora import QLoRA, QLoRALinear
 from .staged import Staged
@@ -25,6 +26,7 @@ __all__ = [
     "LoRALinear",
     "LoRAPro",
     "MiLoRA",
+    "OLoRA",
     "OffsetLoRA",
     "OffsetLoRALinear",
     "PiSSA",

@@ -156,6 +156,14 @@ class DoRASettings(LoRASettings):
                             "V = W0 + (α/r)·B·A never formed) | direct (V formed, as the paper's code and peft; "
                             "kept for one release)", choices=COLUMN_NORMS)
 
+    def rules(self, prefix: str) -> list[str]:
+        """LoRA-FA's projected gradient assumes ΔW = s·B·A; DoRA's normalisation breaks that."""
+        key = f"{prefix}." if prefix else ""
+        if self.freeze_a and self.fa_gradient == "projected":
+            return [(f"{key}fa_gradient=projected assumes ΔW = s·B·A, which DoRA's normalisation breaks: with "
+                     f"{key}freeze_a=true DoRA takes {key}fa_gradient=plain")]
+        return []
+
 
 @register_variant("dora")
 class DoRA(LoRA):

@@ -13,6 +13,9 @@ tensor scaled by 1/(1 − p), and x' is rebuilt with the scaled value the mask h
 gradients and the random stream are the plain path's bit for bit (tests/test_lean_dropout.py). On
 CUDA it is ``torch.native_dropout``, the fused kernel ``nn.Dropout`` runs, and x' is rebuilt with
 its backward, ``native_dropout_backward``: not checked on a GPU here.
+
+With A frozen (LoRA-FA's ``freeze_a``) it keeps the bool mask alone: x's gradient needs A and the
+mask, not x.
 """
 
 from __future__ import annotations
@@ -60,7 +63,10 @@ class DroppedDownProjection(torch.autograd.Function):
         dropped, keep, ctx.kept = dropout_with_mask(x, p)
         if not ctx.needs_input_grad[0]:  # x' then leads back to nothing: no gradient computed for it
             ctx.mark_non_differentiable(dropped)
-        ctx.save_for_backward(x, keep, weight)
+        # A frozen (LoRA-FA): x is needed for A's gradient only, so it is not kept. x's gradient is
+        # linear in x, so backward runs the same ops on a stand-in of zeros (no memory: stride 0).
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, keep, weight)
+        ctx.x_like = (x.shape, x.dtype, x.device)
         ctx.p, ctx.scaling = p, scaling
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
@@ -73,6 +79,9 @@ class DroppedDownProjection(torch.autograd.Function):
         needs_x, needs_weight = ctx.needs_input_grad[:2]
         device, autocast, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=autocast):
+            if x is None:
+                shape, dtype, where = ctx.x_like
+                x = torch.zeros((), dtype=dtype, device=where).expand(shape)
             x_ = x.detach().requires_grad_(needs_x)
             weight_ = weight.detach().requires_grad_(needs_weight)
             dropped = rebuild(x_, keep, ctx.kept, ctx.p)

@@ -18,6 +18,21 @@ rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning
 its factors' gradients shrink as r grows, so a rank-64 adapter learns like a rank-8 one; the
 paper's §3 shows the adapters stay rank-stabilized (activations and gradients Θ(1) in r) if and
 only if the factor is Θ(1/√r). A knob of every variant of the LoRA family.
+
+LoRA-FA (Zhang et al. 2023, "LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language
+Models Fine-tuning", arXiv 2308.03303): ``freeze_a`` keeps A at its start and trains B alone, so
+ΔW = s·B·A stays in the row space A spans. A's gradient is the only one that needs the layer's
+input x ``(..., d_in)``; without it backward keeps A·x ``(..., r)`` instead (the paper's saving
+in activation memory). With A frozen, B's gradient s·G·Aᵀ (G = ∂L/∂W) moves ΔW by s·ΔB·A, which
+is not full fine-tuning's step in that space; the optimizer in peft, ``create_lorafa_optimizer``
+(which cites the paper), rescales it to the least-squares best one:
+
+    g_B ← g_B·(A·Aᵀ)⁻¹ / s²,    so that s·ΔB·A = −η·G·Aᵀ·(A·Aᵀ)⁻¹·A, G projected on A's rows.
+
+That is the default (``fa_gradient="projected"``, before the AdamW step, as there); ``"plain"``
+keeps B's own gradient, plain AdamW on B as the paper's 2023 text describes. A knob of every
+variant of the LoRA family whose ΔW is s·B·A up to a constant (DoRA's normalisation is not:
+it takes ``plain`` only; LoRA-Pro replaces A's gradient and refuses ``freeze_a``).
 """
 
 from __future__ import annotations
@@ -32,12 +47,13 @@ from torch import nn
 
 from schema import knob
 
-from ..base import AdapterLayer, AdapterVariant, adapter_dtype, register_variant
+from ..base import AdapterLayer, AdapterVariant, adapter_dtype, layers_of, register_variant, shard_like, whole
 from . import lean_dropout
 
 A_INITS = ("kaiming", "gaussian")
 LR_RATIO_ON = ("b_and_vectors", "b_only")
 SCALINGS = ("standard", "rslora")
+FA_GRADIENTS = ("projected", "plain")
 
 
 def lora_scaling(alpha: float, rank: int, rule: str = "standard") -> float:
@@ -139,6 +155,11 @@ class LoRASettings:
     lean_backward: bool = knob(True, "with adapter dropout, keep for backward the layer's input (shared by the layers "
                                "that read it) and a bool mask instead of the dropped copy and a float mask (the same "
                                "gradients); false: the plain formulation, as peft (kept for one release)")
+    freeze_a: bool = knob(False, "LoRA-FA: A stays at its start and B alone trains; backward keeps A·x (r per token) "
+                          "instead of the layer's input x")
+    fa_gradient: str = knob("projected", "with freeze_a, B's gradient: projected (g_B·(A·Aᵀ)⁻¹/s², the least-squares "
+                            "match of full fine-tuning's step, as peft's create_lorafa_optimizer) | plain (B's own "
+                            "gradient, the paper's 2023 text)", choices=FA_GRADIENTS)
 
 
 @register_variant("lora")
@@ -149,10 +170,11 @@ class LoRA(AdapterVariant):
     Settings = LoRASettings
 
     def __init__(self, rank: int, alpha: float, *, dropout: float, init: str, lr_ratio: float | None,
-                 lr_ratio_on: str, scaling: str, lean_backward: bool) -> None:
+                 lr_ratio_on: str, scaling: str, lean_backward: bool, freeze_a: bool, fa_gradient: str) -> None:
         super().__init__(rank, alpha)
         self.dropout, self.init, self.lr_ratio, self.lr_ratio_on = dropout, init, lr_ratio, lr_ratio_on
         self.scaling_rule, self.lean_backward = scaling, lean_backward
+        self.freeze_a, self.fa_gradient = freeze_a, fa_gradient
 
     def layer_settings(self) -> dict[str, Any]:
         """The keyword arguments every layer of the LoRA family takes."""
@@ -161,6 +183,26 @@ class LoRA(AdapterVariant):
 
     def new_layer(self, base: nn.Linear) -> LoRALinear:
         return LoRALinear(base, self.rank, self.alpha, **self.layer_settings())
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The adapter layers' parameters; with ``freeze_a`` (LoRA-FA) all but A."""
+        return [p for layer in layers_of(model).values() for p in layer.adapter_parameters()
+                if not (self.freeze_a and p is layer.lora_A)]
+
+    def transform_gradients(self, model: nn.Module, optimizer: torch.optim.Optimizer, lr: float) -> dict[str, float]:
+        """LoRA-FA's projected gradient: g_B ← g_B·(A·Aᵀ + δI)⁻¹ / s² (δ = 1e-8, as peft's, for an A
+        whose rows are dependent); nothing unless ``freeze_a`` with ``fa_gradient="projected"``."""
+        if not (self.freeze_a and self.fa_gradient == "projected"):
+            return {}
+        for layer in layers_of(model).values():
+            grad = layer.lora_B.grad
+            if grad is None:
+                continue
+            down = whole(layer.lora_A).detach().float()  # (r, d_in); frozen, whole under FSDP
+            gram = down @ down.t() + 1e-8 * torch.eye(down.shape[0], device=down.device)  # (r, r)
+            projected = whole(grad).float() @ torch.linalg.pinv(gram) / layer.scaling ** 2  # (d_out, r)
+            grad.copy_(shard_like(projected.to(grad.dtype), grad))
+        return {}
 
     def learning_rate_scale(self, name: str, parameter: nn.Parameter) -> float:
         """LoRA+: λ for B (and, by default, for every trainable vector); 1 for the rest."""

@@ -96,10 +96,14 @@ class LoRAProSettings(LoRASettings):
     def rules(self, prefix: str) -> list[str]:
         """LoRA+'s rate ratio needs the ordinary optimizer: in full mode LoRA-Pro steps A and B itself."""
         key = f"{prefix}." if prefix else ""
+        found = []
         if self.mode == "full" and self.lr_ratio is not None:
-            return [(f"{key}lr_ratio (LoRA+) needs {key}mode=efficient: in full mode LoRA-Pro takes A's and B's "
-                     "steps itself")]
-        return []
+            found.append(f"{key}lr_ratio (LoRA+) needs {key}mode=efficient: in full mode LoRA-Pro takes A's and B's "
+                         "steps itself")
+        if self.freeze_a:
+            found.append(f"{key}freeze_a=true (LoRA-FA) cannot combine with LoRA-Pro, which replaces A's gradient "
+                         "too; allowed: false")
+        return found
 
 
 @register_variant("lora_pro")
