@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = analyse(args.runs, args.modules, args.seed)
-    except ConfigError as err:
+    except (ConfigError, NotImplementedError) as err:  # NotImplementedError: a variant without low-rank factors
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not rows:

@@ -53,6 +53,7 @@ from training.optim import make_optimizer, param_groups
 ARCHS = ("minilm", "roberta-base", "llama-1b", "smollm2")
 HEADS = {"minilm": "classifier", "roberta-base": "classifier", "llama-1b": "score", "smollm2": None}  # None: a causal LM
 LR = 1e-4  # every configuration's peak rate (speed does not depend on it)
+VERA_RANK = 256  # VeRA's r in vera-qv: peft's default (its paper: 1024 on RoBERTa-base); the --rank is LoRA's
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]  # --clock cpu: the process's CPU time, for a machine other jobs share
 
@@ -191,6 +192,14 @@ def configurations(base: nn.Module, qv: list[str], head: str, args, total_steps:
         "pissa-qv": lambda: hooked("pissa-qv", ours(base, "pissa", qv, r, p, head)),
         "milora-qv": lambda: hooked("milora-qv", ours(base, "milora", qv, r, p, head)),
         "eva-qv": lambda: hooked("eva-qv", ours(base, "eva", qv, r, p, head)),
+        "olora-qv": lambda: hooked("olora-qv", ours(base, "olora", qv, r, p, head)),
+        "lora_fa-qv": lambda: hooked("lora_fa-qv", ours(base, "lora", qv, r, p, head, freeze_a=True)),
+        "lora_fa-all": lambda: hooked("lora_fa-all", ours(base, "lora", "all-linear", r, p, head, share, freeze_a=True)),
+        "corda-qv": lambda: hooked("corda-qv", ours(base, "corda", qv, r, p, head)),
+        "loftq-qv": lambda: hooked("loftq-qv", ours(base, "qlora", qv, r, p, head, init="loftq")),
+        "vera-qv": lambda: hooked("vera-qv", ours(base, "vera", qv, VERA_RANK, p, head)),
+        "hira-qv": lambda: hooked("hira-qv", ours(base, "hira", qv, r, p, head)),
+        "gralora-qv": lambda: hooked("gralora-qv", ours(base, "gralora", qv, r, p, head)),
     }
 
 
@@ -384,6 +393,15 @@ RATIOS = {
     "pissa-qv / lora-qv": ("pissa-qv", "lora-qv"),
     "milora-qv / lora-qv": ("milora-qv", "lora-qv"),
     "eva-qv / lora-qv": ("eva-qv", "lora-qv"),
+    "olora-qv / lora-qv": ("olora-qv", "lora-qv"),
+    "lora_fa-qv / lora-qv": ("lora_fa-qv", "lora-qv"),
+    "lora_fa-all / lora-all": ("lora_fa-all", "lora-all"),
+    "corda-qv / lora-qv": ("corda-qv", "lora-qv"),
+    "loftq-qv / lora-qv": ("loftq-qv", "lora-qv"),
+    "loftq-qv / qlora-qv": ("loftq-qv", "qlora-qv"),
+    "vera-qv / lora-qv": ("vera-qv", "lora-qv"),
+    "hira-qv / lora-qv": ("hira-qv", "lora-qv"),
+    "gralora-qv / lora-qv": ("gralora-qv", "lora-qv"),
     "dora-all / lora-all": ("dora-all", "lora-all"),
     "dora-all / peft-dora-all": ("dora-all", "peft-dora-all"),
     "peft-dora-all / peft-lora-all": ("peft-dora-all", "peft-lora-all"),
@@ -399,6 +417,15 @@ MEMORY_RATIOS = {
     "saved: lora-all-plain / peft-lora-all": ("saved_mb", "lora-all-plain", "peft-lora-all"),
     "saved: dora-all / peft-dora-all": ("saved_mb", "dora-all", "peft-dora-all"),
     "saved: dora-all / lora-all": ("saved_mb", "dora-all", "lora-all"),
+    "saved: lora_fa-qv / lora-qv": ("saved_mb", "lora_fa-qv", "lora-qv"),
+    "saved: lora_fa-all / lora-all": ("saved_mb", "lora_fa-all", "lora-all"),
+    "memory: lora_fa-all / lora-all": ("memory_mb", "lora_fa-all", "lora-all"),
+    "memory: vera-qv / lora-qv": ("memory_mb", "vera-qv", "lora-qv"),
+    "memory: hira-qv / lora-qv": ("memory_mb", "hira-qv", "lora-qv"),
+    "memory: gralora-qv / lora-qv": ("memory_mb", "gralora-qv", "lora-qv"),
+    "memory: corda-qv / lora-qv": ("memory_mb", "corda-qv", "lora-qv"),
+    "memory: olora-qv / lora-qv": ("memory_mb", "olora-qv", "lora-qv"),
+    "memory: loftq-qv / qlora-qv": ("memory_mb", "loftq-qv", "qlora-qv"),
 }
 
 

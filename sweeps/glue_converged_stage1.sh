@@ -7,6 +7,7 @@
 # docs/results/glue_converged/runs/<sweep>/<job>/ for committing. Stage 2: glue_converged_stage2.sh.
 #
 #   bash sweeps/glue_converged_stage1.sh stsb & bash sweeps/glue_converged_stage1.sh mrpc &   # 2 cores
+#   bash sweeps/glue_converged_stage1.sh stsb added     # the methods added by issue 37, later rows
 #
 # Run it from the root of the checkout whose code should train (every run of one study from the
 # same commit: a config key added later would make compare.py refuse to mix them); RESULTS_DIR
@@ -25,6 +26,16 @@ sweep() {  # name, overrides...
   echo "$(date -Is) end $name rc=$?"
   copy "$name"
 }
-sweep full_lora variant=full,lora
-sweep lora_all_linear variant=lora variant.targets=all-linear lr_grid_of=lora_all_linear
-sweep head_dora_adalora_pissa variant=head,dora,adalora,pissa
+case ${2:-first} in
+  first)
+    sweep full_lora variant=full,lora
+    sweep lora_all_linear variant=lora variant.targets=all-linear lr_grid_of=lora_all_linear
+    sweep head_dora_adalora_pissa variant=head,dora,adalora,pissa ;;
+  added)
+    sweep olora_corda_gralora_hira variant=olora,corda,gralora,hira
+    sweep lora_fa variant=lora variant.freeze_a=true lr_grid_of=lora_fa
+    sweep vera variant=vera rank=1024
+    sweep qlora variant=qlora
+    sweep loftq variant=qlora variant.init=loftq lr_grid_of=loftq ;;
+  *) echo "usage: $0 TASK [first|added]" >&2; exit 2 ;;
+esac

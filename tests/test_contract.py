@@ -9,7 +9,8 @@ import torch
 
 import variants
 
-ADAPTERS = ["lora", "dora", "qlora", "adalora", "staged", "lora_ga", "lora_pro", "pissa", "milora", "eva", "olora"]
+ADAPTERS = ["lora", "dora", "qlora", "adalora", "staged", "lora_ga", "lora_pro", "pissa", "milora", "eva", "olora", "vera",
+            "hira", "gralora", "corda"]
 
 
 def training_stand_in(model):

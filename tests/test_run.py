@@ -140,7 +140,16 @@ LEARN = ["task.train_size=1280", "task.eval_size=300", "trainer.max_steps=150", 
     # from the inputs' principal components (EVA 0.92 at 1e-3), and rsLoRA's α/√r (0.95 at 1e-3).
     ["variant=pissa", "trainer.lr=1e-3"], ["variant=milora", "trainer.lr=3e-3"], ["variant=eva", "trainer.lr=1e-3"],
     ["variant=lora", "variant.scaling=rslora", "trainer.lr=1e-3"],
-], ids=["lora_ga", "lora_pro", "lora_pro_efficient", "loraplus", "pissa", "milora", "eva", "rslora"])
+    ["variant=olora", "trainer.lr=1e-3"],
+    # VeRA trains vectors over frozen random A and B, at peft's default r (0.89 at 5e-2, 0.68 at 1e-2).
+    ["variant=vera", "rank=256", "trainer.lr=5e-2"],
+    # HiRA moves each weight by a fraction B·A of itself (0.98 at 3e-2, 0.82 at 1e-2, 0.70 at 3e-3);
+    # GraLoRA at LoRA's smoke rate (0.95 at 3e-3, 0.78 at 1e-3).
+    ["variant=hira", "trainer.lr=3e-2"], ["variant=gralora", "trainer.lr=3e-3"],
+    # CorDA's instruction-previewed start on its training batches' covariance (0.92 at 1e-3).
+    ["variant=corda", "trainer.lr=1e-3"],
+], ids=["lora_ga", "lora_pro", "lora_pro_efficient", "loraplus", "pissa", "milora", "eva", "rslora", "olora", "vera",
+        "hira", "gralora", "corda"])
 def test_data_guided_variants_learn_the_smoke_task_through_run_py(tmp_path, settings):
     run_dir = tmp_path / "run"
     result = run_py(*LEARN, *settings, f"hydra.run.dir={run_dir}")
@@ -155,8 +164,13 @@ def test_data_guided_variants_learn_the_smoke_task_through_run_py(tmp_path, sett
     elif "variant=eva" in settings:  # ranks redistributed under the budget of rank 8 on 12 layers
         ranks = summary["initialization"]["ranks"]
         assert sum(ranks.values()) == 96 and len(set(ranks.values())) > 1 and summary["initialization"]["batches"] > 1
+    elif "variant=corda" in settings:  # 8 training batches of 16: the covariance of 128 samples
+        assert summary["initialization"]["batches"] == 8 and summary["initialization"]["samples_per_process"] == 128
     else:
         assert summary["initialization"] == {}
+    if "variant.init=loftq" in settings:  # the start nearer W0 than NF4 alone, in every layer
+        per_layer = summary["adapter_report"]["loftq"]["relative_error_per_layer"]
+        assert len(per_layer) == 37 and all(e["start"] < e["quantized"] for e in per_layer.values())
     log = (run_dir / "run.log").read_text()
     if "variant.lr_ratio=16" in settings:  # B (and the vectors) in their own AdamW group at 16x
         assert "13 tensors at weight decay 0, rate x1; 13 tensors at weight decay 0, rate x16" in log, log

@@ -267,3 +267,24 @@ def test_started_variants_compare_the_update_not_the_shared_start(tmp_path):
 def test_amplification_labels_runs_of_one_name_by_their_sweep(tmp_path):
     runs = [tmp_path / "lora_stsb" / "r8_s0", tmp_path / "pissa_stsb" / "r8_s0", tmp_path / "pissa_stsb" / "r64_s0"]
     assert run_labels(runs) == ["lora_stsb/r8_s0", "pissa_stsb/r8_s0", "r64_s0"]
+
+
+@pytest.mark.parametrize("variant", ["vera", "hira", "gralora"])
+def test_variants_without_low_rank_factors_are_one_line_in_both_analyses(minilm, tmp_path, capsys, variant):
+    """VeRA (A and B not saved), HiRA (ΔW = W0 ⊙ B·A, full rank) and GraLoRA (k × k blocks) give no
+    rank-r factors: both analyses say so in one line and exit 2."""
+    import variants
+
+    model, _ = minilm
+    variants.inject_adapters(model, variant, ["query", "value"], rank=4, alpha=8, exclude=["classifier"])
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        variants.save_adapter(model, run / "adapter.safetensors", extra_metadata={"model": "minilm"})
+        runs.append(str(run))
+    assert amplification.main(runs[:1]) == 2
+    assert subspace_overlap.main(runs) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 2, err
+    assert all(f"variant {variant!r} has no low-rank factors" in line for line in err), err

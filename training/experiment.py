@@ -33,6 +33,7 @@ from .data import load_task, make_loader, sft
 from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
 from .forgetting import Probe, build_probe, summarize
+from .knowledge import knowledge_loader
 from .models import load_model, weights_mb
 from .selection import at_best_val, best_eval
 from .tracking import NullTracker, Tracker
@@ -64,6 +65,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     runtime = _setup_runtime(cfg)
     model, tokenizer, adapted, runtime, budget = _setup_model(cfg, runtime)
     train_loader, eval_loaders, evaluator, examples, probe = _setup_data(cfg, tokenizer, runtime)
+    knowledge = _knowledge(cfg, model, tokenizer, runtime)
     plan = plan_run(cfg.trainer, len(train_loader), evaluator, list(eval_loaders), cfg.task.main_metric, probe)
     variants.variant_of(model).check_total_steps(plan.steps)  # a schedule longer than the run fails here, before writing
     resume, run_record = _load_checkpoint(cfg, run_dir, runtime)
@@ -73,7 +75,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
     try:
         state = train(model, train_loader, eval_loaders, plan, cfg.trainer, tracker, runtime,
                       checkpoint_path=run_dir / rundir.CHECKPOINT if main else None, resume=resume,
-                      save_best=_best_state_writer(cfg, run_dir, main), run_record=run_record)
+                      save_best=_best_state_writer(cfg, run_dir, main), run_record=run_record, knowledge=knowledge)
         replica_difference = distributed.max_replica_difference(model, runtime.context)
         summary = _summary(cfg, model, adapted, state, plan, runtime, tracker, group,
                            examples=examples,
@@ -205,6 +207,17 @@ def _setup_data(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, runtime: Ru
         for name, examples in eval_sets.items()
     }
     return Data(train_loader, eval_loaders, ClassifierEvaluator(list(cfg.task.metrics)), examples, probe)
+
+
+def _knowledge(cfg: DictConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, runtime: Runtime
+               ) -> DataLoader | None:
+    """The batches of the texts outside the task that the variant's initialisation reads
+    (``Variant.knowledge_source``, ``training/knowledge.py``); None when it reads none, or will not
+    run (a resume: the checkpoint holds its result; ``init_from``: the adapters start from a file)."""
+    source = variants.variant_of(model).knowledge_source()
+    if source is None or cfg.resume or cfg.init_from:
+        return None
+    return knowledge_loader(source, cfg, tokenizer, runtime.context)
 
 
 def _causal_lm_loaders(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, train_examples: list, eval_sets: dict,

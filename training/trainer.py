@@ -112,6 +112,7 @@ def train(
     resume: dict[str, Any] | None = None,
     save_best: Callable[[nn.Module, int], None] | None = None,
     run_record: dict[str, Any] | None = None,
+    knowledge: DataLoader | None = None,
 ) -> TrainState:
     """Train the parameters that require grad for ``plan.steps`` steps, or until early stopping
     (``plan.selection``); ``cfg`` is the ``trainer`` config group. ``eval_loaders`` is ``{name:
@@ -120,10 +121,11 @@ def train(
     ``cfg.checkpoint_every`` steps; ``resume`` (a loaded checkpoint) continues from it exactly.
     ``save_best(model, step)`` (rank 0, with ``trainer.keep_best``) is called at each new best
     evaluation. ``run_record`` (the resolved config, the resumes' changes) goes into every
-    checkpoint, for the next resume to check against. A non-finite loss raises ``NonFiniteLoss``
-    before its step."""
+    checkpoint, for the next resume to check against. ``knowledge``: the batches of the texts outside
+    the task that the variant's initialisation reads (``Variant.knowledge_source``), or None. A
+    non-finite loss raises ``NonFiniteLoss`` before its step."""
     raw_model = model
-    initialization = _initialize(raw_model, train_loader, runtime) if resume is None else None
+    initialization = _initialize(raw_model, train_loader, runtime, knowledge) if resume is None else None
     method = variants.variant_of(raw_model)
     method.check_total_steps(plan.steps)
     method.on_train_begin(raw_model, plan.steps)
@@ -227,12 +229,14 @@ def _save_checkpoint(path: Path | None, raw_model: nn.Module, opt: optim.Optimiz
                         run_record, strategy="fsdp" if sharded else None)
 
 
-def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime) -> dict[str, Any]:
+def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime,
+                knowledge: DataLoader | None = None) -> dict[str, Any]:
     """The variant's data-driven initialisation (its ``initialize``) on training batches, drawn
     without disturbing the run: the shuffling and the random streams are as they were, so a run
     whose variant initialises from data sees the same batches and dropout masks as one whose
     variant does not. Nothing (an empty report) when the adapters were started from another run's
-    (``init_adapters_from``): it would overwrite what was loaded."""
+    (``init_adapters_from``): it would overwrite what was loaded. ``knowledge`` (one pass) becomes
+    ``InitData.knowledge``."""
     shuffling = train_loader.generator.get_state()
 
     def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -240,7 +244,9 @@ def _initialize(raw_model: nn.Module, train_loader: DataLoader, runtime: Runtime
             return model(**batch).loss
 
     batches = (runtime.to_device(batch) for batch in _batches(train_loader, DataPosition()))
-    data = variants.InitData(batches, task_loss, lambda t: distributed.mean_over_ranks(t, runtime.context))
+    knowledge_batches = None if knowledge is None else (runtime.to_device(batch) for batch in knowledge)
+    data = variants.InitData(batches, task_loss, lambda t: distributed.mean_over_ranks(t, runtime.context),
+                             knowledge_batches)
     with _own_random_numbers(runtime):
         method = variants.variant_of(raw_model)
         report = {} if method.started_from_file else method.initialize(raw_model, data)

@@ -26,6 +26,7 @@ The hooks of a variant, in the order a run meets them (all but ``inject`` and
 
     inject, trainable_parameters      apply the method; say what trains
     check_total_steps                 refuse settings that do not fit the run's length
+    knowledge_source                  texts outside the task that initialize reads (CorDA's KPM)
     initialize                        data-driven initialisation, once, before the first step
     on_train_begin                    reset schedules
     learning_rate, learning_rate_scale   the peak rate of each optimizer, and per parameter
@@ -96,11 +97,15 @@ class InitData:
     """What a data-driven initialisation may use: the run's training batches (on the model's
     device, each one the process's share of a global batch), the task loss of a batch as
     training computes it (autocast included), and a mean over the processes of a data-parallel
-    run (the identity in one process), so that every process reaches the same initialisation."""
+    run (the identity in one process), so that every process reaches the same initialisation.
+    Where the variant names texts outside the task (``Variant.knowledge_source``: CorDA's
+    knowledge-preserved mode), ``knowledge`` is one pass over their batches, batched and placed as
+    the training batches; else None."""
 
     batches: Iterator[dict[str, torch.Tensor]]
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
+    knowledge: Iterator[dict[str, torch.Tensor]] | None = None
 
 
 @dataclasses.dataclass
@@ -200,6 +205,11 @@ class Variant:
         loaded). May run forward and backward passes over ``data.batches``;
         must leave every ``.grad`` as it found it. Returns facts for the run's summary."""
         return {}
+
+    def knowledge_source(self) -> str | None:
+        """Where the texts outside the task come from that ``initialize`` reads as ``InitData.knowledge``
+        (a source ``training/knowledge.py`` reads); None, the default: the method reads none."""
+        return None
 
     def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
         """Called once before the first step of a fresh run (after ``initialize``, and after
@@ -392,8 +402,8 @@ class AdapterVariant(Variant):
             raise ConfigError(f"variant={self.name!r} needs variant.targets (the layers to adapt)")
         names = find_target_modules(model, targets, exclude)
         modules = dict(model.named_modules())
-        max_rank = min(min(modules[n].in_features, modules[n].out_features) for n in names)
-        if self.rank > max_rank:
+        max_rank = self.largest_rank([(modules[n].in_features, modules[n].out_features) for n in names])
+        if max_rank is not None and self.rank > max_rank:
             raise ConfigError(f"rank={self.rank!r} must be an integer in [1, {max_rank}] "
                               "(min(d_in, d_out) over the targeted layers)")
         self.prepare_model(model, names, exclude)
@@ -409,13 +419,20 @@ class AdapterVariant(Variant):
         return [p for layer in layers_of(model).values() for p in layer.adapter_parameters()]
 
     @classmethod
+    def largest_rank(cls, shapes: Sequence[tuple[int, int]]) -> int | None:
+        """The largest rank the method takes on layers of these ``(d_in, d_out)`` shapes: min(d_in,
+        d_out) over them (past it B·A has no more directions); None: no bound (VeRA's r)."""
+        return min(min(shape) for shape in shapes)
+
+    @classmethod
     def parameters_at_rank(cls, in_features: int, out_features: int, rank: int) -> int:
         """Parameters one adapted (d_in, d_out) layer trains at ``rank``: A (r, d_in) and B (d_out, r)."""
         return rank * (in_features + out_features)
 
     @classmethod
-    def settings_for_rank(cls, rank: int, max_rank: int) -> dict[str, Any]:
-        """The settings that give ``rank`` (the equal-budget resolver's choice)."""
+    def settings_for_rank(cls, rank: int, max_rank: int | None) -> dict[str, Any]:
+        """The settings that give ``rank`` (the equal-budget resolver's choice); ``max_rank``:
+        ``largest_rank`` of the targeted layers."""
         return {"rank": rank}
 
 

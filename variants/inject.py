@@ -149,7 +149,8 @@ def merge_and_unwrap(model: nn.Module) -> None:
 # parameters, without the task head) is closest to N. The count per adapted layer is the
 # variant's ``parameters_at_rank`` (LoRA: r(d_in + d_out); DoRA adds its magnitude, d_out;
 # AdaLoRA counts its *final* rank, r(d_in + d_out + 1), since its budget shrinks during
-# training). Baselines have no rank; their count is what it is.
+# training; VeRA trains r + d_out, and its r has no bound). Baselines have no rank; their count is
+# what it is.
 
 @dataclass(frozen=True)
 class BudgetChoice:
@@ -174,12 +175,12 @@ def rank_for_budget(model: nn.Module, variant: str, targets: Targets, budget: An
     shapes = [(modules[n].in_features, modules[n].out_features) for n in find_target_modules(model, targets, exclude)]
     fixed = sum(cls.parameters_at_rank(i, o, 0) for i, o in shapes)
     per_rank = sum(cls.parameters_at_rank(i, o, 1) for i, o in shapes) - fixed
-    max_rank = min(min(shape) for shape in shapes)
+    max_rank = cls.largest_rank(shapes)
     if budget < fixed + per_rank:
         raise ConfigError(f"budget={budget} is below one rank of {variant} on the targeted layers; "
                           f"allowed: >= {fixed + per_rank} ({len(shapes)} layers)")
     rank = round((budget - fixed) / per_rank)
-    if rank > max_rank:
+    if max_rank is not None and rank > max_rank:
         raise ConfigError(f"budget={budget} needs rank {rank} of {variant}, above the largest possible "
                           f"({max_rank}); allowed: <= {fixed + per_rank * max_rank}")
     return BudgetChoice(budget, rank, cls.settings_for_rank(rank, max_rank), fixed + per_rank * rank)

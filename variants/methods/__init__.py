@@ -2,8 +2,11 @@
 imports every module here, which registers its method (``register_variant``)."""
 
 from .adalora import AdaLoRA, AdaLoRALinear
+from .corda import CorDA
 from .dora import DoRA, DoRALinear
 from .eva import EVA, EVALinear
+from .gralora import GraLoRA, GraLoRALinear
+from .hira import HiRA, HiRALinear
 from .lora import LoRA, LoRALinear
 from .lora_ga import LoRAGA
 from .lora_pro import LoRAPro
@@ -13,14 +16,20 @@ from .olora import OLoRA
 from .pissa import PiSSA
 from .qlora import QLoRA, QLoRALinear
 from .staged import Staged
+from .vera import VeRA, VeRALinear
 
 __all__ = [
     "EVA",
     "AdaLoRA",
     "AdaLoRALinear",
+    "CorDA",
     "DoRA",
     "DoRALinear",
     "EVALinear",
+    "GraLoRA",
+    "GraLoRALinear",
+    "HiRA",
+    "HiRALinear",
     "LoRA",
     "LoRAGA",
     "LoRALinear",
@@ -33,4 +42,6 @@ __all__ = [
     "QLoRA",
     "QLoRALinear",
     "Staged",
+    "VeRA",
+    "VeRALinear",
 ]

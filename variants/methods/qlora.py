@@ -9,12 +9,17 @@ linear layer of the model is quantized, not only the adapted ones; embeddings, n
 task head (what ``exclude`` names, and the modules outside a Hugging Face model's backbone,
 e.g. ``classifier``, ``lm_head``) stay in their own precision. The LoRA factors train in fp32 (bf16 compute under the
 trainer's autocast on GPUs). bitsandbytes does the quantization and the 4-bit matmul.
+
+``init=loftq`` starts the adapted layers as LoftQ does (``variants/methods/loftq.py``): their base
+holds the 4-bit codes of W0 − B·A instead of W0's, and A and B start at the SVD of what that
+quantization lost, so the model starts at Q + s·B·A ≈ W0 rather than at q(W0).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,19 +27,25 @@ from torch import nn
 
 from schema import ConfigError, knob, problems
 
-from ..base import register_variant
+from ..base import layers_of, register_variant
 from ..targets import replace_module, task_head, within
-from .lora import LoRA, LoRALinear, LoRASettings
+from .loftq import LoftQStart, loftq_start
+from .lora import A_INITS, LoRA, LoRALinear, LoRASettings, lora_scaling
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+INITS = (*A_INITS, "loftq")
 
 
 @dataclass
 class QLoRASettings(LoRASettings):
-    """QLoRA's settings: LoRA's, and how the frozen base is quantized (§3)."""
+    """QLoRA's settings: LoRA's, and how the frozen base is quantized (§3), and LoftQ's start."""
 
+    init: str = knob("kaiming", "how the adapter starts: kaiming | gaussian (LoRA's A; B = 0, so the model starts as "
+                     "the quantized base) | loftq (LoftQ, Li et al. 2024: the adapted layers' base holds the codes of "
+                     "W0 − B·A and A, B the SVD of what that quantization lost, so Q + B·A ≈ W0; 4-bit types only)",
+                     choices=INITS)
     quant_type: str = knob("nf4", "the base's format: nf4 (4-bit NormalFloat, the paper's) | fp4 | int8 (bitsandbytes' "
                            "LLM.int8, outlier threshold 6; no blocksize)", choices=QUANT_TYPES)
     double_quant: bool = knob(True, "quantize the 4-bit blocks' absmax constants to 8 bits too (the paper's §3 Double "
@@ -44,6 +55,18 @@ class QLoRASettings(LoRASettings):
                               "fp32 | bf16 | fp16", choices=tuple(COMPUTE_DTYPES))
     requantize_on_merge: bool = knob(False, "merge() writes W0 + ΔW re-quantized instead of in the compute dtype: "
                                      "4-bit memory, one more rounding of every weight")
+    loftq_iter: int = knob(1, "init=loftq: T, the alternations of quantizing and SVD (LoftQ's Algorithm 1; peft's "
+                           "LoftQConfig.loftq_iter default; the authors' example command uses 5)", within=">= 1")
+    loftq_divide_scaling: bool = knob(False, "init=loftq: false: A and B are the SVD factors as they are (the authors' "
+                                      "code and peft), so the start Q + (α/r)·B·A ≈ W0 only at α = r; true: each "
+                                      "divided by √(α/r), so that it holds at any α")
+
+    def rules(self, prefix: str) -> list[str]:
+        """LoftQ fits a 4-bit base: it is not offered on bitsandbytes' int8 layers."""
+        key = f"{prefix}." if prefix else ""
+        if self.init == "loftq" and self.quant_type == "int8":
+            return [f"{key}init='loftq' needs a 4-bit base: {key}quant_type must be nf4 or fp4, not 'int8'"]
+        return []
 
 
 def _bnb() -> Any:
@@ -107,6 +130,14 @@ def quantize_linear(
         # drops the state, and bitsandbytes' forward takes it back from here.
         layer.quant_state = layer.weight.quant_state
     return layer
+
+
+def quantized_matrix(weight: torch.Tensor, **quant_args: Any) -> torch.Tensor:
+    """``weight`` ``(d_out, d_in)`` as a layer quantized with ``quant_args`` holds it, dequantized
+    (fp32): q(W), exactly as ``quantize_linear`` stores it."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return dequantized_weight(quantize_linear(linear, **quant_args))
 
 
 def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
@@ -177,16 +208,51 @@ class QLoRALinear(LoRALinear):
             ``blocksize``, ``compute_dtype``.
         requantize_on_merge: ``merge()`` writes W0 + ΔW back in the quantized format instead of
             the compute dtype; saves memory, costs one more rounding of every weight.
+        init: LoRA's (``kaiming``, ``gaussian``), or ``loftq``: ``base`` (full precision) is
+            quantized from W0 − B·A and A, B start at LoftQ's factors (``loftq_start``), after
+            ``loftq_iter`` alternations, divided by √s if ``loftq_divide_scaling``. Deterministic
+            given W0, so the same base on a fresh model (``load_adapter``) is the same Q.
+
+    ``loftq_errors`` (LoftQ only, else None): the relative Frobenius errors of the start,
+    ``LoftQStart.errors``.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, quant_args: Mapping[str, Any] | None = None,
-                 requantize_on_merge: bool = False, **lora_settings: Any) -> None:
+                 requantize_on_merge: bool = False, loftq_iter: int = 1, loftq_divide_scaling: bool = False,
+                 **lora_settings: Any) -> None:
         self.quant_args = dict(quant_args or {})
+        start = None
+        if lora_settings.get("init") == "loftq":
+            start, base = self._loftq(base, rank, alpha, lora_settings.get("scaling", "standard"), loftq_iter,
+                                      loftq_divide_scaling)
+            lora_settings["init"] = "kaiming"  # drawn, then overwritten by LoftQ's factors
         if not is_quantized(base):
             base = quantize_linear(base, **self.quant_args)
         super().__init__(base, rank, alpha, **lora_settings)
         self.requantize_on_merge = requantize_on_merge
         self._quantized_base: nn.Linear | None = None
+        self.loftq_errors = None if start is None else start.errors
+        if start is not None:
+            with torch.no_grad():
+                self.lora_A.copy_(start.down)
+                self.lora_B.copy_(start.up)
+
+    def _loftq(self, base: nn.Linear, rank: int, alpha: float, scaling: str, iterations: int,
+               divide_scaling: bool) -> tuple[LoftQStart, nn.Linear]:
+        """LoftQ's start for ``base``, and a full-precision copy of it holding W0 − B·A (with its
+        bias) for ``quantize_linear``: its codes are Q_T, as in the last alternation."""
+        if is_quantized(base):
+            raise ValueError("init='loftq' starts from the full-precision W0; got an already quantized layer")
+        if self.quant_args.get("quant_type", "nf4") == "int8":
+            raise ConfigError("variant.init='loftq' needs a 4-bit base: variant.quant_type must be nf4 or fp4, "
+                              "not 'int8'")
+        quantize = partial(quantized_matrix, **self.quant_args)
+        start = loftq_start(base.weight.detach(), rank, quantize, iterations, lora_scaling(alpha, rank, scaling),
+                            divide_scaling)
+        shifted = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+        shifted.weight = nn.Parameter(start.to_quantize, requires_grad=False)
+        shifted.bias = base.bias
+        return start, shifted
 
     def frozen_weight(self) -> torch.Tensor:
         """W0 as the quantized layer computes with it (dequantized), also while merged."""
@@ -221,15 +287,18 @@ class QLoRA(LoRA):
     paper_optimizer = "paged_adamw_32bit"  # QLoRA §3, Paged Optimizers
 
     def __init__(self, rank: int, alpha: float, *, quant_type: str, double_quant: bool, blocksize: int,
-                 compute_dtype: str, requantize_on_merge: bool, **lora_settings: Any) -> None:
+                 compute_dtype: str, requantize_on_merge: bool, loftq_iter: int, loftq_divide_scaling: bool,
+                 **lora_settings: Any) -> None:
         super().__init__(rank, alpha, **lora_settings)
         self.quant_args = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": blocksize,
                            "compute_dtype": compute_dtype}
         self.requantize_on_merge = requantize_on_merge
+        self.loftq_iter, self.loftq_divide_scaling = loftq_iter, loftq_divide_scaling
 
     def new_layer(self, base: nn.Linear) -> QLoRALinear:
         return QLoRALinear(base, self.rank, self.alpha, quant_args=self.quant_args,
-                           requantize_on_merge=self.requantize_on_merge, **self.layer_settings())
+                           requantize_on_merge=self.requantize_on_merge, loftq_iter=self.loftq_iter,
+                           loftq_divide_scaling=self.loftq_divide_scaling, **self.layer_settings())
 
     def prepare_model(self, model: nn.Module, targets: Sequence[str], exclude: Sequence[str]) -> None:
         """Quantize every ``nn.Linear`` that is neither a target (the layers quantize their own
@@ -238,7 +307,22 @@ class QLoRA(LoRA):
         quantize_model(model, skip=targets, keep=[*exclude, *task_head(model)], **self.quant_args)
 
     def report(self, model: nn.Module) -> dict[str, Any]:
-        return {"quantization": {**self.quant_args, **quantization_storage(model)}}
+        report = {"quantization": {**self.quant_args, **quantization_storage(model)}}
+        if self.init == "loftq":
+            report["loftq"] = loftq_report(model, self.loftq_iter, self.loftq_divide_scaling)
+        return report
+
+
+def loftq_report(model: nn.Module, iterations: int, divide_scaling: bool) -> dict[str, Any]:
+    """How close LoftQ's start came to W0, relative Frobenius errors ‖W0 − Ŵ‖ / ‖W0‖ of each
+    adapted layer and their mean: ``quantized`` (Ŵ = q(W0), QLoRA's start), ``start`` (Ŵ = Q_T +
+    s·B₀·A₀, the model's start) and ``fit`` (Ŵ = Q_T + SVD_r(W0 − Q_T), the paper's objective)."""
+    layers = {name: layer for name, layer in layers_of(model).items() if getattr(layer, "loftq_errors", None)}
+    errors = {name: layer.loftq_errors for name, layer in layers.items()}
+    mean = {key: sum(e[key] for e in errors.values()) / len(errors) for key in next(iter(errors.values()), {})}
+    return {"iterations": iterations, "divide_scaling": divide_scaling,
+            "scaling": next((layer.scaling for layer in layers.values()), None),
+            "relative_error": mean, "relative_error_per_layer": errors}
 
 
 def quantize_model(model: nn.Module, skip: Sequence[str] = (), keep: Sequence[str] = (), **quant_args: Any) -> None:
