@@ -168,9 +168,6 @@ def test_data_guided_variants_learn_the_smoke_task_through_run_py(tmp_path, sett
         assert summary["initialization"]["batches"] == 8 and summary["initialization"]["samples_per_process"] == 128
     else:
         assert summary["initialization"] == {}
-    if "variant.init=loftq" in settings:  # the start nearer W0 than NF4 alone, in every layer
-        per_layer = summary["adapter_report"]["loftq"]["relative_error_per_layer"]
-        assert len(per_layer) == 37 and all(e["start"] < e["quantized"] for e in per_layer.values())
     log = (run_dir / "run.log").read_text()
     if "variant.lr_ratio=16" in settings:  # B (and the vectors) in their own AdamW group at 16x
         assert "13 tensors at weight decay 0, rate x1; 13 tensors at weight decay 0, rate x16" in log, log
