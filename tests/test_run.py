@@ -1,5 +1,6 @@
 """run.py end to end: run dirs, sweeps, W&B offline files, and one-line errors for bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,8 +16,10 @@ from test_data import write_sst2
 
 from schema import ConfigError
 from schema.door import check_overrides
+from schema.variant import node
 from training import run_experiment
 from training.cli import check_group_choices
+from variants.methods.lora import LoRASettings
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2"]
@@ -285,15 +288,17 @@ def test_local_glue_folder_and_model_path(tmp_path):
     assert not (run_dir / "wandb").exists()
 
 
+# The allowed lists come from their sources: conf/variant/ and LoRA's config node (its settings + runner keys).
+VARIANTS = ", ".join(sorted(p.stem for p in (ROOT / "conf" / "variant").glob("*.yaml")))
+LORA_KEYS = ", ".join(sorted(f"variant.{f.name}" for f in dataclasses.fields(node("lora", LoRASettings))))
+
+
 @pytest.mark.parametrize(
     "override, message",
     [  # one case per place a mistake can surface: before Hydra, in the model, in tracking, in a baseline
-        ("variant=foo", ("variant='foo' is not a known variant; allowed: adalora, bitfit, dora, eva, full, head, lora, "
-                         "lora_ga, lora_pro, milora, pissa, qlora, staged")),
+        ("variant=foo", f"variant='foo' is not a known variant; allowed: {VARIANTS}"),
         ("rank=0", "rank=0 must be an integer >= 1"),
-        ("+variant.foo=1", ("variant.foo is not a config key; allowed: variant.bias, variant.dropout, variant.init, "
-                            "variant.lean_backward, variant.lr, variant.lr_ratio, variant.lr_ratio_on, variant.name, variant.scaling, "
-                            "variant.targets")),
+        ("+variant.foo=1", f"variant.foo is not a config key; allowed: {LORA_KEYS}"),
         ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model' is neither"),
         ("tracking.mode=sometimes", "tracking.mode='sometimes' is not supported; allowed: online, offline, disabled"),
         ("variant=full variant.lr=0", "variant.lr=0.0 must be null or a finite number > 0"),
