@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
 import variants
 from training.data import load_task, make_loader
@@ -57,8 +57,9 @@ def padding(loader) -> dict[str, float]:
 
 
 def bench_task(task: str, glue_dir: Path, n_batches: int, rounds: int) -> dict:
-    cfg = OmegaConf.load(ROOT / "conf" / "task" / f"{task}.yaml")
-    cfg.data_dir, cfg.val_fraction = str(glue_dir / FOLDERS[task]), 0.1
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):  # the task as run.py composes it
+        cfg = compose(config_name="config", overrides=[f"task={task}", f"task.data_dir={glue_dir / FOLDERS[task]}",
+                                                       "task.val_fraction=0.1"]).task
     base, tokenizer = load_model("minilm", num_labels=cfg.num_labels)
     by_kind = loaders(cfg, tokenizer, 16)
     result = {"task": task, "batches_per_epoch": len(by_kind["plain"]),

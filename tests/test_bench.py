@@ -108,3 +108,26 @@ def test_layer_profile_smoke(capsys):
                                "--top", "1"]) == 0
     out = capsys.readouterr().out
     assert "| dora | " in out and "| peft-dora | " in out
+
+
+def test_group_by_length_bench_reads_a_glue_folder(tmp_path, capsys):
+    """bench/group_by_length.py on a small STS-B folder in GLUE's layout: the task composed as
+    run.py composes it, padding counted both ways, the four configurations timed."""
+    import group_by_length
+
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    rows = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+    for i in range(60):
+        words = " ".join(["word"] * (1 + i % 17))
+        rows.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\tA {words} here.\tThe {words}.\t{i % 6}.000")
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text("\n".join(rows) + "\n")
+    out = tmp_path / "gbl.json"
+    assert group_by_length.main(["--glue-dir", str(tmp_path), "--tasks", "stsb", "--batches", "1", "--rounds", "1",
+                                 "--json", str(out)]) == 0
+    (result,) = json.loads(out.read_text())
+    assert result["batches_per_epoch"] == 4  # 54 training pairs after 10% held out, batches of 16
+    assert result["grouped_padding_share"] < result["plain_padding_share"]
+    assert all(result[f"{k}_{p}_step_s"] > 0 for k in ("plain", "grouped") for p in ("fp32", "bf16"))
+    assert "| stsb | 4 |" in capsys.readouterr().out

@@ -359,3 +359,21 @@ def test_bad_config_values_fail_before_anything_is_written(tmp_path, override, m
         run_experiment(cfg, run_dir)
     assert message in str(failure.value) and "\n" not in str(failure.value)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_logged_once_with_the_fast_choice(tmp_path, monkeypatch, caplog, native):
+    """On an x86 CPU with neither AVX-512 BF16 nor AMX, bf16 autocast is software-emulated (14x
+    slower than fp32 there): the run says so and names trainer.precision=fp32; with either, silence."""
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    overrides = ["trainer.max_steps=1", "trainer.eval_every=1", "task.train_size=16", "task.eval_size=8",
+                 "trainer.precision=bf16", "tracking.mode=disabled"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    with caplog.at_level("WARNING"):
+        run_experiment(cfg, tmp_path / "run")
+    notes = [r.getMessage() for r in caplog.records if "without AVX-512 BF16" in r.getMessage()]
+    assert len(notes) == (0 if native else 1)
+    assert native or "trainer.precision=fp32" in notes[0]

@@ -4,6 +4,7 @@ and how much memory it peaked at."""
 from __future__ import annotations
 
 import contextlib
+import platform
 import resource
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,6 +56,23 @@ def pick_device(device: str, precision: str) -> tuple[torch.device, torch.dtype 
         precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     return dev, (torch.bfloat16 if use_bf16 else None)
+
+
+def cpu_bf16_note(runtime: Runtime) -> str | None:
+    """A line for the log when bf16 autocast runs on an x86 CPU with neither AVX-512 BF16 nor AMX:
+    PyTorch then converts every bf16 operand in software, and a MiniLM training step measured
+    13.7x slower than fp32 on such a CPU (AVX2, BENCHMARKS.md "bf16 autocast on a CPU without
+    native bf16"), where one with AVX-512 BF16 runs it 1.3-1.6x faster than fp32. None otherwise."""
+    if runtime.device.type != "cpu" or runtime.autocast_dtype != torch.bfloat16:
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None  # ARM's bf16 extensions: PyTorch exposes no check, so no claim either way
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)() or getattr(
+        torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if native:
+        return None
+    return ("trainer.precision=bf16 on a CPU without AVX-512 BF16 or AMX: autocast emulates bf16 in software, "
+            "about 14x slower than fp32 on a MiniLM step here (BENCHMARKS.md); trainer.precision=fp32 is the fast choice")
 
 
 def runtime_for(device: str, precision: str) -> Runtime:

@@ -30,7 +30,7 @@ from schema.door import typed
 from . import checkpoint, distributed, rundir
 from .checkpoint import TrainState
 from .data import load_task, make_loader, sft
-from .device import Runtime, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
+from .device import Runtime, cpu_bf16_note, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
 from .forgetting import Probe, build_probe, summarize
 from .knowledge import knowledge_loader
@@ -126,6 +126,8 @@ def _setup_runtime(cfg: DictConfig) -> Runtime:
     """The device, precision and process group (``trainer.device``, ``trainer.precision``), with
     peak-memory counting started and every generator seeded."""
     runtime = runtime_for(cfg.trainer.device, cfg.trainer.precision)
+    if note := cpu_bf16_note(runtime):
+        log.warning(note)
     reset_peak_memory(runtime.device)
     # transformers.set_seed does the same, but importing it imports peft (and bitsandbytes) when
     # they are installed: seconds per run, and bitsandbytes' CPU notice on every run.
