@@ -363,7 +363,7 @@ def test_bad_config_values_fail_before_anything_is_written(tmp_path, override, m
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_is_logged_once_with_the_fast_choice(tmp_path, monkeypatch, caplog, native):
-    """On an x86 CPU with neither AVX-512 BF16 nor AMX, bf16 autocast is software-emulated (14x
+    """On an x86 CPU with neither AVX-512 BF16 nor AMX, bf16 autocast is software-emulated (12-14x
     slower than fp32 there): the run says so and names trainer.precision=fp32; with either, silence."""
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)

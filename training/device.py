@@ -60,9 +60,9 @@ def pick_device(device: str, precision: str) -> tuple[torch.device, torch.dtype 
 
 def cpu_bf16_note(runtime: Runtime) -> str | None:
     """A line for the log when bf16 autocast runs on an x86 CPU with neither AVX-512 BF16 nor AMX:
-    PyTorch then converts every bf16 operand in software, and a MiniLM training step measured
-    13.7x slower than fp32 on such a CPU (AVX2, BENCHMARKS.md "bf16 autocast on a CPU without
-    native bf16"), where one with AVX-512 BF16 runs it 1.3-1.6x faster than fp32. None otherwise."""
+    PyTorch then converts every bf16 operand in software, and a MiniLM LoRA step measured 12-14x
+    slower than fp32 on such a CPU (AVX2; BENCHMARKS.md "bf16 autocast on a CPU without native
+    bf16"), where one with AVX-512 BF16 runs it 1.3-1.6x faster than fp32. None otherwise."""
     if runtime.device.type != "cpu" or runtime.autocast_dtype != torch.bfloat16:
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -72,7 +72,7 @@ def cpu_bf16_note(runtime: Runtime) -> str | None:
     if native:
         return None
     return ("trainer.precision=bf16 on a CPU without AVX-512 BF16 or AMX: autocast emulates bf16 in software, "
-            "about 14x slower than fp32 on a MiniLM step here (BENCHMARKS.md); trainer.precision=fp32 is the fast choice")
+            "12-14x slower than fp32 on a MiniLM step in BENCHMARKS.md; trainer.precision=fp32 is the fast choice")
 
 
 def runtime_for(device: str, precision: str) -> Runtime:
