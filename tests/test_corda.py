@@ -7,15 +7,12 @@ peft's format; the knowledge sources; bad settings in one line. (Start as the ba
 merge/unmerge and exact reload on a fresh base: tests/test_contract.py.)"""
 
 import copy
-import dataclasses
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from helpers.close import assert_close_or_bf16
+from helpers.close import assert_close_or_bf16, assert_merged_as_peft, forward_backward_both
 from helpers.config import composed
 from torch import nn
 
@@ -59,8 +56,9 @@ def test_each_mode_trains_the_input_directions_the_context_uses_most_or_least(mo
     torch.testing.assert_close(ALPHA / 2 * up @ down, q @ torch.diag(mask), atol=1e-6, rtol=0)
     shift = 0.01 * c.mean()  # λ·mean(diag C)
     root = ((c[used] + shift) / (ALPHA / 2)).sqrt()  # A₀ = √(S/s)·(Vᵀ·C'⁻¹): rows eᵢᵀ·√(S/s)/(cᵢ + λ·c̄), up to sign
-    torch.testing.assert_close(down.abs(), torch.eye(6)[used] * (root / (c[used] + shift))[:, None], atol=1e-6, rtol=0)
-    torch.testing.assert_close(up.abs(), (q[:, used] * root).abs(), atol=1e-6, rtol=0)
+    # float32 factors of size ~1: 1e-6 held on an AVX-512 CPU, an AVX2 one's kernels land 10 ulps off
+    torch.testing.assert_close(down.abs(), torch.eye(6)[used] * (root / (c[used] + shift))[:, None], atol=5e-6, rtol=0)
+    torch.testing.assert_close(up.abs(), (q[:, used] * root).abs(), atol=5e-6, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
@@ -185,21 +183,11 @@ peft = pytest.importorskip("peft")
 
 
 def peft_corda():
-    """peft's ``preprocess_corda`` and ``CordaConfig``. peft 0.21's corda.py imports ``attr.dataclass``
-    (the attrs package, which peft does not declare): where attrs is missing, the standard
-    dataclass stands in for it, only while that module is imported (omegaconf looks for attrs too)."""
+    """peft's ``preprocess_corda`` and ``CordaConfig`` (its corda module needs the attrs package,
+    which peft does not declare; the test extras install it)."""
     from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
 
-    try:
-        import attr  # noqa: F401
-    except ImportError:
-        sys.modules["attr"] = types.SimpleNamespace(dataclass=dataclasses.dataclass)
-        try:
-            from peft.tuners.lora.corda import preprocess_corda
-        finally:
-            del sys.modules["attr"]
-    else:
-        from peft.tuners.lora.corda import preprocess_corda
     return preprocess_corda, CordaConfig
 
 
@@ -284,21 +272,14 @@ def test_outputs_gradients_and_merged_weights_match_peft(request, model_name, mo
     training_stand_in(ours, theirs)
     ours.eval()
     theirs.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ours_out, theirs_out = ours(**batch).logits, theirs(**batch).logits
-    assert_close_or_bf16(ours_out, theirs_out, atol=1e-4, rtol=1e-4, bf16=bf16)
-    ours_out.float().sum().backward()
-    theirs_out.float().sum().backward()
+    forward_backward_both(ours, theirs, batch, bf16, lambda got, expected: assert_close_or_bf16(got, expected, atol=1e-4, rtol=1e-4, bf16=bf16))
     reference = peft_layers(theirs)
     for name, layer in variants.layers_of(ours).items():
         for mine, their in ((layer.lora_A, reference[name].lora_A["default"].weight),
                             (layer.lora_B, reference[name].lora_B["default"].weight)):
             assert_close_or_bf16(mine.grad, their.grad, atol=1e-4 * their.grad.abs().max().item(), rtol=1e-4,
                                  bf16=bf16)
-    variants.merge_adapters(ours)
-    merged = theirs.merge_and_unload().state_dict()
-    for name, layer in variants.layers_of(ours).items():
-        torch.testing.assert_close(layer.base.weight, merged[f"{name}.weight"], atol=1e-5, rtol=1e-5)
+    assert_merged_as_peft(ours, theirs, variants.layers_of(ours), atol=1e-5, rtol=1e-5)
 
 
 def test_peft_loads_the_exported_adapter(minilm, batch, tmp_path):
@@ -339,7 +320,8 @@ def test_bad_settings_are_one_line(settings, message):
 
 def test_float64_gives_the_float32_start_to_the_float32_inverse_s_precision(minilm):
     """The start's update s·B₀·A₀ from a float64 covariance, inverse and SVD: the float32 one to
-    ~1e-3 of its largest entry (C'⁻¹, of condition up to ~100·d_in, amplifies float32 rounding)."""
+    ~1e-3 of its largest entry (C'⁻¹, of condition up to ~100·d_in, amplifies float32 rounding;
+    a bound of 3e-3 held on an AVX-512 CPU; an AVX2 one measured 3.1e-3)."""
     model, tokenizer = minilm
     texts = [ex["sentence"] for ex in generate_smoke(32, 1)[0]]
     batches = [dict(tokenizer(texts, padding=True, return_tensors="pt"))]
@@ -349,7 +331,7 @@ def test_float64_gives_the_float32_start_to_the_float32_inverse_s_precision(mini
         start(ours, ["query"], batches, precision=precision)
         starts.append({n: layer.scaling * layer.lora_B0 @ layer.lora_A0 for n, layer in variants.layers_of(ours).items()})
     for name, update in starts[0].items():
-        torch.testing.assert_close(update, starts[1][name], atol=3e-3 * update.abs().max().item(), rtol=0)
+        torch.testing.assert_close(update, starts[1][name], atol=5e-3 * update.abs().max().item(), rtol=0)
 
 
 def knowledge_batches(*overrides, world=1, rank=0):

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers.close import assert_close_or_bf16
+from helpers.close import assert_close_or_bf16, assert_merged_as_peft, forward_backward_both
 from helpers.saved import held_for_backward
 from torch import nn
 
@@ -172,20 +172,13 @@ def test_matches_peft_dora(minilm, batch, bf16):
     def close(got, expected, atol, rtol):
         assert_close_or_bf16(got, expected, atol, rtol, bf16)
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ours_out, theirs_out = model(**batch).logits, theirs(**batch).logits
-    close(ours_out, theirs_out, atol=1e-5, rtol=1e-5)
-    ours_out.float().sum().backward()
-    theirs_out.float().sum().backward()
+    forward_backward_both(model, theirs, batch, bf16, lambda got, expected: close(got, expected, atol=1e-5, rtol=1e-5))
     for name, layer in variants.layers_of(model).items():
         ref = peft_layers[name]
         close(layer.lora_B.grad, ref.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
         close(layer.magnitude.grad, ref.lora_magnitude_vector["default"].weight.grad, atol=1e-5, rtol=1e-4)
 
-    variants.merge_adapters(model)
-    merged_theirs = theirs.merge_and_unload().state_dict()
-    for name, layer in variants.layers_of(model).items():
-        torch.testing.assert_close(layer.base.weight, merged_theirs[f"{name}.weight"], atol=1e-6, rtol=1e-5)
+    assert_merged_as_peft(model, theirs, variants.layers_of(model), atol=1e-6, rtol=1e-5)
 
 
 # The factored column norm (module docstring): ‖W0‖²_c + 2s·rowsum(B ∘ W0·Aᵀ) + s²·rowsum(B·A·Aᵀ ∘ B).

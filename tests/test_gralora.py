@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from helpers.close import assert_dropout_draws_as_peft, assert_merged_as_peft, forward_backward_both
 from torch import nn
 
 import variants
@@ -147,14 +148,11 @@ def test_outputs_gradients_and_merged_weights_match_peft(request, model_name, hy
             atol, rtol = 1e-2 * expected.abs().max().item(), 0.0
         torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=rtol)
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ours_out, theirs_out = model(**batch).logits, theirs(**batch).logits
-    close(ours_out, theirs_out, atol=1e-5, rtol=1e-5)
+    ours_out, _ = forward_backward_both(model, theirs, batch, bf16,
+                                        lambda got, expected: close(got, expected, atol=1e-5, rtol=1e-5))
     with torch.no_grad(), theirs.disable_adapter():  # ΔW matters: the base model's logits are farther off
         base_out = theirs(**batch).logits
-    assert (ours_out.float() - base_out).abs().max() > 0.03 * base_out.abs().max()
-    ours_out.float().sum().backward()
-    theirs_out.float().sum().backward()
+    assert (ours_out.detach().float() - base_out).abs().max() > 0.03 * base_out.abs().max()
     for name, layer in ours.items():
         grads = {key: param.grad for key, param in peft_params(peft_layers[name]).items()}
         close(peft_layout(layer.gralora_A.grad, layer.gralora_B.grad)[0], grads["gralora_A"], atol=1e-5, rtol=1e-4)
@@ -165,10 +163,7 @@ def test_outputs_gradients_and_merged_weights_match_peft(request, model_name, hy
         with torch.no_grad():
             torch.testing.assert_close(layer.delta_weight(), peft_layers[name].get_delta_weight("default"),
                                        atol=1e-7, rtol=1e-6)
-    variants.merge_adapters(model)
-    merged_theirs = theirs.merge_and_unload().state_dict()
-    for name, layer in ours.items():
-        torch.testing.assert_close(layer.base.weight, merged_theirs[f"{name}.weight"], atol=1e-7, rtol=1e-6)
+    assert_merged_as_peft(model, theirs, ours, atol=1e-7, rtol=1e-6)
 
 
 def test_adapter_dropout_draws_as_peft(request):
@@ -177,17 +172,7 @@ def test_adapter_dropout_draws_as_peft(request):
     model, theirs, batch, ours, peft_layers = paired(request, "minilm", hybrid_r=4, dropout=0.5)
     randomize(ours)
     copy_into_peft(ours, peft_layers)
-    model.train()
-    theirs.train()
-    outputs = []
-    for m in (model, theirs):
-        torch.manual_seed(0)
-        with torch.no_grad():
-            outputs.append(m(**batch).logits)
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        assert not torch.allclose(model(**batch).logits, outputs[0], atol=1e-4)
+    assert_dropout_draws_as_peft(model, theirs, batch, atol=1e-5, other_atol=1e-4)
 
 
 @pytest.mark.parametrize("hybrid_r", [0, 2])

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers.close import assert_close_or_bf16
+from helpers.close import assert_close_or_bf16, assert_merged_as_peft, forward_backward_both
 from torch import nn
 
 import variants
@@ -69,16 +69,9 @@ def test_start_outputs_gradients_and_merge_match_peft_olora(request, which, bf16
     def close(got, expected):  # to 1e-5 of the largest value in fp32 (SmolLM2's gradients reach 1e6)
         assert_close_or_bf16(got, expected, 1e-5 * expected.abs().max().item(), 0.0, bf16)
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ours_out, theirs_out = model(**batch).logits, theirs(**batch).logits
-    close(ours_out, theirs_out)
-    ours_out.float().sum().backward()
-    theirs_out.float().sum().backward()
+    forward_backward_both(model, theirs, batch, bf16, close)
     for name, layer in ours.items():
         ref = peft_layers[name]
         close(layer.lora_A.grad, ref.lora_A["default"].weight.grad)
         close(layer.lora_B.grad, ref.lora_B["default"].weight.grad)
-    variants.merge_adapters(model)
-    merged = theirs.merge_and_unload().state_dict()
-    for name, layer in ours.items():
-        torch.testing.assert_close(layer.base.weight, merged[f"{name}.weight"], atol=1e-5, rtol=1e-5)
+    assert_merged_as_peft(model, theirs, ours, atol=1e-5, rtol=1e-5)

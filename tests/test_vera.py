@@ -9,7 +9,12 @@ import json
 
 import pytest
 import torch
-from helpers.close import assert_close_or_bf16
+from helpers.close import (
+    assert_close_or_bf16,
+    assert_dropout_draws_as_peft,
+    assert_merged_as_peft,
+    forward_backward_both,
+)
 from safetensors import safe_open
 from torch import nn
 
@@ -174,19 +179,12 @@ def test_start_outputs_gradients_and_merge_match_peft_vera(request, which, bf16)
     def close(got, expected):  # to 1e-6 of the largest value in fp32
         assert_close_or_bf16(got, expected, 1e-6 * expected.abs().max().item(), 0.0, bf16)
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ours_out, theirs_out = model(**batch).logits, theirs(**batch).logits
-    close(ours_out, theirs_out)
-    ours_out.float().sum().backward()
-    theirs_out.float().sum().backward()
+    forward_backward_both(model, theirs, batch, bf16, close)
     for name, layer in ours.items():
         close(layer.lambda_d.grad, peft_layers[name].vera_lambda_d["default"].grad)
         close(layer.lambda_b.grad, peft_layers[name].vera_lambda_b["default"].grad)
         assert projections.A.grad is None and projections.B.grad is None
-    variants.merge_adapters(model)
-    merged = theirs.merge_and_unload().state_dict()
-    for name, layer in ours.items():
-        torch.testing.assert_close(layer.base.weight, merged[f"{name}.weight"], atol=1e-6, rtol=1e-6)
+    assert_merged_as_peft(model, theirs, ours, atol=1e-6, rtol=1e-6)
 
 
 def test_under_autocast_the_layer_returns_its_bases_dtype_where_peft_returns_its_inputs(smollm2, smollm2_batch,
@@ -225,17 +223,7 @@ def test_adapter_dropout_matches_peft_vera_dropout(minilm, batch):
     theirs, peft_layers = peft_vera(model, ["query", "value"], "SEQ_CLS", 32, 0, vera_dropout=0.5)
     variants.inject_adapters(model, "vera", ["query", "value"], rank=32, alpha=16, dropout=0.5)
     move_vectors(variants.layers_of(model), peft_layers)
-    model.train()
-    theirs.train()
-    outputs = []
-    for m in (model, theirs):
-        torch.manual_seed(0)
-        with torch.no_grad():
-            outputs.append(m(**batch).logits)
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-6)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        assert not torch.allclose(model(**batch).logits, outputs[0], atol=1e-4)  # the masks matter
+    assert_dropout_draws_as_peft(model, theirs, batch, atol=1e-6, other_atol=1e-4)
 
 
 @pytest.mark.parametrize("which", list(MODELS))
