@@ -1,6 +1,8 @@
 # Shared by sweeps/glue_converged_stage{1,2}.sh: where sweeps run, where their result files go, and
 # the two copies between them. Sourced, not run.
-root=runs/sweeps/glue_converged                     # the sweep dirs, in the checkout that trains
+# A study of its own (e.g. in fp32 on a CPU without native bf16: BENCHMARKS.md) gets its own SWEEP_ROOT
+# and RESULTS_DIR, so that two_stage.py and compare.py never pool its runs with this one's.
+root=${SWEEP_ROOT:-runs/sweeps/glue_converged}      # the sweep dirs, in the checkout that trains
 docs=${RESULTS_DIR:-docs/results/glue_converged/runs}   # the committed result files (no weights)
 export OMP_NUM_THREADS=1                            # two one-thread jobs on 2 cores
 mkdir -p "$root"

@@ -8,6 +8,8 @@
 #
 #   bash sweeps/glue_converged_stage1.sh stsb & bash sweeps/glue_converged_stage1.sh mrpc &   # 2 cores
 #   bash sweeps/glue_converged_stage1.sh stsb added     # the methods added by issue 37, later rows
+#   SWEEP_ROOT=runs/sweeps/glue_fp32 RESULTS_DIR=docs/results/glue_fp32/runs EXTRA_OVERRIDES=trainer.precision=fp32 \
+#       bash sweeps/glue_converged_stage1.sh mrpc anchor     # a separate fp32 study: LoRA as its anchor, then `added`
 #
 # Run it from the root of the checkout whose code should train (every run of one study from the
 # same commit: a config key added later would make compare.py refuse to mix them); RESULTS_DIR
@@ -21,7 +23,8 @@ sweep() {  # name, overrides...
   local name=${task}_s1_$1; shift
   [ -d "$docs/$name" ] && restore "$name"
   echo "$(date -Is) start $name"
-  python run.py +experiment=glue_minilm_converged task="$task" "$@" skip_completed=true \
+  # shellcheck disable=SC2086  # EXTRA_OVERRIDES: words, e.g. trainer.precision=fp32 (stage 2 repeats them)
+  python run.py +experiment=glue_minilm_converged task="$task" "$@" ${EXTRA_OVERRIDES:-} skip_completed=true \
       hydra.sweep.dir="$root/$name" > "$root/$name.log" 2>&1
   echo "$(date -Is) end $name rc=$?"
   copy "$name"
@@ -31,11 +34,13 @@ case ${2:-first} in
     sweep full_lora variant=full,lora
     sweep lora_all_linear variant=lora variant.targets=all-linear lr_grid_of=lora_all_linear
     sweep head_dora_adalora_pissa variant=head,dora,adalora,pissa ;;
+  anchor)
+    sweep lora variant=lora ;;
   added)
     sweep olora_corda_gralora_hira variant=olora,corda,gralora,hira
     sweep lora_fa variant=lora variant.freeze_a=true lr_grid_of=lora_fa
     sweep vera variant=vera rank=1024
     sweep qlora variant=qlora
     sweep loftq variant=qlora variant.init=loftq lr_grid_of=loftq ;;
-  *) echo "usage: $0 TASK [first|added]" >&2; exit 2 ;;
+  *) echo "usage: $0 TASK [first|anchor|added]" >&2; exit 2 ;;
 esac
