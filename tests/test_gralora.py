@@ -136,27 +136,29 @@ def test_outputs_gradients_and_merged_weights_match_peft(request, model_name, hy
     """Identical tensors (B random; ours turned into peft's layout): logits, every adapter
     tensor's gradient (peft's turned into ours), ΔW, in fp32 and under CPU bf16 autocast, and
     the merged weights. Under bf16 the bound is 1% of the largest value (helpers/close.py's 5%
-    would not see a wrong update on SmolLM2)."""
+    would not see a wrong update on SmolLM2).
+    Gradients get 2%: a bf16 step is 0.4-0.8% of a value, and SmolLM2's largest gradients came out
+    two steps apart in one run of three (GraLoRA, 512 at 4.8e4)."""
     model, theirs, batch, ours, peft_layers = paired(request, model_name, hybrid_r=hybrid_r)
     randomize(ours)
     copy_into_peft(ours, peft_layers)
     model.eval()
     theirs.eval()
 
-    def close(got, expected, atol, rtol):
+    def close(got, expected, atol, rtol, bf16_share=1e-2):
         if bf16:
-            atol, rtol = 1e-2 * expected.abs().max().item(), 0.0
+            atol, rtol = bf16_share * expected.abs().max().item(), 0.0
         torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=rtol)
 
-    ours_out, _ = forward_backward_both(model, theirs, batch, bf16,
-                                        lambda got, expected: close(got, expected, atol=1e-5, rtol=1e-5))
+    ours_out = forward_backward_both(model, theirs, batch, bf16,
+                                     lambda got, expected: close(got, expected, atol=1e-5, rtol=1e-5))
     with torch.no_grad(), theirs.disable_adapter():  # ΔW matters: the base model's logits are farther off
         base_out = theirs(**batch).logits
     assert (ours_out.detach().float() - base_out).abs().max() > 0.03 * base_out.abs().max()
     for name, layer in ours.items():
         grads = {key: param.grad for key, param in peft_params(peft_layers[name]).items()}
-        close(peft_layout(layer.gralora_A.grad, layer.gralora_B.grad)[0], grads["gralora_A"], atol=1e-5, rtol=1e-4)
-        close(peft_layout(layer.gralora_A.grad, layer.gralora_B.grad)[1], grads["gralora_B"], atol=1e-5, rtol=1e-4)
+        close(peft_layout(layer.gralora_A.grad, layer.gralora_B.grad)[0], grads["gralora_A"], atol=1e-5, rtol=1e-4, bf16_share=2e-2)
+        close(peft_layout(layer.gralora_A.grad, layer.gralora_B.grad)[1], grads["gralora_B"], atol=1e-5, rtol=1e-4, bf16_share=2e-2)
         if hybrid_r:
             close(layer.hybrid_A.grad, grads["gralora_A_general.weight"], atol=1e-5, rtol=1e-4)
             close(layer.hybrid_B.grad, grads["gralora_B_general.weight"], atol=1e-5, rtol=1e-4)

@@ -119,27 +119,29 @@ def test_outputs_gradients_and_merged_weights_match_peft(request, model_name, bf
     bf16 autocast, and the merged weights. The layer computes in peft's order (B·A, ⊙ W0, one more
     GEMM over the dropped input, added to the base output), so the two agree to the bit on this
     CPU; under bf16 the bound is 1% of the largest value (helpers/close.py's 5% would not see a
-    wrong ΔW on SmolLM2, where the whole update moves the logits by 2% of their largest)."""
+    wrong ΔW on SmolLM2, where the whole update moves the logits by 2% of their largest).
+    Gradients get 2%: a bf16 step is 0.4-0.8% of a value, and SmolLM2's largest gradients came out
+    two steps apart in one run of three (GraLoRA, 512 at 4.8e4)."""
     model, theirs, batch, ours, peft_layers = paired(request, model_name)
     randomize(ours)
     copy_into_peft(ours, peft_layers)
     model.eval()
     theirs.eval()
 
-    def close(got, expected, atol, rtol):
+    def close(got, expected, atol, rtol, bf16_share=1e-2):
         if bf16:
-            atol, rtol = 1e-2 * expected.abs().max().item(), 0.0
+            atol, rtol = bf16_share * expected.abs().max().item(), 0.0
         torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=rtol)
 
-    ours_out, _ = forward_backward_both(model, theirs, batch, bf16,
-                                        lambda got, expected: close(got, expected, atol=1e-5, rtol=1e-5))
+    ours_out = forward_backward_both(model, theirs, batch, bf16,
+                                     lambda got, expected: close(got, expected, atol=1e-5, rtol=1e-5))
     with torch.no_grad(), theirs.disable_adapter():  # ΔW matters: the base model's logits are farther off
         base_out = theirs(**batch).logits
     assert (ours_out.detach().float() - base_out).abs().max() > 0.03 * base_out.abs().max()
     for name, layer in ours.items():
         ref = peft_layers[name]
-        close(layer.hira_A.grad, ref.hira_A["default"].grad, atol=1e-4, rtol=1e-4)
-        close(layer.hira_B.grad, ref.hira_B["default"].grad, atol=1e-4, rtol=1e-4)
+        close(layer.hira_A.grad, ref.hira_A["default"].grad, atol=1e-4, rtol=1e-4, bf16_share=2e-2)
+        close(layer.hira_B.grad, ref.hira_B["default"].grad, atol=1e-4, rtol=1e-4, bf16_share=2e-2)
         with torch.no_grad():
             # peft's get_delta_weight is B·A; its merge multiplies it by W0
             torch.testing.assert_close(layer.delta_weight(),

@@ -2,6 +2,8 @@
 
 import torch
 
+import variants
+
 
 def assert_close_or_bf16(got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, bf16: bool) -> None:
     """Close to ``atol``/``rtol``; under bf16, to a few bf16 steps of the largest value instead."""
@@ -10,22 +12,21 @@ def assert_close_or_bf16(got: torch.Tensor, expected: torch.Tensor, atol: float,
     torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=rtol)
 
 
-def forward_backward_both(model, theirs, batch: dict, bf16: bool, close) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_backward_both(model, theirs, batch: dict, bf16: bool, close) -> torch.Tensor:
     """Our model's and peft's logits on ``batch`` (under CPU bf16 autocast when ``bf16``),
-    compared with ``close(got, expected)``; then each backward from the sum of its logits."""
+    compared with ``close(got, expected)``; then each backward from the sum of its logits.
+    Returns our logits."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         ours_out, theirs_out = model(**batch).logits, theirs(**batch).logits
     close(ours_out, theirs_out)
     ours_out.float().sum().backward()
     theirs_out.float().sum().backward()
-    return ours_out, theirs_out
+    return ours_out
 
 
 def assert_merged_as_peft(model, theirs, names, atol: float, rtol: float) -> None:
     """Our merge of every adapter and peft's ``merge_and_unload`` leave the same weights in the
     adapted modules ``names``."""
-    import variants
-
     layers = variants.layers_of(model)
     variants.merge_adapters(model)
     merged = theirs.merge_and_unload().state_dict()
