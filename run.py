@@ -10,7 +10,8 @@
 In a sweep (-m) a job that fails is recorded as failed in its run dir and the others go on;
 the sweep dir then holds sweep_summary.md listing every job's status and metric. To complete a
 sweep that was cut off, run its command again with ``hydra.sweep.dir=<that dir>
-skip_completed=true``: jobs whose run dir holds a completed summary are not run again.
+skip_completed=true``: jobs whose run dir holds a completed summary are not run again, and a job
+cut off after a checkpoint continues from it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from omegaconf import DictConfig
 import training.sweep  # noqa: F401  registers ${job_dirname:...}, which names sweep job dirs (hydra.sweep.subdir)
 from schema import ConfigError
 from schema.door import check_overrides
-from training import run_experiment, rundir
+from training import checkpoint, run_experiment, rundir
 from training.cli import check_group_choices, check_launcher
 from training.experiment import write_failure
 
@@ -48,13 +49,8 @@ def main(cfg: DictConfig) -> float:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if sweep else None
     name = f"{group}/{run_dir.name}" if sweep else run_dir.name
-    done = None
-    if cfg.get("skip_completed"):
-        try:
-            done = rundir.read_summary(run_dir)
-        except rundir.UnreadableSummary as err:
-            print(f"skip_completed: {err}; not completed, so the job runs again", file=sys.stderr)
-    if done and done.get("status") == "completed":
+    done = _completed_before(cfg, run_dir) if cfg.get("skip_completed") else None
+    if done:
         print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
         return done["eval"][done["main_metric"]]
     try:
@@ -78,6 +74,24 @@ def main(cfg: DictConfig) -> float:
             write_failure(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         return float("nan")
     return summary["eval"][summary["main_metric"]]
+
+
+def _completed_before(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """skip_completed=true: the summary of a run completed in ``run_dir`` before, or None. A run
+    that was cut off (killed, or failed) after a checkpoint continues from it (``resume=true``),
+    so a sweep cut off by a time limit loses no more than the steps since its last checkpoint."""
+    try:
+        done = rundir.read_summary(run_dir)
+    except rundir.UnreadableSummary as err:
+        print(f"skip_completed: {err}; not completed, so the job runs again", file=sys.stderr)
+        done = None
+    if done and done.get("status") == "completed":
+        return done
+    if not cfg.resume and any(p.is_file() for p in (run_dir / rundir.CHECKPOINT,
+                                                     checkpoint.previous(run_dir / rundir.CHECKPOINT))):
+        print(f"skip_completed: {run_dir} was cut off; it continues from its last checkpoint", file=sys.stderr)
+        cfg.resume = True
+    return None
 
 
 def _rank_zero() -> bool:

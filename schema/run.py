@@ -31,8 +31,9 @@ class Run:
     seed: int = knob(0, "seeds the initialisation, the data order and any held-out split")
     init_from: str | None = knob(None, "a finished run dir (or its adapter.safetensors) whose adapter weights start "
                                  "this run's (the LoRA paper's MNLI warm start)")
-    skip_completed: bool = knob(False, "a run dir that already holds a completed summary is not run again (finish a "
-                                "cut-off sweep: the same command, the same hydra.sweep.dir)")
+    skip_completed: bool = knob(False, "a run dir that already holds a completed summary is not run again, and one "
+                                "cut off after a checkpoint continues from it (finish a cut-off sweep: the same "
+                                "command, the same hydra.sweep.dir)")
     resume: bool = knob(False, "continue the run in hydra.run.dir from its checkpoint (or: python run.py "
                         "resume=<run dir>)")
     resume_changes: list[str] = knob([], "keys a resume may change from the checkpoint's config, e.g. "

@@ -104,6 +104,30 @@ def test_killed_run_resumes_to_identical_results(tmp_path, variant):
     assert killed_at >= 10
 
 
+def test_a_sweep_job_killed_mid_run_continues_from_its_checkpoint_with_skip_completed(tmp_path):
+    """The sweep's own command again, with skip_completed=true: the job killed after a checkpoint
+    continues from it, not from step 0, and ends as the uninterrupted run."""
+    extra = ["model.keep_layers=2", "variant=lora"]
+    whole, sweep = tmp_path / "whole", tmp_path / "sweep"
+    result = run_py(*RUN, *extra, f"hydra.run.dir={whole}")
+    assert result.returncode == 0, result.stderr
+    command = [*RUN, *extra, f"hydra.sweep.dir={sweep}"]
+    proc = start(*command, "-m")
+    deadline = time.time() + 120
+    while not (jobs := list(sweep.glob("0_*"))) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert jobs, proc.stderr.read()
+    killed_at = kill_after_checkpoint(proc, jobs[0] / "checkpoint.pt", min_step=10)
+
+    result = run_py(*command, "skip_completed=true", "-m")
+    assert result.returncode == 0, result.stderr
+    assert f"skip_completed: {jobs[0]} was cut off; it continues from its last checkpoint" in result.stderr
+    assert f"resuming {jobs[0]} from step {killed_at}" in (jobs[0] / "run.log").read_text()
+    expected, got = (json.loads((d / "summary.json").read_text()) for d in (whole, jobs[0]))
+    assert got["status"] == "completed" and got["eval"] == expected["eval"]  # bit-identical on CPU
+    assert records(jobs[0]) == records(whole)
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     run_dir = tmp_path / "done"
     assert run_py(*RUN[:1], "trainer.max_steps=2", "task.train_size=32", "task.eval_size=16",
