@@ -138,7 +138,7 @@ def test_outputs_gradients_and_merged_weights_match_peft(request, model_name, hy
     the merged weights. Under bf16 the bound is 1% of the largest value (helpers/close.py's 5%
     would not see a wrong update on SmolLM2).
     Gradients get 2%: a bf16 step is 0.4-0.8% of a value, and SmolLM2's largest gradients came out
-    two steps apart in one run of three (GraLoRA, 512 at 4.8e4)."""
+    two steps apart in one run of three (GraLoRA, 512 at 4.8e4; the hybrid part's, 8192 at 6.9e5)."""
     model, theirs, batch, ours, peft_layers = paired(request, model_name, hybrid_r=hybrid_r)
     randomize(ours)
     copy_into_peft(ours, peft_layers)
@@ -160,8 +160,8 @@ def test_outputs_gradients_and_merged_weights_match_peft(request, model_name, hy
         close(peft_layout(layer.gralora_A.grad, layer.gralora_B.grad)[0], grads["gralora_A"], atol=1e-5, rtol=1e-4, bf16_share=2e-2)
         close(peft_layout(layer.gralora_A.grad, layer.gralora_B.grad)[1], grads["gralora_B"], atol=1e-5, rtol=1e-4, bf16_share=2e-2)
         if hybrid_r:
-            close(layer.hybrid_A.grad, grads["gralora_A_general.weight"], atol=1e-5, rtol=1e-4)
-            close(layer.hybrid_B.grad, grads["gralora_B_general.weight"], atol=1e-5, rtol=1e-4)
+            close(layer.hybrid_A.grad, grads["gralora_A_general.weight"], atol=1e-5, rtol=1e-4, bf16_share=2e-2)
+            close(layer.hybrid_B.grad, grads["gralora_B_general.weight"], atol=1e-5, rtol=1e-4, bf16_share=2e-2)
         with torch.no_grad():
             torch.testing.assert_close(layer.delta_weight(), peft_layers[name].get_delta_weight("default"),
                                        atol=1e-7, rtol=1e-6)
