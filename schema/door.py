@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +70,16 @@ def _between_groups(run: Run) -> list[str]:
     return []
 
 
-def one_line(err: Exception, schema: DictConfig | None = None) -> str:
+def one_line(err: Exception, schema: DictConfig | Callable[[], DictConfig | None] | None = None) -> str:
     """An OmegaConf or Hydra failure as ``key=value must be ...``, ``key is not a config key;
-    closest: ...``, or the first line of its message."""
+    closest: ...`` (among the keys of ``schema``, or of what it returns: composed only then), or
+    the first line of its message."""
     cause = err
     while cause.__cause__ is not None and not hasattr(cause, "full_key"):
         cause = cause.__cause__
     key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-        return _unknown_key(_override_key(err) or key, schema)
+        return _unknown_key(_override_key(err) or key, schema() if callable(schema) else schema)
     if isinstance(cause, ValidationError) and key:
         field = _field(getattr(cause, "object_type", None), getattr(cause, "key", None))
         if field is not None:
@@ -149,7 +152,7 @@ def check_overrides(overrides: list[str], conf_dir: Path, config_name: str = "co
             try:
                 cfg = compose(config_name, overrides=job)
             except (HydraException, OmegaConfBaseException) as err:
-                raise ConfigError(one_line(err, _schema_view(compose, config_name, job))) from None
+                raise ConfigError(one_line(err, partial(_schema_view, compose, config_name, job))) from None
             typed(cfg)
 
 
