@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> float:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if sweep else None
     name = f"{group}/{run_dir.name}" if sweep else run_dir.name
-    done = _completed_before(cfg, run_dir) if cfg.get("skip_completed") else None
+    done = _skip_or_continue(cfg, run_dir) if cfg.get("skip_completed") else None
     if done:
         print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
         return done["eval"][done["main_metric"]]
@@ -76,10 +76,11 @@ def main(cfg: DictConfig) -> float:
     return summary["eval"][summary["main_metric"]]
 
 
-def _completed_before(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """skip_completed=true: the summary of a run completed in ``run_dir`` before, or None. A run
-    that was cut off (killed, or failed) after a checkpoint continues from it (``resume=true``),
-    so a sweep cut off by a time limit loses no more than the steps since its last checkpoint."""
+def _skip_or_continue(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """skip_completed=true: the summary of a run completed in ``run_dir`` before (the job is
+    skipped), or None (it runs). A run cut off (killed, or failed) after a checkpoint is set to
+    continue from it (``cfg.resume``), so a sweep cut off by a time limit loses no more than the
+    steps since its last checkpoint."""
     try:
         done = rundir.read_summary(run_dir)
     except rundir.UnreadableSummary as err:
