@@ -20,8 +20,9 @@ it, the method's: ``variant=`` and, for a grid that is not the variant's own, ``
 first stage-1 dir) with ``skip_completed=true``, so rerunning it after a cut-off finishes what is
 missing.
 
-``--cost`` sums each run's wall time (``summary.json``'s ``wall_time_s``; one thread per job, so
-wall seconds are CPU seconds) per task and method, completed runs only.
+``--cost`` sums each run's wall time (``summary.json``'s ``wall_time_s``, which for a resumed run
+adds the earlier processes' training seconds; one thread per job, so wall seconds are CPU seconds)
+per task and method, completed runs only.
 """
 
 from __future__ import annotations

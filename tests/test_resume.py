@@ -118,6 +118,7 @@ def test_a_sweep_job_killed_mid_run_continues_from_its_checkpoint_with_skip_comp
         time.sleep(0.05)
     assert jobs, proc.stderr.read()
     killed_at = kill_after_checkpoint(proc, jobs[0] / "checkpoint.pt", min_step=10)
+    earlier = torch.load(jobs[0] / "checkpoint.pt", weights_only=True)["train_state"]["train_time_s"]
 
     result = run_py(*command, "skip_completed=true", "-m")
     assert result.returncode == 0, result.stderr
@@ -126,6 +127,9 @@ def test_a_sweep_job_killed_mid_run_continues_from_its_checkpoint_with_skip_comp
     expected, got = (json.loads((d / "summary.json").read_text()) for d in (whole, jobs[0]))
     assert got["status"] == "completed" and got["eval"] == expected["eval"]  # bit-identical on CPU
     assert records(jobs[0]) == records(whole)
+    # the resume is recorded, with the killed process's training seconds, which the wall time counts
+    assert got["resumes"] == [{"step": killed_at, "changed": {}, "earlier_train_time_s": earlier}] and earlier > 0
+    assert got["wall_time_s"] >= got["train_time_s"]  # (train_time_s sums every process's training)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):

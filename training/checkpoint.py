@@ -27,8 +27,9 @@ A resumed run must train under the config its checkpoint was trained with (``run
 config composed again from the command line is compared key by key (``check_resume``); a key that
 differs, other than the few that cannot change what trains (``RESUME_IGNORED``), refuses the
 resume in one line naming the keys, unless the user lists it in ``resume_changes`` (a deliberate
-change: a longer schedule, say). Accepted changes are recorded, with the step they took effect at,
-in the checkpoint and in summary.json (``resumes``), so the run dir keeps saying what trained it.
+change: a longer schedule, say). Every resume is recorded, with the step it took effect at and its
+accepted changes, in the checkpoint and in summary.json (``resumes``), so the run dir keeps saying
+what trained it.
 """
 
 from __future__ import annotations

@@ -77,9 +77,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
                       checkpoint_path=run_dir / rundir.CHECKPOINT if main else None, resume=resume,
                       save_best=_best_state_writer(cfg, run_dir, main), run_record=run_record, knowledge=knowledge)
         replica_difference = distributed.max_replica_difference(model, runtime.context)
+        earlier_s = run_record["resumes"][-1]["earlier_train_time_s"] if resume else 0.0  # the processes before this one
         summary = _summary(cfg, model, adapted, state, plan, runtime, tracker, group,
-                           examples=examples,
-                           wall_time_s=time.perf_counter() - started, replica_difference=replica_difference)
+                           examples=examples, wall_time_s=earlier_s + time.perf_counter() - started,
+                           replica_difference=replica_difference)
         summary["budget"] = budget
         summary["resumes"] = run_record["resumes"]
         tensors = _adapter_tensors(model, main)
@@ -264,7 +265,11 @@ def _load_checkpoint(cfg: DictConfig, run_dir: Path, runtime: Runtime) -> tuple[
             log.warning(warning)
         rundir.truncate_predictions(run_dir, saved["step"])
     log.info("resuming %s from step %d", run_dir, saved["step"])
-    return saved, {"config": config, "resumes": [*trained["resumes"], *([accepted] if accepted else [])]}
+    # every resume is recorded, with its accepted changes ({} for none) and the training seconds of
+    # the processes before it (up to the checkpoint), which the run's wall_time_s counts too
+    resumed = {"step": saved["step"], "changed": accepted["changed"] if accepted else {},
+               "earlier_train_time_s": saved["train_state"]["train_time_s"]}
+    return saved, {"config": config, "resumes": [*trained["resumes"], resumed]}
 
 
 def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
