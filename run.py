@@ -88,8 +88,7 @@ def _skip_or_continue(cfg: DictConfig, run_dir: Path) -> dict | None:
         done = None
     if done and done.get("status") == "completed":
         return done
-    if not cfg.resume and any(p.is_file() for p in (run_dir / rundir.CHECKPOINT,
-                                                     checkpoint.previous(run_dir / rundir.CHECKPOINT))):
+    if not cfg.resume and any(p.is_file() for p in checkpoint.files(run_dir / rundir.CHECKPOINT)):
         print(f"skip_completed: {run_dir} was cut off; it continues from its last checkpoint", file=sys.stderr)
         cfg.resume = True
     return None

@@ -270,11 +270,16 @@ def previous(path: Path) -> Path:
     return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 
+def files(path: Path) -> tuple[Path, Path]:
+    """The checkpoint at ``path`` and the one kept before it, newest first."""
+    return path, previous(path)
+
+
 def load_latest(path: Path) -> tuple[dict[str, Any], list[str]]:
     """The checkpoint at ``path`` or, if that one is unreadable (empty, cut short, overwritten),
     the one before it; with a warning per unreadable file. ``ConfigError`` when neither loads."""
     problems = []
-    for candidate in (path, previous(path)):
+    for candidate in files(path):
         if not candidate.is_file():
             continue
         try:

@@ -101,7 +101,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
         raise
     tracker.finish()
     if main:
-        for path in (run_dir / rundir.CHECKPOINT, checkpoint.previous(run_dir / rundir.CHECKPOINT)):
+        for path in checkpoint.files(run_dir / rundir.CHECKPOINT):
             path.unlink(missing_ok=True)  # complete: adapter.safetensors is what remains
     return summary
 
