@@ -18,6 +18,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from training.models import load_model
 
+# Two tiers. `python -m pytest` (the README's command) runs every check of the machinery; the
+# tests marked `slow` also run with --slow: the learning runs trained to an accuracy threshold,
+# the studies on real GLUE rows, and the second and later variants through a path (a resume, a
+# torchrun strategy) that the fast tier already runs with LoRA. CI (.ci/run) runs both.
+SLOW_TIER = "slow tier: python -m pytest --slow -m slow (CI runs it)"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (docs/testing.md)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.skip(reason=SLOW_TIER))
+
 
 @pytest.fixture(scope="session")
 def _minilm():

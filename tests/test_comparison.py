@@ -381,9 +381,9 @@ def test_compare_end_to_end_on_a_tiny_real_mrpc_sweep(tmp_path, monkeypatch, cap
     sweep = tmp_path / "sweep"
     result = run_py(
         "-m", "variant=lora,dora", "seed=0,1", "task=mrpc", f"task.data_dir={GLUE_DIR / 'MRPC'}",
-        "task.val_fraction=0.1", "task.max_train_examples=48", "model.max_length=48", "trainer.batch_size=8",
-        "trainer.max_steps=3", "trainer.eval_every=2", "trainer.eval_batch_size=64", "tracking.mode=disabled",
-        "budget=40000", f"hydra.sweep.dir={sweep}")
+        "task.val_fraction=0.1", "task.max_train_examples=48", "model.max_length=32", "trainer.batch_size=8",
+        "trainer.max_steps=3", "trainer.eval_every=2", "trainer.eval_batch_size=64", "trainer.forgetting.examples=32",
+        "tracking.mode=disabled", "budget=40000", f"hydra.sweep.dir={sweep}")  # (its time: 775 examples evaluated twice)
     assert result.returncode == 0, result.stderr[-3000:]
     _, evaluations = load_task(glue_task("mrpc"))
     dev_labels = np.array([ex["label"] for ex in evaluations["main"]])

@@ -23,8 +23,10 @@ def trainer_cfg(lr: float):
 # The variants with a data-driven start or their own step (LoRA-GA, LoRA-Pro, LoRA+, PiSSA, MiLoRA,
 # EVA, rsLoRA) learn the same task through run.py instead: tests/test_run.py.
 @pytest.mark.parametrize("variant, rank, kwargs, lr", [
-    ("lora", 8, {}, 3e-3), ("dora", 8, {}, 3e-3), ("adalora", 12, {"target_rank": 8}, 3e-2),
-    ("qlora", 8, {}, 3e-3), ("staged", 8, {"full_fraction": 0.2, "full_lr": 5e-5}, 3e-3),
+    ("lora", 8, {}, 3e-3),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        ("dora", 8, {}, 3e-3), ("adalora", 12, {"target_rank": 8}, 3e-2), ("qlora", 8, {}, 3e-3),
+        ("staged", 8, {"full_fraction": 0.2, "full_lr": 5e-5}, 3e-3)]),
 ])
 def test_variant_learns_smoke_task(minilm, tmp_path, variant, rank, kwargs, lr):
     torch.manual_seed(0)

@@ -126,6 +126,7 @@ def test_subspace_and_amplification_analyses_read_the_causal_lm_adapters(tmp_pat
     assert len(rows) == 1 + 8 and all("_proj" in row for row in rows[1:])
 
 
+@pytest.mark.slow
 def test_lora_learns_the_smoke_task_through_run_py(tmp_path):
     """The whole SmolLM2 (30 blocks) through run.py: from no exact answers to many in 24 steps.
     (The default budget, 200 steps, reaches 0.85 on all 200 eval examples: README.)"""

@@ -16,8 +16,8 @@ from analysis import two_stage
 # 48 training pairs, 2 epochs of 6 steps, an evaluation each half epoch (every 3 steps) on the
 # first 96 validation and test pairs
 TINY = ["+experiment=glue_minilm_converged", "task=mrpc", f"glue_dir={GLUE_DIR}", "task.max_train_examples=48",
-        "task.max_eval_examples=96", "model.max_length=48", "trainer.batch_size=8", "max_epochs=2",
-        "trainer.eval_batch_size=128",
+        "task.max_eval_examples=96", "model.max_length=32", "trainer.batch_size=8", "max_epochs=2",
+        "trainer.eval_batch_size=128", "trainer.forgetting.examples=32",
         "trainer.precision=fp32",  # the protocol, not its precision: bf16 is 12-14x slower on an AVX2 CPU (BENCHMARKS.md)
         "hydra/launcher=basic", "variant=lora", "++lr_grid.lora.p0=1e-6", "++lr_grid.lora.p1=3e-3",
         "++lr_grid.lora.p2=1e-2", "~lr_grid.lora.p3"]  # a 3-point grid (the experiment's p3 removed), all of it run
