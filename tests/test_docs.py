@@ -57,3 +57,12 @@ def test_relative_links_resolve(page):
 def test_readme_is_a_door():
     lines = len((ROOT / "README.md").read_text(encoding="utf-8").splitlines())
     assert lines <= 250, f"README.md has {lines} lines; move the depth to docs/"
+
+
+def test_ci_runs_the_readmes_test_command_and_then_the_slow_tier():
+    """CI must run what the README tells a user to run, and the tests that command skips."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (command,) = [line for line in readme.splitlines() if line.startswith("pip install") and "pytest" in line]
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith("#")]
+    assert command in ci, ".ci/run no longer runs the README's test command"
+    assert ci[ci.index(command) + 1:] == ["python -m pytest -q --slow -m slow"]
