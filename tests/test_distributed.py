@@ -42,11 +42,17 @@ SETTINGS = {
     # into steps of the order of the rate (1.1e-5 at 3e-3 against 1.8e-6 at 1e-3; the unwrapped
     # model's error is 2e-3), so the bound below holds for this rate, whatever the default becomes.
     "staged": ["variant=staged", "variant.full_fraction=0.5", "variant.lr=1e-3", "tracking.mode=disabled"],
+    # CorDA's start from the covariance each process gathers on its half of each batch, summed
+    # across processes. Its damped inverse amplifies the reduction order's float32 noise (1.9e-3
+    # apart after 6 steps, as LoRA-Pro's inverse does); in float64 the runs agree.
+    "corda": ["variant=corda", "variant.precision=float64", "tracking.mode=disabled"],
 }
 # The fast tier: LoRA under both strategies and staged's rebuilt wrapper under DDP; the slow tier
-# (--slow) shards the other families and runs LoRA-Pro and QLoRA against DDP.
+# (--slow) shards the other families, runs CorDA's covariance start under DDP, and LoRA-Pro, QLoRA
+# and VeRA against DDP.
 CASES = [("lora", "ddp"), ("staged", "ddp"), ("lora", "fsdp"),
-         *(pytest.param(variant, "fsdp", marks=pytest.mark.slow) for variant in SETTINGS if variant != "lora")]
+         *(pytest.param(variant, strategy, marks=pytest.mark.slow) for variant, strategy in [
+             ("dora", "fsdp"), ("adalora", "fsdp"), ("staged", "fsdp"), ("corda", "ddp")])]
 
 
 @pytest.mark.parametrize(("variant", "strategy"), CASES)
@@ -113,6 +119,10 @@ AGAINST_DDP = {
     # A bf16 base: the task head that trains is cast to fp32 before sharding fixes each dtype,
     # and the frozen bf16 weights are gathered beside fp32 ones (bf16 autocast: DDP's noise too).
     "bf16_base": ["model.dtype=bfloat16"],
+    # VeRA: one frozen A and B shared by every layer (buffers, not sharded) beside the sharded d and
+    # b vectors. At its rate (5e-2) AdamW turns the halves' float noise into 2.5e-5 against the
+    # single process under either strategy; FSDP's run is DDP's exactly.
+    "vera": ["variant=vera"],
 }
 
 
