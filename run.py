@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 import training.sweep  # noqa: F401  registers ${job_dirname:...}, which names sweep job dirs (hydra.sweep.subdir)
 from schema import ConfigError
 from schema.door import check_overrides
-from training import checkpoint, run_experiment, rundir
+from training import checkpoint, interrupt, run_experiment, rundir
 from training.cli import check_group_choices, check_launcher
 from training.experiment import write_failure
 
@@ -61,6 +61,9 @@ def main(cfg: DictConfig) -> float:
         if not sweep:
             sys.exit(2)
         return float("nan")
+    except interrupt.Interrupted as err:  # SIGTERM: this job stopped at a checkpoint, and a sweep starts no other
+        print(f"interrupted: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
     except Exception as err:  # noqa: BLE001  (one line for the user; in a sweep, the other jobs go on)
         print(f"error: {err}" if isinstance(err, ConfigError) else f"error: {type(err).__name__}: {err}",
               file=sys.stderr)
@@ -185,6 +188,7 @@ if __name__ == "__main__":
     except (ConfigError, rundir.InUse) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    interrupt.install()
     main()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

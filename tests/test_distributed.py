@@ -169,6 +169,17 @@ def test_torchrun_needs_a_run_dir(tmp_path):
     assert "error: hydra.run.dir is required under torchrun" in result.stderr
 
 
+# A 2-process run stopped mid-epoch (9 batches of 8 per epoch, checkpoints every 5 steps), with
+# dropout on: each process draws its own masks.
+INTERRUPTED = ["trainer.max_steps=20", "trainer.batch_size=8", "trainer.checkpoint_every=5", "trainer.log_every=1",
+               "trainer.eval_every=10", "task.train_size=72", "task.eval_size=32", "tracking.mode=disabled"]
+
+
+def start_torchrun(*args):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "run.py", *args],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_killed_torchrun_run_resumes_to_identical_results(tmp_path, strategy):
     """With dropout on, each process draws its own masks: a checkpoint keeps every process's RNG
@@ -178,16 +189,12 @@ def test_a_killed_torchrun_run_resumes_to_identical_results(tmp_path, strategy):
 
     import torch
 
-    args = ["trainer.max_steps=20", "trainer.batch_size=8", "trainer.checkpoint_every=5", "trainer.log_every=1",
-            "trainer.eval_every=10", "task.train_size=72", "task.eval_size=32", "tracking.mode=disabled",
-            f"trainer.strategy={strategy}"]
+    args = [*INTERRUPTED, f"trainer.strategy={strategy}"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     result = torchrun("run.py", *args, f"hydra.run.dir={whole}")
     assert result.returncode == 0, result.stderr
 
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "run.py", *args,
-                             f"hydra.run.dir={broken}"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_torchrun(*args, f"hydra.run.dir={broken}")
     deadline, killed_at = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None and killed_at is None:
         try:
@@ -209,4 +216,41 @@ def test_a_killed_torchrun_run_resumes_to_identical_results(tmp_path, strategy):
     records = [(broken / "metrics.jsonl"), (whole / "metrics.jsonl")]
     assert records[0].read_text() == records[1].read_text()  # every loss and lr, bit for bit
     one, two = load_file(whole / "adapter.safetensors"), load_file(broken / "adapter.safetensors")
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_the_resume_is_the_uninterrupted_run(tmp_path):
+    """torchrun's agent passes SIGTERM on to its workers: they agree on the step to stop at (one
+    may see the signal a step before the other), gather a checkpoint there and end the run
+    interrupted; resumed, it ends bit-identical to the run that was not stopped."""
+    import signal
+    import time
+
+    import torch
+    from test_resume import last_step
+
+    args = [*INTERRUPTED, "trainer.strategy=fsdp"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    result = torchrun("run.py", *args, f"hydra.run.dir={whole}")
+    assert result.returncode == 0, result.stderr
+
+    proc = start_torchrun(*args, f"hydra.run.dir={stopped}")
+    deadline = time.time() + 300
+    while last_step(stopped) < 7 and time.time() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)  # (torchrun's own exit status is 1, with its agent's SignalException)
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["step"] >= 7
+    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["step"] == summary["step"]
+    result = torchrun("run.py", f"resume={stopped}")
+    assert result.returncode == 0, result.stderr
+
+    expected = json.loads((whole / "summary.json").read_text())
+    got = json.loads((stopped / "summary.json").read_text())
+    assert got["eval"] == expected["eval"] and got["resumes"][0]["step"] == summary["step"]
+    assert (stopped / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    one, two = load_file(whole / "adapter.safetensors"), load_file(stopped / "adapter.safetensors")
     assert all(torch.equal(one[k], two[k]) for k in one)

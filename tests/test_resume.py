@@ -139,6 +139,50 @@ def test_a_sweep_job_killed_mid_run_continues_from_its_checkpoint_with_skip_comp
     assert got["wall_time_s"] >= got["train_time_s"]  # (train_time_s sums every process's training)
 
 
+def last_step(run_dir):
+    """The step of the last train/* record in ``run_dir``'s metrics.jsonl (0 before any)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return max((json.loads(line)["step"] for line in lines if '"train/loss"' in line), default=0)
+
+
+def test_sigterm_stops_a_sweep_at_a_step_with_its_checkpoint_and_skip_completed_ends_it_as_uninterrupted(tmp_path):
+    """SIGTERM (a scheduler's time limit or preemption): the job writes a checkpoint at the step
+    it was at, is marked interrupted, the sweep exits 143 without starting its next job, and
+    the sweep's command with skip_completed=true continues the job from that very step."""
+    extra = ["model.keep_layers=2", "variant=lora"]
+    whole, sweep = tmp_path / "whole", tmp_path / "sweep"
+    result = run_py(*RUN, *extra, f"hydra.run.dir={whole}")
+    assert result.returncode == 0, result.stderr
+    command = [*RUN, *extra, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    proc = start(*command, "-m")
+    deadline = time.time() + 300
+    while not ((jobs := list(sweep.glob("0_*"))) and last_step(jobs[0]) >= 7) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    stderr = proc.stderr.read()
+    job = jobs[0]
+    summary = json.loads((job / "summary.json").read_text())
+    step = summary["step"]
+    assert summary["status"] == "interrupted" and step >= 7
+    assert torch.load(job / "checkpoint.pt", weights_only=True)["step"] == step  # not the periodic one at 5
+    assert last_step(job) == step
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: stopped by SIGTERM after step {step}, whose checkpoint is kept: continue with "
+        "resume=<run dir> (a sweep: its command again with skip_completed=true)")
+    assert [p.name[:2] for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()] == ["0_"]  # job 1 never started
+
+    result = run_py(*command, "skip_completed=true", "-m")
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {job} from step {step}" in (job / "run.log").read_text()
+    expected, got = (json.loads((d / "summary.json").read_text()) for d in (whole, job))
+    assert got["status"] == "completed" and got["eval"] == expected["eval"]  # bit-identical on CPU
+    assert records(job) == records(whole) and got["resumes"][0]["step"] == step
+    assert json.loads(next(sweep.glob("1_*/summary.json")).read_text())["status"] == "completed"
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     run_dir = tmp_path / "done"
     assert run_py(*RUN[:1], "trainer.max_steps=2", "task.train_size=32", "task.eval_size=16",

@@ -104,6 +104,11 @@ def all_true(flag: bool, context: Context) -> bool:
     return bool(value.item())
 
 
+def any_true(flag: bool, context: Context) -> bool:
+    """Whether ``flag`` holds on some process (a collective: every process must call it)."""
+    return not all_true(not flag, context)
+
+
 def gather_to_main(obj: Any, context: Context) -> list[Any] | None:
     """Every process's ``obj`` (tensors and plain containers), in rank order, on rank 0 (None
     elsewhere); a collective. Sent as ``torch.save`` bytes: ``gather_object``'s own pickling of

@@ -33,6 +33,7 @@ from .data import load_task, make_loader, sft
 from .device import Runtime, cpu_bf16_note, for_weights, peak_memory_mb, reset_peak_memory, runtime_for
 from .evaluation import ClassifierEvaluator, Evaluator, GenerationEvaluator
 from .forgetting import Probe, build_probe, summarize
+from .interrupt import Interrupted
 from .knowledge import knowledge_loader
 from .models import load_model, weights_mb
 from .selection import at_best_val, best_eval
@@ -92,12 +93,13 @@ def run_experiment(cfg: DictConfig, run_dir: Path, group: str | None = None, run
         tracker.summary({k: v for k, v in summary.items() if k != "adapted_modules"})
     except BaseException as err:
         if main:
-            failure = {"status": "failed", "variant": cfg.variant.name, "rank": cfg.rank, "seed": cfg.seed,
-                       "task": cfg.task.name, "main_metric": cfg.task.main_metric,
-                       "error": f"{type(err).__name__}: {err}"}
+            stopped = isinstance(err, Interrupted)  # not a failure: its checkpoint continues it
+            failure = {"status": "interrupted" if stopped else "failed", "variant": cfg.variant.name,
+                       "rank": cfg.rank, "seed": cfg.seed, "task": cfg.task.name, "main_metric": cfg.task.main_metric,
+                       "error": f"{type(err).__name__}: {err}", **({"step": err.step} if stopped else {})}
             write_failure(run_dir, failure)
             tracker.summary(failure)
-            tracker.finish(exit_code=1)
+            tracker.finish(exit_code=128 + err.signum if stopped else 1)
         raise
     tracker.finish()
     if main:
@@ -397,7 +399,7 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 def write_failure(run_dir: Path, failure: dict[str, Any]) -> None:
-    """Mark a run failed in its summary.json (the last checkpoint, if any, stays for resume=true).
+    """Mark a run failed (or interrupted) in its summary.json (the last checkpoint, if any, stays for resume=true).
     Where that write fails too (a read-only or full dir), a warning says so and the error that
     stopped the run is the one reported, not this one."""
     try:

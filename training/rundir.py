@@ -3,7 +3,7 @@
     config.yaml            the fully resolved config
     metrics.jsonl          one JSON record per log/eval step (the W&B keys)
     predictions.npz        per-example labels and scores of every evaluated set at every evaluation
-    summary.json           the run's results, or ``"status": "failed"`` and the error
+    summary.json           the run's results, or ``"status": "failed"`` (or ``"interrupted"``, SIGTERM) and why
     adapter.safetensors    what trained, with the metadata to rebuild the model
     adapter_best.safetensors   the same at the best evaluation (trainer.keep_best; its step in the metadata)
     checkpoint.pt          the training checkpoint while the run is unfinished

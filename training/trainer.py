@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 import variants
 
-from . import checkpoint, distributed, optim, selection
+from . import checkpoint, distributed, interrupt, optim, selection
 from .checkpoint import DataPosition, TrainState
 from .device import Runtime
 from .evaluation import ClassifierEvaluator, Evaluator
@@ -201,9 +202,15 @@ def train(
                 state.begin_phase(opt.peak_lr, opt.optimizer_name)
                 if main:
                     progress.write(f"after step {state.step}: the trainable parameters changed, phase {state.phase} starts")
-            if cfg.get("checkpoint_every") and not last and state.step % cfg.checkpoint_every == 0:
+            saved = cfg.get("checkpoint_every") and not last and state.step % cfg.checkpoint_every == 0
+            if saved:
                 state.train_time_s = time.perf_counter() - clock
                 _save_checkpoint(checkpoint_path, raw_model, opt, state, tracker, runtime, run_record)
+            if not last and distributed.any_true(interrupt.requested() is not None, runtime.context):
+                if not saved:  # SIGTERM (training/interrupt.py): a checkpoint at this step, then the run ends
+                    state.train_time_s = time.perf_counter() - clock
+                    _save_checkpoint(checkpoint_path, raw_model, opt, state, tracker, runtime, run_record)
+                raise interrupt.Interrupted(state.step, interrupt.requested() or signal.SIGTERM)
             if last:
                 break
     finally:
