@@ -38,8 +38,10 @@ from schema.door import check_overrides
 from training import checkpoint, interrupt, run_experiment, rundir
 from training.cli import check_group_choices, check_launcher
 from training.experiment import write_failure
+from training.sweep import write_summary as write_sweep_summary
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+NEXT_JOBS = "no further job starts (a sweep: its command again with skip_completed=true)"
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -49,6 +51,10 @@ def main(cfg: DictConfig) -> float:
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
     group = Path(hydra_cfg.sweep.dir).name if sweep else None
     name = f"{group}/{run_dir.name}" if sweep else run_dir.name
+    if hydra_cfg.mode == RunMode.RUN or hydra_cfg.launcher._target_.endswith(".BasicLauncher"):
+        interrupt.install()  # the job runs in this process (the other launchers' workers keep the default)
+    if interrupt.requested():  # between two jobs of a sweep
+        _stop(hydra_cfg, sweep, interrupt.requested(), f"{run_dir} was not started; {NEXT_JOBS}")
     done = _skip_or_continue(cfg, run_dir) if cfg.get("skip_completed") else None
     if done:
         print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
@@ -62,8 +68,7 @@ def main(cfg: DictConfig) -> float:
             sys.exit(2)
         return float("nan")
     except interrupt.Interrupted as err:  # SIGTERM: this job stopped at a checkpoint, and a sweep starts no other
-        print(f"interrupted: {err}", file=sys.stderr)
-        sys.exit(128 + err.signum)
+        _stop(hydra_cfg, sweep, err.signum, str(err))
     except Exception as err:  # noqa: BLE001  (one line for the user; in a sweep, the other jobs go on)
         print(f"error: {err}" if isinstance(err, ConfigError) else f"error: {type(err).__name__}: {err}",
               file=sys.stderr)
@@ -76,7 +81,17 @@ def main(cfg: DictConfig) -> float:
         if not (run_dir / rundir.SUMMARY).is_file():  # failed before its run dir was written
             write_failure(run_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         return float("nan")
+    if interrupt.requested():  # it came during the last step or evaluation: the run completed
+        _stop(hydra_cfg, sweep, interrupt.requested(), f"{run_dir} completed; {NEXT_JOBS}")
     return summary["eval"][summary["main_metric"]]
+
+
+def _stop(hydra_cfg, sweep: bool, signum: int, what: str) -> None:
+    """SIGTERM (training/interrupt.py): the sweep's summary as it stands, one line, exit 128 + signum."""
+    if sweep:
+        write_sweep_summary(Path(hydra_cfg.sweep.dir))
+    print(f"interrupted: {what}", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 def _skip_or_continue(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -188,7 +203,6 @@ if __name__ == "__main__":
     except (ConfigError, rundir.InUse) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    interrupt.install()
     main()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

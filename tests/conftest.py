@@ -20,8 +20,8 @@ from training.models import load_model
 
 # Two tiers. `python -m pytest` (the README's command) runs every check of the machinery; the
 # tests marked `slow` also run with --slow: the learning runs trained to an accuracy threshold,
-# the studies on real GLUE rows, and the second and later variants through a path (a resume, a
-# torchrun strategy) that the fast tier already runs with LoRA. CI (.ci/run) runs both.
+# and the second and later variants through a path (a resume, a torchrun strategy) that the fast
+# tier already runs with LoRA. CI (.ci/run) runs both.
 SLOW_TIER = "slow tier: python -m pytest --slow -m slow (CI runs it)"
 
 

@@ -55,6 +55,11 @@ CASES = [("lora", "ddp"), ("staged", "ddp"), ("lora", "fsdp"),
              ("dora", "fsdp"), ("adalora", "fsdp"), ("staged", "fsdp"), ("corda", "ddp")])]
 
 
+# a new SETTINGS entry must get a case: every family under FSDP, CorDA's start under DDP
+assert {tuple(getattr(case, "values", case)) for case in CASES} >= {
+    *((v, "fsdp") for v in SETTINGS if v != "corda"), ("corda", "ddp")}
+
+
 @pytest.mark.parametrize(("variant", "strategy"), CASES)
 def test_two_processes_train_the_single_process_model(tmp_path, single_runs_dir, variant, strategy):
     args = [*COMMON, *SETTINGS[variant]]

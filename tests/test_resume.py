@@ -173,6 +173,7 @@ def test_sigterm_stops_a_sweep_at_a_step_with_its_checkpoint_and_skip_completed_
         f"interrupted: stopped by SIGTERM after step {step}, whose checkpoint is kept: continue with "
         "resume=<run dir> (a sweep: its command again with skip_completed=true)")
     assert [p.name[:2] for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()] == ["0_"]  # job 1 never started
+    assert [row["status"] for row in json.loads((sweep / "sweep_summary.json").read_text())] == ["interrupted"]
 
     result = run_py(*command, "skip_completed=true", "-m")
     assert result.returncode == 0, result.stderr

@@ -82,20 +82,24 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def write_summary(sweep_dir: Path) -> None:
+    """``sweep_summary.json`` and ``sweep_summary.md``: every job dir's status and metric."""
+    if not sweep_dir.is_dir():
+        return
+    rows = job_rows(sweep_dir)
+    rundir.write_text(sweep_dir / "sweep_summary.json", json.dumps(rows, indent=2) + "\n")
+    lines = ["| job | status | metric | value | error |", "|---|---|---|---|---|"]
+    for row in rows:
+        value = "" if row["value"] is None else f"{row['value']:.4f}"
+        lines.append(f"| {row['job']} | {row['status']} | {row['metric'] or ''} | {value} | {row['error'] or ''} |")
+    rundir.write_text(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
+    failed = [row["job"] for row in rows if row["status"] != "completed"]
+    log.info("sweep summary: %d of %d jobs completed%s; %s", len(rows) - len(failed), len(rows),
+             f", not completed: {', '.join(failed)}" if failed else "", sweep_dir / "sweep_summary.md")
+
+
 class SweepSummary(Callback):
-    """Writes ``sweep_summary.json`` and ``sweep_summary.md`` into the sweep dir at the end."""
+    """Writes the sweep summary at the end (run.py writes it too when SIGTERM stops the sweep)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
-            return
-        rows = job_rows(sweep_dir)
-        rundir.write_text(sweep_dir / "sweep_summary.json", json.dumps(rows, indent=2) + "\n")
-        lines = ["| job | status | metric | value | error |", "|---|---|---|---|---|"]
-        for row in rows:
-            value = "" if row["value"] is None else f"{row['value']:.4f}"
-            lines.append(f"| {row['job']} | {row['status']} | {row['metric'] or ''} | {value} | {row['error'] or ''} |")
-        rundir.write_text(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")
-        failed = [row["job"] for row in rows if row["status"] != "completed"]
-        log.info("sweep summary: %d of %d jobs completed%s; %s", len(rows) - len(failed), len(rows),
-                 f", not completed: {', '.join(failed)}" if failed else "", sweep_dir / "sweep_summary.md")
+        write_summary(Path(config.hydra.sweep.dir))

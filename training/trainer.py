@@ -160,6 +160,8 @@ def train(
     try:
         if resume is None and cfg.get("eval_at_start"):  # step 0: the model before training (the base, for most variants)
             _evaluate_and_log(raw_model, eval_loaders, plan, runtime, state, tracker, progress, last=False)
+        if distributed.any_true(interrupt.requested() is not None, runtime.context):  # during the set-up
+            raise interrupt.Interrupted(state.step, interrupt.requested() or signal.SIGTERM)  # (a resume's checkpoint stays)
         for batch in _batches(train_loader, state.data):
             started = time.perf_counter()
             loss, adapter_loss = _forward_backward(model, raw_model, runtime.to_device(batch), runtime, state.step)
