@@ -53,7 +53,8 @@ def main(cfg: DictConfig) -> float:
     name = f"{group}/{run_dir.name}" if sweep else run_dir.name
     if hydra_cfg.mode == RunMode.RUN or hydra_cfg.launcher._target_.endswith(".BasicLauncher"):
         interrupt.install()  # the job runs in this process (the other launchers' workers keep the default)
-    if interrupt.requested():  # between two jobs of a sweep
+    if interrupt.requested():  # between two jobs of a sweep: Hydra's files of this one are removed
+        rundir.remove_if_unused(run_dir)
         _stop(hydra_cfg, sweep, interrupt.requested(), f"{run_dir} was not started; {NEXT_JOBS}")
     done = _skip_or_continue(cfg, run_dir) if cfg.get("skip_completed") else None
     if done:
