@@ -160,7 +160,7 @@ def train(
     try:
         if resume is None and cfg.get("eval_at_start"):  # step 0: the model before training (the base, for most variants)
             _evaluate_and_log(raw_model, eval_loaders, plan, runtime, state, tracker, progress, last=False)
-        if distributed.any_true(interrupt.requested() is not None, runtime.context):  # during the set-up
+        if _stop_requested(runtime):  # during the set-up
             raise interrupt.Interrupted(state.step, interrupt.requested() or signal.SIGTERM)  # (a resume's checkpoint stays)
         for batch in _batches(train_loader, state.data):
             started = time.perf_counter()
@@ -204,14 +204,11 @@ def train(
                 state.begin_phase(opt.peak_lr, opt.optimizer_name)
                 if main:
                     progress.write(f"after step {state.step}: the trainable parameters changed, phase {state.phase} starts")
-            saved = cfg.get("checkpoint_every") and not last and state.step % cfg.checkpoint_every == 0
-            if saved:
+            stop = not last and _stop_requested(runtime)  # SIGTERM (training/interrupt.py): a checkpoint here, then the end
+            if stop or (cfg.get("checkpoint_every") and not last and state.step % cfg.checkpoint_every == 0):
                 state.train_time_s = time.perf_counter() - clock
                 _save_checkpoint(checkpoint_path, raw_model, opt, state, tracker, runtime, run_record)
-            if not last and distributed.any_true(interrupt.requested() is not None, runtime.context):
-                if not saved:  # SIGTERM (training/interrupt.py): a checkpoint at this step, then the run ends
-                    state.train_time_s = time.perf_counter() - clock
-                    _save_checkpoint(checkpoint_path, raw_model, opt, state, tracker, runtime, run_record)
+            if stop:
                 raise interrupt.Interrupted(state.step, interrupt.requested() or signal.SIGTERM)
             if last:
                 break
@@ -220,6 +217,11 @@ def train(
     state.train_time_s = time.perf_counter() - clock
     state.memory_per_process = distributed.local_memory_mb(raw_model, opt.optimizer, runtime.context)
     return state
+
+
+def _stop_requested(runtime: Runtime) -> bool:
+    """A process was sent SIGTERM: every process stops at this same point (a collective)."""
+    return distributed.any_true(interrupt.requested() is not None, runtime.context)
 
 
 def _save_checkpoint(path: Path | None, raw_model: nn.Module, opt: optim.Optimization, state: TrainState,
