@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from hydra.experimental.callback import Callback
 from safetensors.torch import load_file
 from test_causal_lm import needs_smollm2
 from test_run import ROOT, run_py
@@ -182,6 +183,64 @@ def test_sigterm_stops_a_sweep_at_a_step_with_its_checkpoint_and_skip_completed_
     assert got["status"] == "completed" and got["eval"] == expected["eval"]  # bit-identical on CPU
     assert records(job) == records(whole) and got["resumes"][0]["step"] == step
     assert json.loads(next(sweep.glob("1_*/summary.json")).read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_last_evaluation_completes_the_job_and_starts_no_other(tmp_path):
+    """A SIGTERM after the last step (here: during the final evaluation, made long by a large
+    eval set) keeps the run: it completes as usual, and only the sweep stops, with 143 and a
+    sweep summary; the command again with skip_completed=true skips that job and runs the next."""
+    sweep = tmp_path / "sweep"
+    command = [*RUN, "model.keep_layers=2", "variant=lora", "trainer.eval_every=30", "task.eval_size=1500",
+               "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    proc = start(*command, "-m")
+    deadline = time.time() + 300
+    while not ((jobs := list(sweep.glob("0_*"))) and last_step(jobs[0]) >= 30) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    job = jobs[0]
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 30
+    assert proc.stderr.read().strip().splitlines()[-1] == (
+        f"interrupted: {job} completed; no further job starts (a sweep: its command again with skip_completed=true)")
+    assert [p.name[:2] for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()] == ["0_"]
+    assert [row["status"] for row in json.loads((sweep / "sweep_summary.json").read_text())] == ["completed"]
+
+    result = run_py(*command, "skip_completed=true", "-m")
+    assert result.returncode == 0, result.stderr
+    assert f"skip: {job} already holds a completed run" in result.stderr
+    assert [row["status"] for row in json.loads((sweep / "sweep_summary.json").read_text())] == ["completed"] * 2
+
+
+class SigtermAtJobStart(Callback):
+    """A Hydra callback for the test below: SIGTERM to the sweep's process as job ``job`` starts,
+    after the job before it ended and before run.py's code of this one runs."""
+
+    def __init__(self, job: int):
+        self.job = job
+
+    def on_job_start(self, config, **kwargs):
+        if config.hydra.job.num == self.job:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_between_two_jobs_starts_neither_and_leaves_no_dir_of_the_second(tmp_path):
+    """A SIGTERM after a job ended and before the next one's code runs (a real signal, sent by
+    a Hydra callback at the job's start): the next job's dir, which Hydra made, is removed, the
+    sweep summary lists the finished job, and the sweep exits 143."""
+    sweep = tmp_path / "sweep"
+    result = run_py(*RUN[1:], "trainer.max_steps=4", "model.keep_layers=2", "seed=0,1,2", f"hydra.sweep.dir={sweep}",
+                    "+hydra.callbacks.sigterm._target_=test_resume.SigtermAtJobStart", "+hydra.callbacks.sigterm.job=1",
+                    "-m", PYTHONPATH=str(ROOT / "tests"))
+    assert result.returncode == 143, result.stderr
+    job = next(sweep.glob("1_*"), None)
+    assert result.stderr.strip().splitlines()[-1].startswith("interrupted: ") and job is None
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        " was not started; no further job starts (a sweep: its command again with skip_completed=true)")
+    assert [p.name[:2] for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()] == ["0_"]
+    assert [row["status"] for row in json.loads((sweep / "sweep_summary.json").read_text())] == ["completed"]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
