@@ -56,6 +56,12 @@ def main(cfg: DictConfig) -> float:
     if interrupt.requested():  # between two jobs of a sweep: Hydra's files of this one are removed
         rundir.remove_if_unused(run_dir)
         _stop(hydra_cfg, sweep, interrupt.requested(), f"{run_dir} was not started; {NEXT_JOBS}")
+    if cfg.get("skip_completed") and sweep:  # a second process on the same sweep (a worker more): it takes the next job
+        try:
+            rundir.check_free(run_dir)
+        except rundir.InUse as err:
+            print(f"skip: {run_dir} is being run by {err.owner} (skip_completed=true)", file=sys.stderr)
+            return float("nan")
     done = _skip_or_continue(cfg, run_dir) if cfg.get("skip_completed") else None
     if done:
         print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)

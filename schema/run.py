@@ -33,7 +33,8 @@ class Run:
                                  "this run's (the LoRA paper's MNLI warm start)")
     skip_completed: bool = knob(False, "a run dir that already holds a completed summary is not run again, and one "
                                 "cut off after a checkpoint continues from it (finish a cut-off sweep: the same "
-                                "command, the same hydra.sweep.dir)")
+                                "command, the same hydra.sweep.dir); in a sweep, a job another process is running "
+                                "is skipped (a second worker on the sweep)")
     resume: bool = knob(False, "continue the run in hydra.run.dir from its checkpoint (or: python run.py "
                         "resume=<run dir>)")
     resume_changes: list[str] = knob([], "keys a resume may change from the checkpoint's config, e.g. "

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -241,6 +242,41 @@ def test_sigterm_between_two_jobs_starts_neither_and_leaves_no_dir_of_the_second
         " was not started; no further job starts (a sweep: its command again with skip_completed=true)")
     assert [p.name[:2] for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()] == ["0_"]
     assert [row["status"] for row in json.loads((sweep / "sweep_summary.json").read_text())] == ["completed"]
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_sweep_share_its_jobs_with_skip_completed(tmp_path):
+    """The same sweep command started twice with skip_completed=true (a second worker): each job
+    trains in one process only. The second skips the job the first holds (its run.lock) and
+    takes the next ones; the first then skips what the second completed; a sweep summary written
+    while a job runs elsewhere says "running" for it, not "missing"."""
+    sweep = tmp_path / "sweep"
+    command = [*RUN, "trainer.max_steps=10", "model.keep_layers=2", "seed=0,1,2", f"hydra.sweep.dir={sweep}",
+               "skip_completed=true", "-m"]
+    first = start(*command)
+    deadline = time.time() + 300
+    while not ((jobs := list(sweep.glob("0_*"))) and (jobs[0] / "run.lock").is_file()
+               and (jobs[0] / "run.lock").read_text()) and time.time() < deadline:
+        assert first.poll() is None, first.stderr.read()
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # held in job 0 while the second worker runs the sweep
+    try:
+        second = run_py(*command)
+        summary_meanwhile = json.loads((sweep / "sweep_summary.json").read_text())
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    first_stderr = first.stderr.read()
+    assert second.returncode == 0, second.stderr
+    job0, job1, job2 = (next(sweep.glob(f"{k}_*")) for k in range(3))
+    assert f"skip: {job0} is being run by pid {first.pid} on {socket.gethostname()}" in second.stderr
+    assert [row["status"] for row in summary_meanwhile] == ["running", "completed", "completed"]
+    for job in (job1, job2):
+        assert f"skip: {job} already holds a completed run (skip_completed=true)" in first_stderr
+    assert [row["status"] for row in json.loads((sweep / "sweep_summary.json").read_text())] == ["completed"] * 3
+    for job in (job0, job1, job2):  # trained once, by one process: one start, one run's records
+        assert (job / "run.log").read_text().count("optimizer adamw from step 0") == 1
+        assert [r["step"] for r in records(job) if "train/loss" in r] == list(range(1, 11))
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):

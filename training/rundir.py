@@ -54,7 +54,11 @@ def remove_if_unused(run_dir: Path) -> bool:
 
 
 class InUse(RuntimeError):
-    """Another live process owns the run dir (its ``run.lock``)."""
+    """Another live process owns the run dir (its ``run.lock``); ``owner`` says which."""
+
+    def __init__(self, run_dir: Path, holder: dict[str, Any]):
+        self.owner = f"pid {holder['pid']} on {holder['host']} (since {holder['started']})"
+        super().__init__(f"{run_dir} is in use by {self.owner}; wait for that run to end, or use another run dir")
 
 
 @contextmanager
@@ -102,8 +106,7 @@ def _lock(fd: int, path: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _read_lock(path) or {"pid": "?", "host": "?", "started": "?"}
-        raise InUse(f"{path.parent} is in use by pid {holder['pid']} on {holder['host']} (since {holder['started']}); "
-                    "wait for that run to end, or use another run dir") from None
+        raise InUse(path.parent, holder) from None
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:

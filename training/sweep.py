@@ -67,8 +67,11 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             and p.parent.parent.name != ".hydra"]
     for job in sorted(jobs, key=lambda p: int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 0):
         try:
+            rundir.check_free(job)
             summary = rundir.read_summary(job) or {}
             status = summary.get("status", "missing")  # missing: the job died without writing one
+        except rundir.InUse:  # another process runs it now (a second worker on the sweep): its summary is not final
+            summary, status = {}, "running"
         except rundir.UnreadableSummary as err:
             summary, status = {"error": str(err)}, "unreadable"  # cut short (a full disk, a kill): not completed
         metric = summary.get("main_metric")
