@@ -56,7 +56,8 @@ def main(cfg: DictConfig) -> float:
     if interrupt.requested():  # between two jobs of a sweep: Hydra's files of this one are removed
         rundir.remove_if_unused(run_dir)
         _stop(hydra_cfg, sweep, interrupt.requested(), f"{run_dir} was not started; {NEXT_JOBS}")
-    if cfg.get("skip_completed") and sweep:  # a second process on the same sweep (a worker more): it takes the next job
+    # another worker on this sweep runs the job: this one takes the next (not under torchrun, whose ranks must agree)
+    if cfg.get("skip_completed") and sweep and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         try:
             rundir.check_free(run_dir)
         except rundir.InUse as err:

@@ -287,6 +287,26 @@ def test_a_sweep_job_whose_dir_is_in_use_writes_nothing_there_and_the_others_run
     assert json.loads((sweep / "1_s1" / rundir.SUMMARY).read_text())["status"] == "completed"
 
 
+def test_a_look_at_a_lock_does_not_make_its_owner_fail_and_a_look_at_a_held_one_names_the_owner(tmp_path):
+    """``check_free`` (another worker's look, a sweep summary) holds a shared lock for a moment:
+    a run that takes the dir in that moment waits for it rather than reporting the dir in use."""
+    import fcntl
+    import os
+    import threading
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / rundir.LOCK).write_text("")
+    look = os.open(run_dir / rundir.LOCK, os.O_RDONLY)
+    fcntl.flock(look, fcntl.LOCK_SH)  # a look in progress, ended 0.3 s from now
+    threading.Timer(0.3, os.close, [look]).start()
+    rundir.check_free(run_dir)  # looks share the lock (a shared flock, which NFS grants on a read-only file)
+    with rundir.owned(run_dir):
+        rundir.check_free(tmp_path / "never_run")  # no lock file: free
+        with pytest.raises(rundir.InUse, match=f"is in use by pid {os.getpid()} on {socket.gethostname()} "):
+            rundir.check_free(run_dir)
+    rundir.check_free(run_dir)  # released
+
 def test_job_dir_names_hash_paths_and_long_values_and_stay_one_short_folder():
     from training.sweep import MAX_NAME, job_dirname
 

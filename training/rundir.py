@@ -72,7 +72,7 @@ def owned(run_dir: Path) -> Iterator[None]:
     path = run_dir / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        _lock(fd, path)
+        _lock(fd, path, fcntl.LOCK_EX, wait_s=1.0)  # (another process's check_free holds it for a moment)
         gone = _read_lock(path)
         if gone is not None:
             logging.getLogger(__name__).warning("%s: taking over the lock of a run that is gone (pid %s on %s)",
@@ -90,23 +90,35 @@ def owned(run_dir: Path) -> Iterator[None]:
 
 
 def check_free(run_dir: Path) -> None:
-    """``InUse``, in one line, if a live process holds ``run_dir``'s lock."""
+    """``InUse``, in one line, if a live process holds ``run_dir``'s lock. The look is a shared
+    lock (it conflicts with the owner's exclusive one, and NFS, which emulates ``flock`` with POSIX
+    locks, grants it on a read-only file); where the file system cannot lock, it says nothing
+    and ``owned`` reports the error when the run takes the lock."""
     path = run_dir / LOCK
-    if not path.is_file():
-        return
-    fd = os.open(path, os.O_RDONLY)
     try:
-        _lock(fd, path)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: never run, or a dir this process cannot read (the run says so)
+        return
+    try:
+        _lock(fd, path, fcntl.LOCK_SH)
+    except OSError:
+        pass
     finally:
         os.close(fd)  # releases it: this was only a look
 
 
-def _lock(fd: int, path: Path) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read_lock(path) or {"pid": "?", "host": "?", "started": "?"}
-        raise InUse(path.parent, holder) from None
+def _lock(fd: int, path: Path, mode: int, wait_s: float = 0.0) -> None:
+    """``flock(mode)`` on ``fd``, trying again for ``wait_s``; ``InUse`` naming the holder after that."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _read_lock(path) or {"pid": "?", "host": "?", "started": "?"}
+                raise InUse(path.parent, holder) from None
+            time.sleep(0.05)
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
