@@ -40,7 +40,13 @@ case ${2:-first} in
     sweep olora_corda_gralora_hira variant=olora,corda,gralora,hira
     sweep lora_fa variant=lora variant.freeze_a=true lr_grid_of=lora_fa
     sweep vera variant=vera rank=1024
+    # QLoRA and LoftQ adapt every linear layer (QLoRA's setup): LoRA on every linear layer is their
+    # 16-bit reference (a study that ran `first` has it already: the same sweep dir, skipped)
+    sweep lora_all_linear variant=lora variant.targets=all-linear lr_grid_of=lora_all_linear
     sweep qlora variant=qlora
-    sweep loftq variant=qlora variant.init=loftq lr_grid_of=loftq ;;
+    # LoftQ as the authors' GLUE code runs it (yxli2123/LoftQ, glue/): 5 alternations, and the start
+    # Q + SVD_r(W0 − Q) exactly, at the protocol's alpha too (docs/variants.md#loftq, "The factor s")
+    sweep loftq variant=qlora variant.init=loftq variant.loftq_iter=5 variant.loftq_divide_scaling=true \
+        lr_grid_of=loftq ;;
   *) echo "usage: $0 TASK [first|anchor|added]" >&2; exit 2 ;;
 esac
