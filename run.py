@@ -56,21 +56,17 @@ def main(cfg: DictConfig) -> float:
     if interrupt.requested():  # between two jobs of a sweep: Hydra's files of this one are removed
         rundir.remove_if_unused(run_dir)
         _stop(hydra_cfg, sweep, interrupt.requested(), f"{run_dir} was not started; {NEXT_JOBS}")
-    # another worker on this sweep runs the job: this one takes the next (not under torchrun, whose ranks must agree)
-    if cfg.get("skip_completed") and sweep and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        try:
-            rundir.check_free(run_dir)
-        except rundir.InUse as err:
-            print(f"skip: {run_dir} is being run by {err.owner} (skip_completed=true)", file=sys.stderr)
-            return float("nan")
-    done = _skip_or_continue(cfg, run_dir) if cfg.get("skip_completed") else None
-    if done:
-        print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
-        return done["eval"][done["main_metric"]]
     try:
-        with rundir.owned(run_dir) if _rank_zero() else nullcontext():
+        with rundir.owned(run_dir) if _rank_zero() else nullcontext():  # whether to skip is decided holding it
+            done = _skip_or_continue(cfg, run_dir) if cfg.get("skip_completed") else None
+            if done:
+                print(f"skip: {run_dir} already holds a completed run (skip_completed=true)", file=sys.stderr)
+                return done["eval"][done["main_metric"]]
             summary = run_experiment(cfg, run_dir, group=group, run_name=name)
     except rundir.InUse as err:  # another process's run: nothing of it is touched
+        if sweep and cfg.get("skip_completed"):  # another worker on this sweep runs it: this one takes the next
+            print(f"skip: {run_dir} is being run by {err.owner} (skip_completed=true)", file=sys.stderr)
+            return float("nan")
         print(f"error: {err}", file=sys.stderr)
         if not sweep:
             sys.exit(2)
