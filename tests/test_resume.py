@@ -148,6 +148,19 @@ def last_step(run_dir):
     return max((json.loads(line)["step"] for line in lines if '"train/loss"' in line), default=0)
 
 
+def sigterm_sweep_at(command, sweep, step):
+    """Start the sweep ``command``, SIGTERM it once its job 0 has logged ``step``, expect exit 143:
+    job 0's dir and the sweep's stderr."""
+    proc = start(*command, "-m")
+    deadline = time.time() + 300
+    while not ((jobs := list(sweep.glob("0_*"))) and last_step(jobs[0]) >= step) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    return jobs[0], proc.stderr.read()
+
+
 def test_sigterm_stops_a_sweep_at_a_step_with_its_checkpoint_and_skip_completed_ends_it_as_uninterrupted(tmp_path):
     """SIGTERM (a scheduler's time limit or preemption): the job writes a checkpoint at the step
     it was at, is marked interrupted, the sweep exits 143 without starting its next job, and
@@ -157,15 +170,7 @@ def test_sigterm_stops_a_sweep_at_a_step_with_its_checkpoint_and_skip_completed_
     result = run_py(*RUN, *extra, f"hydra.run.dir={whole}")
     assert result.returncode == 0, result.stderr
     command = [*RUN, *extra, "seed=0,1", f"hydra.sweep.dir={sweep}"]
-    proc = start(*command, "-m")
-    deadline = time.time() + 300
-    while not ((jobs := list(sweep.glob("0_*"))) and last_step(jobs[0]) >= 7) and time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143
-    stderr = proc.stderr.read()
-    job = jobs[0]
+    job, stderr = sigterm_sweep_at(command, sweep, step=7)
     summary = json.loads((job / "summary.json").read_text())
     step = summary["step"]
     assert summary["status"] == "interrupted" and step >= 7
@@ -194,17 +199,10 @@ def test_sigterm_during_the_last_evaluation_completes_the_job_and_starts_no_othe
     sweep = tmp_path / "sweep"
     command = [*RUN, "model.keep_layers=2", "variant=lora", "trainer.eval_every=30", "task.eval_size=1500",
                "seed=0,1", f"hydra.sweep.dir={sweep}"]
-    proc = start(*command, "-m")
-    deadline = time.time() + 300
-    while not ((jobs := list(sweep.glob("0_*"))) and last_step(jobs[0]) >= 30) and time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143
-    job = jobs[0]
+    job, stderr = sigterm_sweep_at(command, sweep, step=30)
     summary = json.loads((job / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 30
-    assert proc.stderr.read().strip().splitlines()[-1] == (
+    assert stderr.strip().splitlines()[-1] == (
         f"interrupted: {job} completed; no further job starts (a sweep: its command again with skip_completed=true)")
     assert [p.name[:2] for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()] == ["0_"]
     assert [row["status"] for row in json.loads((sweep / "sweep_summary.json").read_text())] == ["completed"]
