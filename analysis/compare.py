@@ -26,8 +26,10 @@ The protocol, per task:
 4. Each method is compared with ``--reference`` (default lora) by a paired bootstrap over the
    test examples from the saved predictions (``predictions.npz``): every resample draws the same
    examples for both methods and all seeds they share, the statistic is the mean over those seeds
-   of (method − reference); the interval is the percentile interval (scipy.stats.bootstrap). It
-   covers test-set sampling; the seed spread is the min–max column.
+   of (method − reference), its interval covering both the seeds' spread and test-set sampling
+   (``paired_bootstrap``). ``--delta median`` reports the difference of the medians over seeds
+   instead, the table's headline column, which one failed seed moves little; its interval is
+   the bootstrap's percentile interval, over test examples alone.
 
 Writes ``report.md``, ``report.csv``, ``report.json`` and three plots (metric vs trainable
 parameters, metric vs step time, and each seed as a dot) into ``--out``.
@@ -277,9 +279,13 @@ def batch_metric(name: str, predicted: np.ndarray, gold: np.ndarray) -> np.ndarr
 
 
 def paired_bootstrap(metric: str, gold: np.ndarray, method_preds: list[np.ndarray], reference_preds: list[np.ndarray],
-                     resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+                     resamples: int = 2000, confidence: float = 0.95, seed: int = 0,
+                     center: str = "mean") -> dict[str, Any]:
     """The mean over seeds of metric(method) − metric(reference) on the test set, and an interval
     that covers both sources of chance: which runs the seeds gave, and which test examples were drawn.
+    ``center="median"``: the median over seeds of metric(method) minus that of metric(reference),
+    which one failed seed moves no further than to its neighbour's value, with the percentile
+    interval of the same paired bootstrap (test examples alone; the seeds' spread is ``per_seed``).
 
     ``method_preds[i]`` and ``reference_preds[i]`` come from the same seed. With n seeds the
     interval is Δ ± t(ν)·√(s²/n + v): s is the standard deviation of the n per-seed differences,
@@ -291,19 +297,21 @@ def paired_bootstrap(metric: str, gold: np.ndarray, method_preds: list[np.ndarra
     pairs = len(method_preds)
 
     def statistic(gold, *preds, axis=-1):
-        diffs = [batch_metric(metric, preds[i], gold) - batch_metric(metric, preds[pairs + i], gold)
-                 for i in range(pairs)]
-        return np.mean(diffs, axis=0)
+        method = np.stack([batch_metric(metric, preds[i], gold) for i in range(pairs)])  # (seeds, resamples)
+        reference = np.stack([batch_metric(metric, preds[pairs + i], gold) for i in range(pairs)])
+        if center == "median":
+            return np.median(method, axis=0) - np.median(reference, axis=0)
+        return np.mean(method - reference, axis=0)
 
     data = (gold, *method_preds, *reference_preds)
     per_seed = [float(batch_metric(metric, m, gold) - batch_metric(metric, r, gold))
                 for m, r in zip(method_preds, reference_preds)]
-    observed = float(np.mean(per_seed))
+    observed = float(statistic(*data))
     result = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
                              confidence_level=confidence, method="percentile", batch=100,
                              rng=np.random.default_rng(seed))
     test_low, test_high = (float(bound) for bound in result.confidence_interval)
-    if pairs > 1:
+    if pairs > 1 and center == "mean":
         seed_part = np.var(per_seed, ddof=1) / pairs
         test_part = np.var(result.bootstrap_distribution, ddof=1)
         # Welch–Satterthwaite degrees of freedom: n − 1 when the seeds' spread dominates, the
@@ -314,22 +322,25 @@ def paired_bootstrap(metric: str, gold: np.ndarray, method_preds: list[np.ndarra
     else:
         low, high = test_low, test_high
     defined = not (np.isnan(low) or np.isnan(high))  # NaN: some resample's metric undefined (constant scores)
-    return {"difference": observed, "low": low, "high": high, "confidence": confidence, "seeds": pairs,
-            "per_seed": per_seed, "test_low": test_low, "test_high": test_high,
-            "covers": "seeds and test examples" if pairs > 1 else "test examples only (one seed)",
+    covers = ("test examples only (one seed)" if pairs == 1 else "seeds and test examples" if center == "mean"
+              else "test examples only (the seeds' spread: per_seed)")
+    return {"difference": observed, "center": center, "low": low, "high": high, "confidence": confidence,
+            "seeds": pairs, "per_seed": per_seed, "test_low": test_low, "test_high": test_high, "covers": covers,
             "excludes_zero": bool(defined and (low > 0 or high < 0))}
 
 
-def compare_with_reference(rows: list[Row], reference: str, resamples: int, confidence: float) -> None:
-    """Fill each row's ``delta`` against the reference method's row of its task."""
+def compare_with_reference(rows: list[Row], reference: str, resamples: int, confidence: float,
+                           center: str = "mean") -> None:
+    """Fill each row's ``delta`` against the reference method's row of its task (``paired_bootstrap``'s ``center``)."""
     for task in {row.task for row in rows}:
         task_rows = [row for row in rows if row.task == task]
         refs = [row for row in task_rows if row.name == reference]
         for row in task_rows:
-            row.delta = _delta(row, refs[0] if refs else None, reference, resamples, confidence)
+            row.delta = _delta(row, refs[0] if refs else None, reference, resamples, confidence, center)
 
 
-def _delta(row: Row, ref: Row | None, reference: str, resamples: int, confidence: float) -> dict[str, Any]:
+def _delta(row: Row, ref: Row | None, reference: str, resamples: int, confidence: float,
+           center: str) -> dict[str, Any]:
     if ref is None:
         return {"note": f"no {reference!r} row for this task"}
     if ref is row:
@@ -348,7 +359,7 @@ def _delta(row: Row, ref: Row | None, reference: str, resamples: int, confidence
            for a, b in loaded):
         return {"note": "test labels differ between runs: not the same test set"}
     return paired_bootstrap(row.runs[0].metric, gold, [a[1] for a, _ in loaded], [b[1] for _, b in loaded],
-                            resamples, confidence)
+                            resamples, confidence, center=center)
 
 
 def add_convergence(rows: list[Row], reference: str) -> None:
@@ -434,6 +445,18 @@ def _delta_text(delta: dict[str, Any]) -> str:
     return f"{100 * delta['difference']:+.1f} [{100 * delta['low']:+.1f}, {100 * delta['high']:+.1f}]{mark} ({seeds})"
 
 
+def _delta_method(args: argparse.Namespace, level: int) -> str:
+    """How the Δ column was computed (``--delta``), for the report's first paragraph."""
+    if args.delta == "median":
+        return (f"the median over shared seeds of the method's test metric minus the reference's [{level}% "
+                f"percentile interval of a paired bootstrap over test examples ({args.resamples} resamples), "
+                "the seeds held fixed: it does not cover which seeds were run, the per-seed differences show that]")
+    return (f"mean over shared seeds of the paired difference [{level}% interval: Δ ± t(ν)·√(s²/n + v), s the "
+            f"spread of the per-seed differences, v the variance of Δ in a paired bootstrap over test examples "
+            f"({args.resamples} resamples), ν Welch–Satterthwaite's degrees of freedom; with one seed, the "
+            "bootstrap interval alone]")
+
+
 def _number(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
@@ -448,11 +471,8 @@ def markdown(records: list[dict], skipped: list[tuple[str, str]], notes: list[st
         "# Method comparison", "",
         (f"Learning rate chosen per method and task by {chosen_by} "
          f"(held out of the training set); test = the task's reported set (GLUE dev), at {at}. Metric ×100: "
-         f"median (min–max) and mean ± std over seeds. Δ vs {args.reference}: mean over shared seeds of the "
-         f"paired difference [{level}% interval: Δ ± t(ν)·√(s²/n + v), s the spread of the per-seed differences, "
-         f"v the variance of Δ in a paired bootstrap over test examples ({args.resamples} resamples), ν Welch–"
-         "Satterthwaite's degrees of freedom; with one seed, the bootstrap interval alone]; * = the interval "
-         "excludes 0; then each seed's difference. "
+         f"median (min–max) and mean ± std over seeds. Δ vs {args.reference}: {_delta_method(args, level)}; "
+         "* = the interval excludes 0; then each seed's difference. "
          "Params: what the method trains without the task head (AdaLoRA: at its starting rank, or at its final "
          "rank under a budget; staged: its LoRA phase, after a full phase that trains every weight)."), "",
     ]
@@ -624,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("comparison"), help="where the report goes")
     parser.add_argument("--reference", default="lora", help="the method every other is compared with (a row name)")
     parser.add_argument("--at", choices=AT, default="final", help="final: last evaluation; best_val: best on val")
+    parser.add_argument("--delta", choices=("mean", "median"), default="mean",
+                        help="mean: the mean of the per-seed paired differences, its interval covering seeds and "
+                             "test examples; median: the difference of the medians over seeds (one failed seed "
+                             "moves it little), its interval over test examples only")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--confidence", type=float, default=0.95, help="interval level")
     parser.add_argument("--allow-mixed", action="store_true", help="compare runs that differ in data, model or steps")
@@ -657,7 +681,7 @@ def run(args: argparse.Namespace) -> str:
     if args.reference not in {row.name for row in rows}:
         raise CompareError(f"--reference={args.reference!r} is not a method here; allowed: "
                            f"{', '.join(sorted({row.name for row in rows}))}")
-    compare_with_reference(rows, args.reference, args.resamples, args.confidence)
+    compare_with_reference(rows, args.reference, args.resamples, args.confidence, args.delta)
     add_convergence(rows, args.reference)
     records = [record(row) for row in rows]
     args.out.mkdir(parents=True, exist_ok=True)

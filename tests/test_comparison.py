@@ -133,6 +133,48 @@ def test_the_interval_covers_the_seeds_not_only_the_test_examples():
     assert one_seed["covers"] == "test examples only (one seed)"
 
 
+def test_the_median_delta_is_the_difference_of_the_medians_which_a_failed_reference_seed_moves_little():
+    # The reference's seed 2 failed (30% right); seeds 0 and 1 differ by +1 point. The mean of the
+    # per-seed differences is +17.3; the difference of the medians over seeds is +2 (80 - 78).
+    rng = np.random.default_rng(4)
+    gold, draw = rng.integers(0, 2, 1000), rng.random(1000)
+    correct_share = lambda share: np.where(draw < share, gold, 1 - gold)
+    method = [correct_share(share) for share in (0.81, 0.79, 0.80)]
+    reference = [correct_share(share) for share in (0.80, 0.78, 0.30)]
+    accuracy = lambda preds: [float(np.mean(p == gold)) for p in preds]
+    mean = compare.paired_bootstrap("accuracy", gold, method, reference, resamples=500)
+    median = compare.paired_bootstrap("accuracy", gold, method, reference, resamples=500, center="median")
+    assert mean["difference"] == pytest.approx(np.mean(np.subtract(accuracy(method), accuracy(reference))))
+    assert median["difference"] == pytest.approx(np.median(accuracy(method)) - np.median(accuracy(reference)))
+    assert median["difference"] == pytest.approx(0.02, abs=0.005) and mean["difference"] > 0.15
+    assert median["per_seed"] == mean["per_seed"]
+    assert (median["low"], median["high"]) == (median["test_low"], median["test_high"]) and median["low"] < 0.02
+    assert median["covers"] == "test examples only (the seeds' spread: per_seed)"
+    same = compare.paired_bootstrap("accuracy", gold, method, method, resamples=200, center="median")
+    assert same["difference"] == 0 and same["low"] == 0 == same["high"]
+
+
+def test_compare_cli_reports_the_median_delta_when_asked(tmp_path):
+    rng = np.random.default_rng(5)
+    gold, draw = rng.integers(0, 2, 400), rng.random(400)
+    tests = {}
+    for variant, shares in [("lora", (0.80, 0.78, 0.30)), ("dora", (0.81, 0.79, 0.80))]:
+        for seed, share in enumerate(shares):
+            predicted = np.where(draw < share, gold, 1 - gold)
+            tests[variant, seed] = float(np.mean(predicted == gold))
+            run_dir = fake_run(tmp_path / "runs", f"{variant}{seed}", variant, 1e-3, seed, 0.8, tests[variant, seed])
+            np.savez(run_dir / "predictions.npz", **{"main.labels": gold, "main.step10": np.eye(2)[predicted]})
+    per_seed = [100 * (tests["dora", k] - tests["lora", k]) for k in range(3)]
+    medians = [np.median([100 * tests[v, k] for k in range(3)]) for v in ("dora", "lora")]
+    for delta, shown in [("median", medians[0] - medians[1]), ("mean", np.mean(per_seed))]:
+        out = tmp_path / delta
+        assert compare.main([str(tmp_path / "runs"), "--out", str(out), "--delta", delta, "--resamples", "200"]) == 0
+        text = (out / "report.md").read_text()
+        (row,) = [line for line in text.splitlines() if line.startswith("| dora | 0.001 |")]
+        assert f"| {shown:+.1f} [" in row and "({:+.1f}, {:+.1f}, {:+.1f})".format(*per_seed) in row, row
+        assert ("the median over shared seeds" in text) == (delta == "median")
+        assert json.loads((out / "report.json").read_text())["rows"][0]["vs_reference"]["center"] == delta
+
 @pytest.mark.parametrize("metric", ["pearson", "spearman"])
 def test_bootstrap_of_a_regression_metric(metric):
     rng = np.random.default_rng(4)
